@@ -1,0 +1,74 @@
+"""Forward + backward time of every objective on B=256, T=1024 float32 CPU tensors.
+
+Prints each objective's median time and its ratio to ``grpo``. Goal: ``sspo``
+within 1.5x of ``grpo``. Run: ``python benchmarks/objectives.py [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+from sspo_analysis.objectives import get_objective, objective_names
+
+VARIANTS = [(name, {}) for name in objective_names()] + [
+    ("sspo", {"gate": "erf"}),
+    ("sspo", {"one_sided": True}),
+    ("sapo", {"gate": "arctan"}),
+]
+
+
+def time_one(name: str, params: dict, batch: tuple, repeats: int, with_metrics: bool) -> float:
+    log_prob, old, adv, mask = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = get_objective(name, **params)
+    times = []
+    for i in range(repeats + 2):
+        lp = log_prob.detach().requires_grad_()
+        start = time.perf_counter()
+        if with_metrics:
+            loss, _ = obj(lp, old, adv, mask)
+        else:  # the loss alone, as an engine that does not log would use it
+            t, *_ = obj.terms(lp, old, adv, mask)
+            loss = -obj.aggregate(t.surrogate, mask)
+        loss.backward()
+        if i >= 2:  # warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    b, t = args.batch, args.length
+    log_prob = -torch.rand(b, t, generator=gen) * 3
+    old = log_prob + torch.randn(b, t, generator=gen) * 0.2
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    adv = torch.randn(b, generator=gen)
+    batch = (log_prob, old, adv, mask)
+    print(f"B={b} T={t} float32, {args.threads} thread(s), median of {args.repeats} forward+backward passes")
+    print(f"{'objective':<28}{'loss+metrics ms':>16}{'ratio':>8}{'loss only ms':>14}{'ratio':>8}")
+    base = None
+    for name, params in VARIANTS:
+        full = time_one(name, params, batch, args.repeats, True)
+        bare = time_one(name, params, batch, args.repeats, False)
+        if base is None:
+            base = (time_one("grpo", {}, batch, args.repeats, True), time_one("grpo", {}, batch, args.repeats, False))
+        label = name + ("" if not params else " " + ",".join(f"{k}={v}" for k, v in params.items()))
+        print(f"{label:<28}{full * 1e3:>16.1f}{full / base[0]:>8.2f}{bare * 1e3:>14.1f}{bare / base[1]:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

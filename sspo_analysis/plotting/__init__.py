@@ -1,0 +1,1 @@
+"""Plotting helpers shared by the CLI, ``paper_figures/`` and the notebooks."""

@@ -1,0 +1,311 @@
+"""Objectives: autograd against the analytic coefficient, on-policy identities,
+hand-computed values, extreme inputs, the registry and the metrics."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sspo_analysis import gates, objectives
+from sspo_analysis.objectives import AGG_MODES, Terms, get_objective, objective_names, register_objective
+
+TOKEN = ("pg", "grpo", "dapo", "cispo", "sapo")
+SEQUENCE = ("gspo", "gmpo", "sspo", "sspo-sigmoid")
+
+# Every objective, plus every gate family inside sapo (ratio space) and sspo (log space).
+VARIANTS = [(name, {}) for name in objective_names()]
+VARIANTS += [("sapo", {"gate": g, "tau_pos": 1.5, "tau_neg": 0.7}) for g in gates.GATES if g != "sigmoid"]
+VARIANTS += [
+    ("sspo", {"gate": g, "one_sided": side, "tau_pos": 2.0, "tau_neg": 0.5})
+    for g in gates.GATES
+    for side in (False, True)
+]
+VARIANTS += [("gspo", {"eps": 0.2}), ("cispo", {"eps_max": 1.2}), ("sspo-sigmoid", {"tau": 2.0})]
+
+
+def quiet_objective(name, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_objective(name, **kw)
+
+
+@st.composite
+def batches(draw, max_abs_log_ratio=3.0):
+    """Random (log_prob, old_log_prob, advantages, mask) in float64, with empty rows."""
+    b, t = draw(st.integers(1, 5)), draw(st.integers(1, 7))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    log_prob = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 5
+    log_ratio = (torch.rand(b, t, generator=gen, dtype=torch.float64) * 2 - 1) * max_abs_log_ratio
+    mask = torch.rand(b, t, generator=gen) < draw(st.floats(0.3, 1.0))
+    if draw(st.booleans()):
+        mask[draw(st.integers(0, b - 1))] = False  # an empty response
+    token_level = draw(st.booleans())
+    shape = (b, t) if token_level else (b,)
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return log_prob, log_prob - log_ratio, adv, mask
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=batches(), variant=st.sampled_from(VARIANTS), agg=st.sampled_from(AGG_MODES))
+def test_autograd_equals_analytic_coefficient(data, variant, agg):
+    name, params = variant
+    log_prob, old, adv, mask = data
+    obj = quiet_objective(name, agg=agg, **params)
+    log_prob = log_prob.clone().requires_grad_()
+    loss, _ = obj(log_prob, old, adv, mask)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    expected = -obj.coefficient(log_prob, old, adv, mask) * obj.normalisation(mask, torch.float64)
+    assert torch.allclose(grad, expected, rtol=1e-5, atol=1e-12), (name, params, agg)
+    assert (obj.coefficient(log_prob, old, adv, mask)[~mask] == 0).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=batches(), variant=st.sampled_from(VARIANTS))
+def test_on_policy_coefficient_is_the_advantage(data, variant):
+    name, params = variant
+    log_prob, _, adv, mask = data
+    obj = quiet_objective(name, **params)
+    c = obj.coefficient(log_prob, log_prob, adv, mask)
+    tok_adv = torch.where(mask, adv if adv.dim() == 2 else adv[:, None].expand_as(mask), 0.0)
+    if obj.level == "token":
+        expected = tok_adv
+    else:  # sequence objectives see the per-sequence (mean) advantage, spread over T_i tokens
+        n = mask.sum(-1, keepdim=True).clamp(min=1)
+        expected = torch.where(mask, tok_adv.sum(-1, keepdim=True) / n / n, 0.0)
+        if name == "sspo-sigmoid":
+            taus = torch.tensor([obj.params["tau_pos"], obj.params["tau_neg"]], dtype=torch.float64)
+            tau = torch.where(expected > 0, taus[0], taus[1])
+            expected = expected * tau / 2  # the geometric mean of SAPO gates is off by tau / 2
+    assert torch.allclose(c, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_sspo_sigmoid_is_admissible_only_at_tau_two():
+    lp = torch.zeros(1, 4, dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0], dtype=torch.float64)
+    gspo = get_objective("gspo").coefficient(lp, lp, adv, mask)
+    for tau in (0.5, 1.0, 2.0, 3.0):
+        c = get_objective("sspo-sigmoid", tau=tau).coefficient(lp, lp, adv, mask)
+        assert torch.allclose(c, gspo * tau / 2)
+
+
+# --------------------------------------------------------------------------- known values
+# The 2x3 example: log-ratios l (old log-probs zero), second row's last token masked.
+L = [[0.1, -0.2, 0.3], [0.0, 0.5, 0.0]]
+MASK = [[True, True, True], [True, True, False]]
+A = [1.0, -0.5]
+e = math.exp
+
+
+def sig(x):
+    return 1 / (1 + e(-x))
+
+
+def row_mean(xs):
+    return sum(xs) / len(xs)
+
+
+KNOWN_LOSS = {
+    # seq-mean-token-mean of min(rA, clip(r, 0.8, 1.2)A): e^0.3 is clipped at 1.2 (A > 0)
+    "grpo": -(row_mean([e(0.1), e(-0.2), 1.2]) + row_mean([-0.5, -0.5 * e(0.5)])) / 2,
+    # token-mean over 5 tokens, clip-higher 1.28
+    "dapo": -(e(0.1) + e(-0.2) + 1.28 - 0.5 - 0.5 * e(0.5)) / 5,
+    "pg": 0.0,
+    # token-mean of min(r, 5) A l
+    "cispo": -(e(0.1) * 0.1 + e(-0.2) * -0.2 + e(0.3) * 0.3 - 0.5 * (0.0 + e(0.5) * 0.5)) / 5,
+    # (4/tau) sigmoid(tau (r - 1)) A, tau = 1 for A > 0, 1.05 for A < 0
+    "sapo": -(
+        row_mean([4 * sig(e(x) - 1) for x in (0.1, -0.2, 0.3)])
+        - 0.5 * row_mean([4 / 1.05 * sig(1.05 * (e(x) - 1)) for x in (0.0, 0.5)])
+    )
+    / 2,
+    # s_1 = e^(0.2/3) > 1.0004 is clipped (A > 0); s_2 = e^0.25 kept (A < 0 keeps the top)
+    "gspo": -(1.0004 - 0.5 * e(0.25)) / 2,
+    # no token crosses the 0.4 log-space clip on its dangerous side
+    "gmpo": -(e(0.2 / 3) - 0.5 * e(0.25)) / 2,
+    "sspo": -(
+        e(row_mean([math.atan(x) for x in (0.1, -0.2, 0.3)]))
+        - 0.5 * e(row_mean([math.atan(1.05 * x) / 1.05 for x in (0.0, 0.5)]))
+    )
+    / 2,
+    "sspo-sigmoid": -(
+        e(row_mean([math.log(2 * sig(e(x) - 1)) for x in (0.1, -0.2, 0.3)]))
+        - 0.5 * e(row_mean([math.log(2 * sig(1.05 * (e(x) - 1))) for x in (0.0, 0.5)]))
+    )
+    / 2,
+}
+
+KNOWN_COEFFICIENT = {
+    "grpo": [[e(0.1), e(-0.2), 0.0], [-0.5, -0.5 * e(0.5), 0.0]],
+    "pg": [[1.0, 1.0, 1.0], [-0.5, -0.5, 0.0]],
+    "cispo": [[e(0.1), e(-0.2), e(0.3)], [-0.5, -0.5 * e(0.5), 0.0]],
+    "gspo": [[0.0, 0.0, 0.0], [-0.5 * e(0.25) / 2, -0.5 * e(0.25) / 2, 0.0]],
+    "sspo": [
+        [e(row_mean([math.atan(x) for x in (0.1, -0.2, 0.3)])) / (1 + x * x) / 3 for x in (0.1, -0.2, 0.3)],
+        [
+            -0.5 * e(row_mean([math.atan(1.05 * x) / 1.05 for x in (0.0, 0.5)])) / (1 + (1.05 * x) ** 2) / 2
+            for x in (0.0, 0.5)
+        ]
+        + [0.0],
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_LOSS))
+def test_known_loss(name):
+    lp = torch.tensor(L, dtype=torch.float64)
+    loss, _ = get_objective(name)(lp, torch.zeros_like(lp), torch.tensor(A, dtype=torch.float64), torch.tensor(MASK))
+    assert float(loss) == pytest.approx(KNOWN_LOSS[name], rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_COEFFICIENT))
+def test_known_coefficient(name):
+    lp = torch.tensor(L, dtype=torch.float64)
+    c = get_objective(name).coefficient(
+        lp, torch.zeros_like(lp), torch.tensor(A, dtype=torch.float64), torch.tensor(MASK)
+    )
+    assert torch.allclose(c, torch.tensor(KNOWN_COEFFICIENT[name], dtype=torch.float64), rtol=1e-10)
+
+
+def test_known_metrics():
+    lp = torch.tensor(L, dtype=torch.float64)
+    _, m = get_objective("grpo")(lp, torch.zeros_like(lp), torch.tensor(A, dtype=torch.float64), torch.tensor(MASK))
+    assert m["dead_frac"] == pytest.approx(1 / 5)  # e^0.3 clipped for A > 0
+    assert m["clip_frac_high"] == pytest.approx(1 / 5) and m["clip_frac_low"] == 0.0
+    assert m["ratio_max"] == pytest.approx(e(0.5), rel=1e-6)
+    assert m["ratio_min"] == pytest.approx(e(-0.2), rel=1e-6)
+    assert m["kl_old_k3"] == pytest.approx(row_mean([e(x) - 1 - x for x in (0.1, -0.2, 0.3, 0.0, 0.5)]), rel=1e-6)
+    s = [e(0.2 / 3), e(0.25)]
+    assert m["seq_weight_mean"] == pytest.approx(row_mean(s), rel=1e-6)
+    assert m["ess_frac"] == pytest.approx(sum(s) ** 2 / (2 * sum(x * x for x in s)), rel=1e-6)
+    assert m["n_tokens"] == 5
+
+
+# --------------------------------------------------------------------------- extremes
+
+
+def extreme_batch(dtype):
+    lp = torch.tensor([[1e4, -1e4, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [-3.0, 2.0, 0.0, 0.0]], dtype=dtype)
+    old = torch.zeros_like(lp)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    lp[0, 3] = float("inf")  # masked positions may hold anything
+    old[2, 3] = float("-inf")
+    return lp, old, mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_extremes_give_finite_loss_and_gradient(variant, dtype):
+    name, params = variant
+    lp, old, mask = extreme_batch(dtype)
+    lp.requires_grad_()
+    obj = get_objective(name, **params)
+    loss, metrics = obj(lp, old, torch.tensor([1.0, -1.0, -2.0], dtype=dtype), mask)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert torch.isfinite(loss) and loss.dtype in (torch.float32, torch.float64)
+    assert torch.isfinite(grad).all() and grad.dtype == dtype
+    assert (grad[~mask] == 0).all()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_zero_advantages_and_empty_batch_give_zero_gradient(name):
+    lp = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    old = torch.randn(3, 5, dtype=torch.float64)
+    for adv, mask in (
+        (torch.zeros(3, dtype=torch.float64), torch.ones(3, 5, dtype=torch.bool)),
+        (torch.ones(3, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.bool)),
+    ):
+        loss, _ = get_objective(name)(lp, old, adv, mask)
+        (grad,) = torch.autograd.grad(loss, lp)
+        assert torch.isfinite(loss) and (grad == 0).all()
+
+
+# --------------------------------------------------------------------------- aggregation, API, errors
+
+
+def test_token_level_advantages_reach_each_token():
+    lp = torch.zeros(1, 3, dtype=torch.float64)
+    adv = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert torch.equal(get_objective("grpo").coefficient(lp, lp, adv, mask), adv)
+    # sequence objectives use the sequence's mean advantage
+    c = get_objective("gspo").coefficient(lp, lp, adv, mask)
+    assert torch.allclose(c, torch.full_like(adv, adv.mean().item() / 3))
+
+
+def test_aggregation_modes_on_known_lengths():
+    per_token = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    expected = {
+        "seq-mean-token-mean": (1 + 2) / 2,
+        "token-mean": 7 / 5,
+        "seq-mean-token-sum": (3 + 4) / 2,
+        "seq-mean-token-sum-norm": 7 / (2 * 10),
+    }
+    for agg, value in expected.items():
+        obj = get_objective("grpo", agg=agg, horizon=10)
+        assert float(obj.aggregate(per_token, mask)) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("agg", objectives.TOKEN_SUM_MODES)
+@pytest.mark.parametrize("name", SEQUENCE)
+def test_sequence_objective_with_token_sum_warns(name, agg):
+    with pytest.warns(UserWarning, match="weights each sequence by its length"):
+        get_objective(name, agg=agg)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "ppo"}, "objective: unknown name 'ppo'; allowed values: pg, grpo"),
+        ({"name": "grpo", "agg": "mean"}, "agg: unknown value 'mean'; allowed values: seq-mean-token-mean"),
+        ({"name": "grpo", "tau": 1.0}, "unknown parameter"),
+        ({"name": "sspo", "gate": "tanh"}, "gate 'tanh' unknown; allowed values: identity, sigmoid"),
+        ({"name": "sspo", "tau_pos": -1.0}, "tau_pos must be a finite number > 0"),
+        ({"name": "grpo", "eps_hi": float("nan")}, "eps_hi must be a finite number >= 0"),
+    ],
+)
+def test_bad_parameters_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        get_objective(**kwargs)
+
+
+def test_bad_shapes_name_the_inputs():
+    obj = get_objective("grpo")
+    with pytest.raises(ValueError, match="advantages"):
+        obj(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must share one"):
+        obj(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_a_new_objective_is_one_function_and_one_decorator():
+    try:
+
+        @register_objective("test-reinforce-is", level="token", agg="token-mean", defaults={"beta": 2.0})
+        def reinforce_is(log_ratio, adv, mask, *, beta):
+            r = log_ratio.exp()
+            return Terms(beta * r * adv, (beta * r * adv).detach(), r)
+
+        obj = get_objective("test-reinforce-is", beta=3.0)
+        lp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+        old, adv, mask = torch.randn(2, 4, dtype=torch.float64), torch.tensor([1.0, -1.0]), torch.ones(2, 4).bool()
+        loss, metrics = obj(lp, old, adv, mask)
+        (grad,) = torch.autograd.grad(loss, lp)
+        assert torch.allclose(grad, -obj.coefficient(lp, old, adv, mask) * obj.normalisation(mask, torch.float64))
+        assert "gate_weight_mean" in metrics and obj.params == {"beta": 3.0}
+    finally:
+        objectives._REGISTRY.pop("test-reinforce-is", None)
+
+
+def test_defaults_are_the_papers():
+    assert get_objective("dapo").params == {"eps_lo": 0.2, "eps_hi": 0.28} and get_objective("dapo").agg == "token-mean"
+    assert get_objective("gspo").params == {"eps_lo": 3e-4, "eps_hi": 4e-4}
+    assert get_objective("gmpo").params == {"eps_lo": 0.4, "eps_hi": 0.4}
+    assert get_objective("sapo").params["tau_pos"] == 1.0 and get_objective("sapo").params["tau_neg"] == 1.05
+    assert get_objective("sspo").params["gate"] == "arctan"
+    assert {get_objective(n).level for n in TOKEN} == {"token"}
+    assert {get_objective(n).level for n in SEQUENCE} == {"sequence"}
