@@ -22,24 +22,38 @@ VARIANTS = [(name, {}) for name in objective_names()] + [
 ]
 
 
-def time_one(name: str, params: dict, batch: tuple, repeats: int, with_metrics: bool) -> float:
+def make_step(name: str, params: dict, batch: tuple, with_metrics: bool):
+    """One forward + backward of an objective, with or without its metrics."""
     log_prob, old, adv, mask = batch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         obj = get_objective(name, **params)
-    times = []
-    for i in range(repeats + 2):
+
+    def step() -> None:
         lp = log_prob.detach().requires_grad_()
-        start = time.perf_counter()
         if with_metrics:
             loss, _ = obj(lp, old, adv, mask)
         else:  # the loss alone, as an engine that does not log would use it
-            t, *_ = obj.terms(lp, old, adv, mask)
-            loss = -obj.aggregate(t.surrogate, mask)
+            terms, *_ = obj.terms(lp, old, adv, mask)
+            loss = -obj.aggregate(terms.surrogate, mask)
         loss.backward()
-        if i >= 2:  # warm-up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
+
+
+def interleaved_medians(steps: dict, repeats: int) -> dict:
+    """Median seconds per step, timing every step once per round, round after round.
+
+    Interleaving spreads any drift in machine load evenly over all variants.
+    """
+    times: dict = {key: [] for key in steps}
+    for round_ in range(repeats + 2):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= 2:  # warm-up rounds
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def main() -> None:
@@ -60,14 +74,16 @@ def main() -> None:
     batch = (log_prob, old, adv, mask)
     print(f"B={b} T={t} float32, {args.threads} thread(s), median of {args.repeats} forward+backward passes")
     print(f"{'objective':<28}{'loss+metrics ms':>16}{'ratio':>8}{'loss only ms':>14}{'ratio':>8}")
-    base = None
+    steps = {}
     for name, params in VARIANTS:
-        full = time_one(name, params, batch, args.repeats, True)
-        bare = time_one(name, params, batch, args.repeats, False)
-        if base is None:
-            base = (time_one("grpo", {}, batch, args.repeats, True), time_one("grpo", {}, batch, args.repeats, False))
         label = name + ("" if not params else " " + ",".join(f"{k}={v}" for k, v in params.items()))
-        print(f"{label:<28}{full * 1e3:>16.1f}{full / base[0]:>8.2f}{bare * 1e3:>14.1f}{bare / base[1]:>8.2f}")
+        for with_metrics in (True, False):
+            steps[label, with_metrics] = make_step(name, params, batch, with_metrics)
+    med = interleaved_medians(steps, args.repeats)
+    for label in dict.fromkeys(k[0] for k in steps):
+        full, bare = med[label, True], med[label, False]
+        print(f"{label:<28}{full * 1e3:>16.1f}{full / med['grpo', True]:>8.2f}"
+              f"{bare * 1e3:>14.1f}{bare / med['grpo', False]:>8.2f}")
 
 
 if __name__ == "__main__":
