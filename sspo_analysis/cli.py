@@ -14,6 +14,7 @@ import sys
 # area module -> the sub-commands it registers
 AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.plotting.gates_cli": ("gates",),
+    "sspo_analysis.theory.cli": ("theory", "simulate"),
 }
 
 

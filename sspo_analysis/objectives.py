@@ -267,10 +267,10 @@ def gmpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi:
     return t._replace(clipped_low=low, clipped_high=high)
 
 
-def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool) -> LogGate:
+def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool, eps_lo: float, eps_hi: float) -> LogGate:
     def log_gate(l: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
         tau = torch.where(positive, torch.full_like(l, tau_pos), torch.full_like(l, tau_neg))
-        g = gates.get_gate(gate, tau=tau, space="log")
+        g = gates.get_gate(gate, tau=tau, eps=(eps_lo, eps_hi), space="log")
         if one_sided:
             return gates.one_sided(g, l, positive)
         return g(l), g.weight(l)
@@ -282,18 +282,30 @@ def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool) -
     "sspo",
     level="sequence",
     agg="seq-mean-token-mean",
-    defaults={"gate": "arctan", "tau_pos": 1.0, "tau_neg": 1.05, "one_sided": False},
+    defaults={"gate": "arctan", "tau_pos": 1.0, "tau_neg": 1.05, "one_sided": False, "eps_lo": 0.2, "eps_hi": 0.2},
     log_gate=_sspo_log_gate,
 )
 def sspo(
-    log_ratio: Tensor, adv: Tensor, mask: Tensor, *, gate: str, tau_pos: float, tau_neg: float, one_sided: bool
+    log_ratio: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    *,
+    gate: str,
+    tau_pos: float,
+    tau_neg: float,
+    one_sided: bool,
+    eps_lo: float,
+    eps_hi: float,
 ) -> Terms:
     """Soft sequence policy optimisation: ``w_i = exp(mean_t phi_tau(l_t))``; ``c = A w_i phi'(l) / T_i``.
 
     A reconstruction (see the README): ``phi`` is a log-space gate of any family,
-    ``arctan`` by default, its temperature chosen by ``sign(A)``.
+    ``arctan`` by default, its temperature chosen by ``sign(A)``. ``eps_lo`` /
+    ``eps_hi`` are used only by ``gate="hard-clip"`` (the range ``[-eps_lo, eps_hi]``
+    in log space; with ``one_sided=True`` that is GMPO).
     """
-    return _geometric_mean(log_ratio, adv, mask, _sspo_log_gate(gate, tau_pos, tau_neg, one_sided))
+    log_gate = _sspo_log_gate(gate, tau_pos, tau_neg, one_sided, eps_lo, eps_hi)
+    return _geometric_mean(log_ratio, adv, mask, log_gate)
 
 
 def _sspo_sigmoid_log_gate(tau_pos: float, tau_neg: float) -> LogGate:

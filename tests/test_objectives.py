@@ -309,3 +309,13 @@ def test_defaults_are_the_papers():
     assert get_objective("sspo").params["gate"] == "arctan"
     assert {get_objective(n).level for n in TOKEN} == {"token"}
     assert {get_objective(n).level for n in SEQUENCE} == {"sequence"}
+
+
+def test_sspo_with_one_sided_hard_clip_is_gmpo():
+    lp = torch.randn(4, 6, dtype=torch.float64)
+    old = lp + 0.5 * torch.randn(4, 6, dtype=torch.float64)
+    adv, mask = torch.tensor([1.0, -1.0, 0.5, -2.0], dtype=torch.float64), torch.rand(4, 6) < 0.8
+    sspo = get_objective("sspo", gate="hard-clip", one_sided=True, eps=0.3)
+    gmpo = get_objective("gmpo", eps=0.3)
+    assert torch.allclose(sspo(lp, old, adv, mask)[0], gmpo(lp, old, adv, mask)[0])
+    assert torch.allclose(sspo.coefficient(lp, old, adv, mask), gmpo.coefficient(lp, old, adv, mask))

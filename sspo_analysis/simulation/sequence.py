@@ -1,0 +1,205 @@
+"""A tabular autoregressive policy: how policy lag biases each objective's gradient.
+
+The policy emits ``L`` tokens from a vocabulary of ``V``; token ``t`` is drawn
+from ``softmax(theta[t, y_{t-1}])`` (``y_{-1}`` is a start symbol), so the
+policy is a table of ``L (V + 1) V`` logits and the ``V^L`` sequences can be
+enumerated. A sequence is *correct* (reward 1) when its token sum is divisible
+by ``V``: a verifiable reward that about one sequence in ``V`` earns and that
+only the whole sequence decides.
+
+:func:`staleness_study` measures, as the policy lag ``k`` grows, the bias and
+variance of each objective's gradient estimate (``-grad loss`` of the real
+objective, by autograd) computed on groups sampled from a policy ``k`` updates
+old, against the exact gradient of the expected reward at the current policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sspo_analysis.objectives import Objective
+from sspo_analysis.simulation.bandit import group_advantages
+from sspo_analysis.theory.estimators import resolve_objective
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["TabularPolicy", "staleness_study"]
+
+
+@dataclass(frozen=True)
+class TabularPolicy:
+    """The sequence space of a tabular autoregressive policy: ``length`` tokens, ``vocab`` symbols.
+
+    A policy is a logit table ``theta`` of shape :attr:`shape`, ``(L, V + 1, V)``.
+    """
+
+    length: int = 4
+    vocab: int = 3
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.length, int) and self.length >= 1):
+            raise ValueError(f"length: must be an integer >= 1, got {self.length!r}")
+        if not (isinstance(self.vocab, int) and self.vocab >= 2):
+            raise ValueError(f"vocab: must be an integer >= 2, got {self.vocab!r}")
+        if self.vocab**self.length > 200_000:
+            raise ValueError(f"length, vocab: V^L = {self.vocab**self.length} sequences is too many to enumerate "
+                             "(allowed: <= 200000)")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.length, self.vocab + 1, self.vocab)
+
+    def sequences(self) -> torch.Tensor:
+        """All ``V^L`` sequences, ``(V^L, L)`` long."""
+        return torch.tensor(list(itertools.product(range(self.vocab), repeat=self.length)), dtype=torch.long)
+
+    def reward(self, y: torch.Tensor) -> torch.Tensor:
+        """1.0 where the token sum is divisible by ``V``, else 0.0 (float64)."""
+        return (y.sum(-1) % self.vocab == 0).to(torch.float64)
+
+    def token_log_probs(self, theta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probabilities ``(..., L)`` of sequences ``y (..., L)``.
+
+        ``theta`` is one table ``(L, V + 1, V)`` or a batch of tables
+        ``(B, L, V + 1, V)`` matched to ``y (B, ..., L)``.
+        """
+        start = torch.full_like(y[..., :1], self.vocab)
+        prev = torch.cat([start, y[..., :-1]], -1)
+        pos = torch.arange(self.length).expand_as(y)
+        if theta.dim() == 3:
+            logits = theta[pos, prev]
+        else:
+            b = torch.arange(theta.shape[0]).view(-1, *([1] * (y.dim() - 1)))
+            logits = theta[b, pos, prev]
+        return torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    def expected_reward(self, theta: torch.Tensor) -> torch.Tensor:
+        """``J(theta) = sum_y pi_theta(y) R(y)``, exact (differentiable)."""
+        y = self.sequences()
+        return (self.token_log_probs(theta, y).sum(-1).exp() * self.reward(y)).sum()
+
+    def exact_gradient(self, theta: torch.Tensor) -> torch.Tensor:
+        """``grad_theta J``, exact by enumeration."""
+        th = theta.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.expected_reward(th), th)
+        return grad
+
+    def kl(self, theta_old: torch.Tensor, theta: torch.Tensor) -> float:
+        """``KL(pi_old || pi_theta)`` over whole sequences, exact."""
+        y = self.sequences()
+        lp_old = self.token_log_probs(theta_old, y).sum(-1)
+        lp = self.token_log_probs(theta, y).sum(-1)
+        return float((lp_old.exp() * (lp_old - lp)).sum())
+
+
+def staleness_study(
+    objective: str | Objective,
+    staleness: Iterable[int] = (0, 1, 2, 4, 8),
+    *,
+    length: int = 4,
+    vocab: int = 3,
+    group_size: int = 8,
+    n_batches: int = 2000,
+    groups_per_batch: int = 4,
+    path_lr: float = 3.0,
+    init_scale: float = 0.5,
+    seed: int = 0,
+    **params: Any,
+) -> pd.DataFrame:
+    """Bias and variance of an objective's gradient estimate as the policy lag grows.
+
+    A fixed policy path ``theta_0, theta_1, ...`` is made by exact gradient
+    ascent on the expected reward (``theta_{j+1} = theta_j + path_lr grad J``),
+    the same for every objective. For a lag ``k`` the behaviour policy is
+    ``theta_0`` and the current one ``theta_k``; each of ``n_batches``
+    independent batches of groups sampled from ``theta_0`` gives one estimate
+    ``g_hat = -grad_theta loss`` (the objective's real loss, autograd). The
+    advantages are Dr.GRPO's ``R - mean_group R``, so that the on-policy estimate
+    is unbiased for ``g* = (1 - 1/G) / L * grad J(theta_k)``, the target here.
+
+    Returns:
+        One row per lag: ``objective``, ``staleness``, ``kl`` (exact
+        ``KL(pi_old || pi)``), ``log_ratio_std`` (token log-ratios of the
+        samples), ``bias`` (``|E g_hat - g*| / |g*|``, with the sampling noise of
+        the mean removed), ``bias_raw`` (without that correction), ``variance``
+        (``E |g_hat - E g_hat|^2 / |g*|^2``), ``mse`` (``bias^2 + variance``),
+        ``cosine`` and ``scale`` (of ``E g_hat`` against ``g*``), ``mean_stderr``
+        (``sqrt(variance / n_batches)``, the noise of the mean), the objective's
+        ``dead_frac``, ``coef_norm_mean``, ``ess_frac``, and the settings.
+    """
+    import pandas as pd
+
+    obj = resolve_objective(objective, **params)
+    lags = sorted({int(k) for k in staleness})
+    if not lags or lags[0] < 0:
+        raise ValueError(f"staleness: need integers >= 0, got {list(staleness)!r}")
+    for name, value, low in (("group_size", group_size, 2), ("n_batches", n_batches, 2),
+                             ("groups_per_batch", groups_per_batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    if not (path_lr >= 0 and math.isfinite(path_lr)):
+        raise ValueError(f"path_lr: must be a finite number >= 0, got {path_lr!r}")
+    space = TabularPolicy(length, vocab)
+    gen = torch.Generator().manual_seed(seed)
+    theta0 = init_scale * torch.randn(space.shape, generator=gen, dtype=torch.float64)
+    path = [theta0]
+    for _ in range(lags[-1]):
+        path.append(path[-1] + path_lr * space.exact_gradient(path[-1]))
+
+    ys = space.sequences()
+    with torch.no_grad():
+        p_old = space.token_log_probs(theta0, ys).sum(-1).exp()
+    per_batch = groups_per_batch * group_size
+    rows = []
+    for k in lags:
+        theta = path[k]
+        target = (1.0 - 1.0 / group_size) / length * space.exact_gradient(theta).reshape(-1)
+        idx = torch.multinomial(p_old, n_batches * per_batch, replacement=True, generator=gen)
+        y = ys[idx].view(n_batches, per_batch, length)
+        rewards = space.reward(y).view(n_batches, groups_per_batch, group_size)
+        adv = group_advantages(rewards, scale=False).reshape(-1)
+        with torch.no_grad():
+            old_lp = space.token_log_probs(theta0, y.reshape(-1, length))
+        tables = theta.expand(n_batches, *space.shape).clone().requires_grad_(True)
+        lp = space.token_log_probs(tables, y).reshape(-1, length)
+        mask = torch.ones_like(lp, dtype=torch.bool)
+        loss, metrics = obj(lp, old_lp, adv, mask)
+        (grad,) = torch.autograd.grad(loss, tables)
+        # The loss averages over all batches' sequences (equal lengths): each batch
+        # contributes 1 / n_batches of its own loss.
+        g_hat = -n_batches * grad.reshape(n_batches, -1)
+        mean = g_hat.mean(0)
+        var = float(((g_hat - mean) ** 2).sum(-1).mean()) * n_batches / (n_batches - 1)
+        norm2 = float(target.pow(2).sum())
+        err2 = float((mean - target).pow(2).sum())
+        lr_tok = (lp.detach() - old_lp)
+        rows.append({
+            "objective": obj.name,
+            "staleness": k,
+            "kl": space.kl(theta0, theta),
+            "log_ratio_std": float(lr_tok.std()),
+            "bias": math.sqrt(max(err2 - var / n_batches, 0.0) / norm2),
+            "bias_raw": math.sqrt(err2 / norm2),
+            "variance": var / norm2,
+            "mse": max(err2 - var / n_batches, 0.0) / norm2 + var / norm2,
+            "cosine": float(mean @ target) / math.sqrt(float(mean.pow(2).sum()) * norm2),
+            "scale": float(mean @ target) / norm2,
+            "mean_stderr": math.sqrt(var / n_batches / norm2),
+            "dead_frac": metrics["dead_frac"],
+            "coef_norm_mean": metrics["coef_norm_mean"],
+            "ess_frac": metrics["ess_frac"],
+            "length": length,
+            "vocab": vocab,
+            "group_size": group_size,
+            "n_batches": n_batches,
+            "path_lr": float(path_lr),
+            "seed": seed,
+        })
+    return pd.DataFrame(rows)

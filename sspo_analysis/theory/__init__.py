@@ -1,0 +1,35 @@
+"""Theory: what each objective's gating does to the gradient, before any training.
+
+Models of the token log-ratio (:class:`LogNormalRatios`, :class:`EmpiricalRatios`),
+the moments of every objective's gradient coefficient and importance weight
+(:func:`analyse`, by closed form, Gauss-Hermite quadrature or Monte Carlo) and
+tidy grids of them (:func:`sweep`). The formulas are those of ``SPEC.md``
+("Analytic model"); every gate and objective comes from
+:mod:`sspo_analysis.objectives`.
+
+Example::
+
+    >>> from sspo_analysis.theory import LogNormalRatios, analyse
+    >>> r = analyse("sspo", LogNormalRatios(0.3, length=16), advantage_sign=-1)
+    >>> round(r.mean_coefficient, 4), r.method
+    (0.8849, 'quadrature')
+"""
+
+from sspo_analysis.theory.analysis import METHODS, RESULT_KEYS, STATS, TheoryResult, analyse, available_methods, sweep
+from sspo_analysis.theory.estimators import REFERENCE_ESTIMATORS, all_objective_names, resolve_objective
+from sspo_analysis.theory.models import EmpiricalRatios, LogNormalRatios
+
+__all__ = [
+    "METHODS",
+    "REFERENCE_ESTIMATORS",
+    "RESULT_KEYS",
+    "STATS",
+    "EmpiricalRatios",
+    "LogNormalRatios",
+    "TheoryResult",
+    "all_objective_names",
+    "analyse",
+    "available_methods",
+    "resolve_objective",
+    "sweep",
+]

@@ -1,0 +1,618 @@
+"""The distribution of each objective's gradient coefficient: closed forms, quadrature, Monte Carlo.
+
+For an objective, an advantage sign and a model of the token log-ratio ``l``,
+:func:`analyse` reports (``SPEC.md``, "Analytic model"):
+
+- ``mean_coefficient``: ``E[c / A]`` (token objectives) or ``E[c T / A]``
+  (sequence objectives), over tokens; 1 on-policy, so ``mean_coefficient - 1``
+  is the gate's bias;
+- ``var_coefficient``: the variance of the same normalised coefficient;
+- ``dead_fraction``: ``P(c = 0)``, the tokens whose gradient the gate removes;
+- ``mean_weight`` / ``var_weight``: moments of the importance weight (``r`` for
+  token objectives, ``s_i`` for GSPO, ``w_i`` for the geometric means, ``W`` for
+  ``is-seq``, 1 for ``pg``);
+- ``ess_fraction``: ``E[w]^2 / E[w^2]``, the effective sample size per sample.
+
+Three methods, one answer:
+
+- ``closed-form``: log-normal partial moments ``E[r^k 1{a < l < b}]`` for the
+  hard clips (``grpo``, ``dapo``, ``cispo``, ``gspo``), the products
+  (``is-token``, ``is-seq``) and GMPO's ``E[w^q] = M(q/L)^L``;
+- ``quadrature``: composite Gauss-Legendre against the normal density in ``l``
+  (refined around ``l = 0`` at the gate's width, :func:`normal_nodes`) for the soft gates, evaluated by the
+  objective's own code (``objective.coefficient`` on the nodes for token
+  objectives, ``objective.log_gate`` for geometric means, whose moments factor
+  over i.i.d. tokens: ``E[w^q] = E[exp(q phi(l) / L)]^L`` and
+  ``E[c T / A] = E[exp(phi / L) phi'] E[exp(phi / L)]^(L - 1)``);
+- ``monte-carlo``: sampled ``(n, T)`` log-ratios through ``objective.terms``;
+  needed for correlated and empirical models, available for all, with
+  delta-method standard errors in ``mc_stderr``.
+
+Sequences are the unit of independence: Monte Carlo statistics are ratio
+estimators over sequences, so tokens of one sequence may be correlated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from scipy.special import ndtr
+
+from sspo_analysis import gates as gates_mod
+from sspo_analysis.objectives import Objective, get_spec
+from sspo_analysis.theory.estimators import all_objective_names, resolve_objective
+from sspo_analysis.theory.models import (
+    EmpiricalRatios,
+    LogNormalRatios,
+    check_correlation,
+    check_length,
+    check_std,
+    sum_variance,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["TheoryResult", "analyse", "sweep", "available_methods", "parse_sign", "METHODS", "STATS"]
+
+METHODS: tuple[str, ...] = ("auto", "closed-form", "quadrature", "monte-carlo")
+STATS: tuple[str, ...] = (
+    "mean_coefficient", "var_coefficient", "dead_fraction", "mean_weight", "var_weight", "ess_fraction")
+RESULT_KEYS: tuple[str, ...] = (
+    "objective", "log_ratio_mean", "log_ratio_std", "length", "advantage_sign", *STATS, "method", "mc_stderr")
+
+DEFAULT_N_SAMPLES = 20_000
+"""Monte Carlo sequences per point when ``n_samples`` is not given (parametric models)."""
+DEFAULT_QUAD_NODES = 8
+"""Gauss-Legendre nodes per quadrature panel (see :func:`normal_nodes`)."""
+MC_CHUNK_TOKENS = 1 << 19
+"""Monte Carlo evaluates the objective on at most this many tokens at a time."""
+
+_CLOSED_FORM = ("pg", "is-token", "is-seq", "grpo", "dapo", "cispo", "gspo", "gmpo")
+_SMOOTH_GATES = (*gates_mod.SOFT_GATES, "identity")
+_SIGNS = {"+": 1, "-": -1, "+1": 1, "-1": -1, "1": 1, "pos": 1, "neg": -1, "positive": 1, "negative": -1}
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class TheoryResult:
+    """The moments of one objective's gradient coefficient and importance weight under one model.
+
+    ``to_dict()`` gives the documented keys (:data:`RESULT_KEYS`); ``params`` holds
+    the objective's parameters and is not among them.
+    """
+
+    objective: str
+    log_ratio_mean: float
+    log_ratio_std: float
+    length: float
+    advantage_sign: int
+    mean_coefficient: float
+    var_coefficient: float
+    dead_fraction: float
+    mean_weight: float
+    var_weight: float
+    ess_fraction: float
+    method: str
+    mc_stderr: dict[str, float] | None = None
+    params: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def bias(self) -> float:
+        """``mean_coefficient - 1``: the gate's relative bias of the gradient's scale."""
+        return self.mean_coefficient - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain Python values, keyed by :data:`RESULT_KEYS`."""
+        out = {k: getattr(self, k) for k in RESULT_KEYS}
+        out["mc_stderr"] = dict(self.mc_stderr) if self.mc_stderr is not None else None
+        return out
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def parse_sign(advantage_sign: int | float | str) -> int:
+    """``+1`` or ``-1`` from ``1``, ``-1``, ``"+"``, ``"-"``, ``"+1"``, ``"-1"``, ``"pos"``, ``"neg"``."""
+    if isinstance(advantage_sign, str) and advantage_sign.strip().lower() in _SIGNS:
+        return _SIGNS[advantage_sign.strip().lower()]
+    if isinstance(advantage_sign, (int, float, np.integer, np.floating)) and not isinstance(advantage_sign, bool) \
+            and advantage_sign in (1, -1):
+        return int(advantage_sign)
+    raise ValueError(f"advantage_sign: unknown value {advantage_sign!r}; allowed values: +1, -1, +, -, pos, neg")
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method: unknown value {method!r}; allowed values: {', '.join(METHODS)}")
+    return method
+
+
+def _analytic_method(obj: Objective, iid: bool) -> str | None:
+    """``closed-form`` or ``quadrature`` when the objective has one under a log-normal model, else None.
+
+    Objectives registered elsewhere get Monte Carlo through their own code: the
+    theory cannot know whether their coefficient is smooth enough for quadrature.
+    """
+    name, smooth = obj.name, obj.params.get("gate", "identity") in _SMOOTH_GATES
+    if name in ("grpo", "dapo", "cispo", "gspo", "pg", "is-token", "is-seq"):
+        return "closed-form"  # token marginals and sums of Gaussians: exact also under AR(1)
+    if name == "sapo":
+        return "quadrature" if smooth else None  # a token marginal: correlation does not matter
+    if not iid:
+        return None  # the geometric means factorise over independent tokens only
+    if name == "gmpo":
+        return "closed-form"
+    if name in ("sspo", "sspo-sigmoid") and smooth:
+        return "quadrature"
+    return None
+
+
+def available_methods(objective: str | Objective, model: LogNormalRatios | EmpiricalRatios | None = None,
+                      **params: Any) -> tuple[str, ...]:
+    """The methods :func:`analyse` accepts for this objective and model (besides ``auto``)."""
+    obj = resolve_objective(objective, **params)
+    if isinstance(model, EmpiricalRatios):
+        return ("monte-carlo",)
+    analytic = _analytic_method(obj, model is None or model.iid)
+    return (analytic, "monte-carlo") if analytic else ("monte-carlo",)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def _partial_moment(k: float | np.ndarray, a: float, b: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``E[r^k 1{a < l < b}]`` for ``l ~ N(m, s^2)``, ``r = e^l`` (``a``, ``b`` may be infinite)."""
+    mu = m + k * s * s
+    scale = np.exp(k * m + 0.5 * k * k * s * s)
+    alpha, beta = (a - mu) / s, (b - mu) / s
+    # Difference of the upper tails when the interval sits in the upper half: no cancellation.
+    prob = np.where(alpha > 0, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha))
+    return scale * prob
+
+
+def _lognormal_moments(mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``E[X]``, ``E[X^2]`` for ``log X ~ N(mu, var)``."""
+    with np.errstate(over="ignore"):
+        return np.exp(mu + var / 2), np.exp(2 * mu + 2 * var)
+
+
+def _ratio_clip(mu: np.ndarray, sd: np.ndarray, sign: int, eps_lo: float, eps_hi: float) -> dict[str, np.ndarray]:
+    """Coefficient moments of ``x 1[kept]``, ``log x ~ N(mu, sd^2)``, PPO's clip on ``x``."""
+    if sign > 0:
+        a, b = -np.inf, math.log1p(eps_hi)
+        dead = ndtr((mu - b) / sd)
+    else:
+        a, b = (math.log1p(-eps_lo) if eps_lo < 1 else -np.inf), np.inf
+        dead = ndtr((a - mu) / sd) if eps_lo < 1 else np.zeros_like(mu)
+    mean = _partial_moment(1.0, a, b, mu, sd)
+    second = _partial_moment(2.0, a, b, mu, sd)
+    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
+
+
+def _geometric(m1: np.ndarray, m2: np.ndarray, c1: np.ndarray, c2: np.ndarray, L: np.ndarray) -> dict[str, np.ndarray]:
+    """Moments of a geometric-mean objective from the one-token factors.
+
+    ``m1 = E[e^{phi/L}]``, ``m2 = E[e^{2 phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
+    ``c2 = E[e^{2 phi/L} phi'^2]``: ``E[w^q] = M(q/L)^L`` and
+    ``E[(w phi'_t)^q] = E[e^{q phi/L} phi'^q] M(q/L)^(L-1)`` for i.i.d. tokens.
+    """
+    with np.errstate(over="ignore", divide="ignore"):
+        lm1, lm2 = np.log(m1), np.log(m2)
+        mean_c = c1 * np.exp((L - 1) * lm1)
+        second_c = c2 * np.exp((L - 1) * lm2)
+        mean_w, second_w = np.exp(L * lm1), np.exp(L * lm2)
+    return {"mean_coefficient": mean_c, "var_coefficient": second_c - mean_c**2,
+            "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
+
+
+def _closed_form(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sign: int,
+                 rho: float) -> dict[str, np.ndarray]:
+    """Closed forms; ``m``, ``s`` (S, 1) and ``L`` (1, K) broadcast to (S, K)."""
+    p, name = obj.params, obj.name
+    zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
+    out: dict[str, np.ndarray]
+    if name == "pg":
+        return {"mean_coefficient": zeros + 1, "var_coefficient": zeros, "dead_fraction": zeros,
+                "mean_weight": zeros + 1, "var_weight": zeros, "ess_fraction": zeros + 1}
+    if name == "is-seq":
+        var_sum = sum_variance(s, L, rho)
+        mean_w, second_w = _lognormal_moments(L * m, var_sum)
+        return {"mean_coefficient": mean_w, "var_coefficient": second_w - mean_w**2, "dead_fraction": zeros,
+                "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": np.exp(-var_sum) + zeros}
+    if name == "gspo":
+        sd = np.sqrt(sum_variance(s, L, rho)) / L  # std of mean_t l
+        out = _ratio_clip(m, sd, sign, p["eps_lo"], p["eps_hi"])
+        mean_w, second_w = _lognormal_moments(m, sd**2)
+    elif name == "gmpo":
+        k1, k2 = 1.0 / L, 2.0 / L
+        if sign > 0:
+            a, b = -np.inf, p["eps_hi"]
+            tail, edge = ndtr((m - b) / s), b
+        else:
+            a, b = -p["eps_lo"], np.inf
+            tail, edge = ndtr((a - m) / s), a
+        c1, c2 = _partial_moment(k1, a, b, m, s), _partial_moment(k2, a, b, m, s)
+        out = _geometric(c1 + np.exp(k1 * edge) * tail, c2 + np.exp(k2 * edge) * tail, c1, c2, L)
+        out["dead_fraction"] = tail + zeros
+        return {k: v + zeros for k, v in out.items()}
+    else:  # token objectives: one token's marginal N(m, s^2), whatever the correlation
+        if name in ("grpo", "dapo"):
+            out = _ratio_clip(m, s, sign, p["eps_lo"], p["eps_hi"])
+        elif name == "cispo":
+            eps_max = p["eps_max"]
+            b = math.log(eps_max) if eps_max > 0 else -np.inf
+            above = ndtr((m - b) / s)
+            mean = _partial_moment(1.0, -np.inf, b, m, s) + eps_max * above
+            second = _partial_moment(2.0, -np.inf, b, m, s) + eps_max**2 * above
+            out = {"mean_coefficient": mean, "var_coefficient": second - mean**2,
+                   "dead_fraction": zeros + (1.0 if eps_max == 0 else 0.0)}
+        elif name == "is-token":
+            mean, second = _lognormal_moments(m, s * s)
+            out = {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": zeros}
+        else:
+            raise ValueError(f"method: 'closed-form' is not available for objective {name!r}")
+        mean_w, second_w = _lognormal_moments(m, s * s)
+    out.update(mean_weight=mean_w, var_weight=second_w - mean_w**2, ess_fraction=mean_w**2 / second_w)
+    return {k: v + zeros for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- quadrature
+
+
+_Z_LIMIT = 8.5  # the normal mass beyond is 2e-17
+_COARSE_PANELS = 34  # panels of width 0.5 in z across [-8.5, 8.5]
+_FINE_PANELS = 32  # panels of width 0.5 / tau in l across [-8 / tau, 8 / tau]
+
+
+@functools.lru_cache(maxsize=8)
+def _legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(order, (int, np.integer)) or order < 2:
+        raise ValueError(f"quad_nodes: must be an integer >= 2, got {order!r}")
+    return np.polynomial.legendre.leggauss(int(order))
+
+
+def normal_nodes(m: np.ndarray, s: np.ndarray, scale: float, order: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``l`` and weights ``w`` with ``E[f(l)] ~ sum w f(l)`` for ``l ~ N(m, s^2)``, rows of (S, 1) ``m, s``.
+
+    Composite Gauss-Legendre against the normal density, on panels of width
+    ``0.5`` in ``z = (l - m) / s`` plus panels of width ``0.5 / scale`` in ``l``
+    around the on-policy point ``l = 0``, which is also a breakpoint (the
+    softsign gate and the one-sided gates have a kink there). Plain
+    Gauss-Hermite puts its nodes about ``pi s / sqrt(n)`` apart near the centre
+    and misses a gate of width ``1 / tau`` when ``tau s >> 1`` (2 % error in the
+    mean coefficient at ``tau = 10``, ``s = 1`` with 160 nodes); this rule's
+    error stays below 1e-8 there with 536 nodes per row.
+    """
+    x, gw = _legendre(order)
+    m, s = np.broadcast_arrays(np.asarray(m, dtype=float), np.asarray(s, dtype=float))
+    coarse = np.broadcast_to(np.linspace(-_Z_LIMIT, _Z_LIMIT, _COARSE_PANELS + 1), (m.shape[0], _COARSE_PANELS + 1))
+    fine_l = np.linspace(-8.0 / scale, 8.0 / scale, _FINE_PANELS + 1)
+    fine = np.clip((fine_l - m) / s, -_Z_LIMIT, _Z_LIMIT)
+    edges = np.sort(np.concatenate([coarse, fine], axis=1), axis=1)
+    half, mid = (edges[:, 1:] - edges[:, :-1]) / 2, (edges[:, 1:] + edges[:, :-1]) / 2
+    z = (mid[..., None] + half[..., None] * x).reshape(m.shape[0], -1)
+    w = (half[..., None] * gw).reshape(m.shape[0], -1) * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return m + s * z, w
+
+
+def _gate_scale(obj: Objective) -> float:
+    """The inverse width of the objective's gate around ``l = 0`` (its largest temperature, at least 1)."""
+    taus = [float(obj.params[k]) for k in ("tau_pos", "tau_neg") if k in obj.params]
+    return max([1.0, *taus])
+
+
+def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sign: int,
+                quad_nodes: int) -> dict[str, np.ndarray]:
+    """Quadrature in ``l`` through the objective's own code; ``m``, ``s`` (S, 1), ``L`` (1, K)."""
+    nodes, w = normal_nodes(m, s, _gate_scale(obj), quad_nodes)  # (S, n)
+    zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
+    lt = torch.from_numpy(np.ascontiguousarray(nodes, dtype=np.float64))
+    if obj.level == "token":
+        flat = lt.reshape(-1, 1)
+        adv = torch.full((flat.shape[0],), float(sign), dtype=torch.float64)
+        c = obj.coefficient(flat, torch.zeros_like(flat), adv, torch.ones_like(flat, dtype=torch.bool))
+        c = c.reshape(nodes.shape).numpy()
+        xn = c * sign
+        mean = (xn * w).sum(-1, keepdims=True)
+        second = (xn * xn * w).sum(-1, keepdims=True)
+        dead = ((c == 0) * w).sum(-1, keepdims=True)
+        mean_w, second_w = _lognormal_moments(m, s * s) if obj.name != "pg" else (zeros + 1, zeros + 1)
+        out = {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead,
+               "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
+        return {k: v + zeros for k, v in out.items()}
+    with torch.no_grad():
+        phi, dphi = obj.log_gate(lt, torch.full(lt.shape, sign > 0))
+    phi, dphi, w = phi.numpy()[:, None, :], dphi.numpy()[:, None, :], w[:, None, :]  # (S, 1, n)
+    k = (1.0 / np.broadcast_to(L, zeros.shape))[..., None]  # (S, K, 1)
+    e1 = np.exp(k * phi)
+    e2 = e1 * e1
+    out = _geometric((e1 * w).sum(-1), (e2 * w).sum(-1), (e1 * dphi * w).sum(-1), (e2 * dphi**2 * w).sum(-1),
+                     np.broadcast_to(L, zeros.shape))
+    out["dead_fraction"] = ((dphi == 0) * w).sum(-1) + zeros
+    return {k_: v + zeros for k_, v in out.items()}
+
+
+# --------------------------------------------------------------------------- Monte Carlo
+
+
+def _ratio_stats(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
+    """Ratio estimator ``sum num / sum den`` and its delta-method standard error (units: sequences)."""
+    total = den.sum()
+    mean = num.sum() / total
+    n = num.size
+    se = math.sqrt(((num - mean * den) ** 2).sum() * n / max(n - 1, 1)) / total
+    return float(mean), se
+
+
+def _moment_stats(s1: np.ndarray, s2: np.ndarray, den: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Mean, variance and ``E[x]^2 / E[x^2]`` with delta-method errors from per-sequence sums."""
+    total, n = den.sum(), s1.size
+    mean, second = s1.sum() / total, s2.sum() / total
+    d1, d2 = s1 - mean * den, s2 - second * den  # influence of each sequence (times total)
+    corr = n / max(n - 1, 1)
+
+    def se(psi: np.ndarray) -> float:
+        return float(math.sqrt((psi**2).sum() * corr) / total)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ess = mean**2 / second
+        ess_psi = 2 * mean / second * d1 - mean**2 / second**2 * d2
+    return {"mean": (float(mean), se(d1)), "var": (float(second - mean**2), se(d2 - 2 * mean * d1)),
+            "ess": (float(ess), se(ess_psi))}
+
+
+def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
+                 seed: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Sample log-ratios, evaluate ``objective.terms`` on them; return (stats, standard errors)."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("T", "S1", "S2", "D", "W1", "W2", "WN")}
+    for values, mask in model.chunks(n_samples, rng, MC_CHUNK_TOKENS):
+        lt, mt = torch.from_numpy(values), torch.from_numpy(mask)
+        adv = torch.full((lt.shape[0],), float(sign), dtype=torch.float64)
+        with torch.no_grad():
+            t = obj.terms(lt, torch.zeros_like(lt), adv, mt)[0]
+        n_tok = mt.sum(-1).to(torch.float64)
+        c = t.coefficient.to(torch.float64)
+        x = c * sign * (n_tok[:, None] if obj.level == "sequence" else 1.0)
+        x = torch.where(mt, x, 0.0)
+        w = t.weight.to(torch.float64)
+        if w.dim() == 1:
+            w1, w2, wn = w, w * w, torch.ones_like(w)
+        else:
+            w = torch.where(mt, w, 0.0)
+            w1, w2, wn = w.sum(-1), (w * w).sum(-1), n_tok
+        for key, val in (("T", n_tok), ("S1", x.sum(-1)), ("S2", (x * x).sum(-1)),
+                         ("D", (mt & (c == 0)).sum(-1)), ("W1", w1), ("W2", w2), ("WN", wn)):
+            parts[key].append(val.to(torch.float64).numpy())
+    a = {k: np.concatenate(v) for k, v in parts.items()}
+    coef = _moment_stats(a["S1"], a["S2"], a["T"])
+    weight = _moment_stats(a["W1"], a["W2"], a["WN"])
+    dead = _ratio_stats(a["D"], a["T"])
+    pairs = {"mean_coefficient": coef["mean"], "var_coefficient": coef["var"], "dead_fraction": dead,
+             "mean_weight": weight["mean"], "var_weight": weight["var"], "ess_fraction": weight["ess"]}
+    return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _resolve_method(obj: Objective, model: LogNormalRatios | EmpiricalRatios, method: str) -> str:
+    allowed = available_methods(obj, model)
+    if method == "auto":
+        return allowed[0]
+    if method not in allowed:
+        what = "an empirical model" if isinstance(model, EmpiricalRatios) else (
+            "correlated tokens" if not model.iid else "this model")
+        raise ValueError(f"method: {method!r} is not available for objective {obj.name!r} with {what}; "
+                         f"allowed values: auto, {', '.join(allowed)}")
+    return method
+
+
+def analyse(
+    objective: str | Objective,
+    model: LogNormalRatios | EmpiricalRatios,
+    advantage_sign: int | str = +1,
+    method: str = "auto",
+    n_samples: int | None = None,
+    seed: int = 0,
+    quad_nodes: int = DEFAULT_QUAD_NODES,
+    **params: Any,
+) -> TheoryResult:
+    """Moments of an objective's normalised gradient coefficient and importance weight.
+
+    Args:
+        objective: a registered objective name, a reference estimator
+            (``pg``, ``is-token``, ``is-seq``) or an :class:`Objective`.
+        model: :class:`LogNormalRatios` or :class:`EmpiricalRatios`.
+        advantage_sign: ``+1`` / ``-1`` (also ``"+"``, ``"-"``, ``"pos"``, ``"neg"``):
+            the sign of ``A`` every sequence gets; the gates depend on it.
+        method: ``auto`` (closed form, else quadrature, else Monte Carlo),
+            ``closed-form``, ``quadrature`` or ``monte-carlo``.
+        n_samples: Monte Carlo sequences (default :data:`DEFAULT_N_SAMPLES`; for an
+            empirical model, default all of its sequences, else a bootstrap of ``n``).
+        seed: Monte Carlo seed.
+        quad_nodes: Gauss-Legendre nodes per panel of the quadrature (:func:`normal_nodes`).
+        **params: the objective's parameters (``eps``, ``tau``, ``gate``, ...).
+
+    Returns:
+        A :class:`TheoryResult`; ``mc_stderr`` holds the standard errors when
+        Monte Carlo was used.
+
+    Example::
+
+        >>> r = analyse("grpo", LogNormalRatios(0.3), advantage_sign=+1)
+        >>> round(r.mean_coefficient, 4), round(r.dead_fraction, 4)
+        (0.6764, 0.2243)
+    """
+    obj = resolve_objective(objective, **params)
+    if not isinstance(model, (LogNormalRatios, EmpiricalRatios)):
+        raise ValueError(f"model: expected LogNormalRatios or EmpiricalRatios, got {type(model).__name__}")
+    sign = parse_sign(advantage_sign)
+    method = _resolve_method(obj, model, _check_method(method))
+    if isinstance(model, LogNormalRatios):
+        length: float = model.length
+    else:
+        length = model.mean_length
+    stderr = None
+    if method == "monte-carlo":
+        if n_samples is None and isinstance(model, LogNormalRatios):
+            n_samples = DEFAULT_N_SAMPLES
+        if n_samples is not None and (not isinstance(n_samples, (int, np.integer)) or n_samples < 2):
+            raise ValueError(f"n_samples: must be an integer >= 2, got {n_samples!r}")
+        stats, stderr = _monte_carlo(obj, model, sign, n_samples, seed)
+    else:
+        m = np.array([[model.log_ratio_mean]])
+        s = np.array([[model.log_ratio_std]])
+        L = np.array([[float(model.length)]])
+        arrays = (_closed_form(obj, m, s, L, sign, model.correlation) if method == "closed-form"
+                  else _quadrature(obj, m, s, L, sign, quad_nodes))
+        stats = {k: float(arrays[k].reshape(-1)[0]) for k in STATS}
+    return TheoryResult(obj.name, model.log_ratio_mean, model.log_ratio_std, length, sign, method=method,
+                        mc_stderr=stderr, params=dict(obj.params), **stats)
+
+
+def _grid_settings(name: str, taus: Sequence[float] | None, eps: Sequence[float] | None,
+                   gates: Sequence[str] | None) -> list[dict[str, Any]]:
+    """The parameter settings a sweep visits for one objective name.
+
+    A gated objective sweeps ``tau`` for its soft gates and ``eps`` for the hard
+    clip, never both: the other parameter does not act on that gate.
+    """
+    defaults = {} if name not in all_objective_names() or name in ("is-token", "is-seq") else get_spec(name).defaults
+    settings: list[dict[str, Any]] = [{}]
+    if gates is not None and "gate" in defaults:
+        settings = [{"gate": g} for g in gates]
+    out = []
+    for setting in settings:
+        hard = setting.get("gate", defaults.get("gate")) == "hard-clip"
+        grids = []
+        if taus is not None and "tau_pos" in defaults and not hard:
+            grids.append([("tau", float(t)) for t in taus])
+        if eps is not None and "eps_lo" in defaults and (hard or "gate" not in defaults):
+            grids.append([("eps", float(e)) for e in eps])
+        expanded = [setting]
+        for grid in grids:
+            expanded = [{**s, k: v} for s in expanded for k, v in grid]
+        out += expanded
+    return out
+
+
+def _effective(params: dict[str, Any], sign: int) -> tuple[float, float]:
+    """The temperature and clip width in force for one advantage sign (NaN where absent or inert)."""
+    tau = params.get("tau_pos" if sign > 0 else "tau_neg", math.nan)
+    eps = params.get("eps_hi" if sign > 0 else "eps_lo", params.get("eps_max", math.nan))
+    if "gate" in params:  # a gated objective: tau acts on soft gates, eps on the hard clip
+        if params["gate"] == "hard-clip":
+            tau = math.nan
+        else:
+            eps = math.nan
+    return float(tau), float(eps)
+
+
+def sweep(
+    objectives: Iterable[str | Objective] | str,
+    stds: Iterable[float],
+    lengths: Iterable[int],
+    signs: Iterable[int | str] = (1, -1),
+    taus: Iterable[float] | None = None,
+    eps: Iterable[float] | None = None,
+    method: str = "auto",
+    *,
+    gates: Iterable[str] | None = None,
+    log_ratio_mean: float | None = None,
+    correlation: float = 0.0,
+    n_samples: int | None = None,
+    seed: int = 0,
+    quad_nodes: int = DEFAULT_QUAD_NODES,
+) -> pd.DataFrame:
+    """Analyse every objective over a grid; one row per point, as a tidy DataFrame.
+
+    The analytic paths are vectorised over ``stds`` x ``lengths`` (one evaluation
+    per objective setting and sign); Monte Carlo, where needed or requested, runs
+    per point.
+
+    Args:
+        objectives: names (``"all"`` for every registered objective and reference
+            estimator) or :class:`Objective` instances (used as they are).
+        stds: token log-ratio standard deviations (> 0).
+        lengths: sequence lengths (>= 1).
+        signs: advantage signs.
+        taus: temperatures for the objectives that have one (``tau_pos = tau_neg = tau``).
+        eps: clip widths for the objectives with ``eps_lo`` / ``eps_hi`` (both set).
+        method: as in :func:`analyse`.
+        gates: gate families for the objectives with a ``gate`` parameter.
+        log_ratio_mean: fixed mean ``m`` (default ``-std^2 / 2`` at each std).
+        correlation: AR(1) correlation of the log-normal model.
+        n_samples, seed, quad_nodes: as in :func:`analyse`.
+
+    Returns:
+        Columns :data:`RESULT_KEYS` plus ``gate``, ``tau``, ``eps`` (the values in
+        force for the row's sign), ``one_sided`` and ``params`` (JSON of all).
+    """
+    import pandas as pd
+
+    if isinstance(objectives, str):
+        objectives = all_objective_names() if objectives == "all" else [objectives]
+    s_arr = np.array([check_std(v) for v in stds], dtype=float)
+    l_arr = np.array([check_length(v) for v in lengths], dtype=float)
+    if s_arr.size == 0 or l_arr.size == 0:
+        raise ValueError("stds, lengths: need at least one value each")
+    sign_list = [parse_sign(v) for v in signs]
+    rho = check_correlation(correlation)
+    _check_method(method)
+    taus, eps, gates = (None if v is None else list(v) for v in (taus, eps, gates))
+    m_arr = -s_arr**2 / 2 if log_ratio_mean is None else np.full_like(s_arr, float(log_ratio_mean))
+    S, K = s_arr.size, l_arr.size
+    s_col, m_col, L_row = s_arr[:, None], m_arr[:, None], l_arr[None, :]
+    blocks: list[dict[str, Any]] = []
+    for item in objectives:
+        settings = [None] if isinstance(item, Objective) else _grid_settings(item, taus, eps, gates)
+        for setting in settings:
+            obj = item if setting is None else resolve_objective(item, **setting)
+            probe = LogNormalRatios(float(s_arr[0]), int(l_arr[0]), correlation=rho)
+            chosen = _resolve_method(obj, probe, method)
+            for sign in sign_list:
+                if chosen == "monte-carlo":
+                    stats = {k: np.empty((S, K)) for k in STATS}
+                    errs = np.empty((S, K), dtype=object)
+                    for i in range(S):
+                        for j in range(K):
+                            model = LogNormalRatios(float(s_arr[i]), int(l_arr[j]), float(m_arr[i]), rho)
+                            vals, se = _monte_carlo(obj, model, sign, n_samples or DEFAULT_N_SAMPLES, seed)
+                            for k in STATS:
+                                stats[k][i, j] = vals[k]
+                            errs[i, j] = se
+                else:
+                    stats = (_closed_form(obj, m_col, s_col, L_row, sign, rho) if chosen == "closed-form"
+                             else _quadrature(obj, m_col, s_col, L_row, sign, quad_nodes))
+                    errs = np.full((S, K), None, dtype=object)
+                tau, eps_eff = _effective(obj.params, sign)
+                blocks.append({
+                    "objective": np.full(S * K, obj.name, dtype=object),
+                    "log_ratio_mean": np.repeat(m_arr, K),
+                    "log_ratio_std": np.repeat(s_arr, K),
+                    "length": np.tile(l_arr.astype(int), S),
+                    "advantage_sign": np.full(S * K, sign),
+                    **{k: np.asarray(stats[k], dtype=float).reshape(-1) for k in STATS},
+                    "method": np.full(S * K, chosen, dtype=object),
+                    "mc_stderr": errs.reshape(-1),
+                    "gate": np.full(S * K, obj.params.get("gate"), dtype=object),
+                    "tau": np.full(S * K, tau),
+                    "eps": np.full(S * K, eps_eff),
+                    "one_sided": np.full(S * K, obj.params.get("one_sided"), dtype=object),
+                    "params": np.full(S * K, json.dumps(obj.params, sort_keys=True), dtype=object),
+                })
+    if not blocks:
+        raise ValueError("objectives: need at least one objective")
+    columns = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    return pd.DataFrame(columns)

@@ -1,0 +1,257 @@
+"""``sspo theory``: one objective's coefficient moments, or a grid of them; ``sspo simulate`` is registered here too.
+
+Examples::
+
+    sspo theory --objective grpo --log-ratio-std 0.3 --advantage-sign + --json
+    sspo theory --objective sspo --gate erf --tau 2 --log-ratio-std 0.3 --length 16 --advantage-sign -
+    sspo theory --grid --objectives all --stds 0.3 --lengths 1,16,256 --markdown
+    sspo theory --grid --objectives grpo,sspo --stds 0.01:1:40 --lengths 1,16,256 --taus 0.5,1,2 --csv grid.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+__all__ = ["register", "float_list", "int_list", "str_list", "objective_params"]
+
+_STAT_LABELS = {
+    "mean_coefficient": "E[c]", "var_coefficient": "Var[c]", "dead_fraction": "P(c=0)",
+    "mean_weight": "E[w]", "var_weight": "Var[w]", "ess_fraction": "ESS",
+}
+
+
+# --------------------------------------------------------------------------- parsing helpers
+
+
+def float_list(text: str, name: str) -> list[float]:
+    """``"0.1,0.3"`` or ``"lo:hi:n"`` (``n`` log-spaced values) as floats; ValueError naming ``name``."""
+    import numpy as np
+
+    try:
+        if ":" in text:
+            lo, hi, n = text.split(":")
+            if int(n) < 1 or float(lo) <= 0 or float(hi) <= 0:
+                raise ValueError
+            return [float(v) for v in np.geomspace(float(lo), float(hi), int(n))]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated numbers or lo:hi:n (log-spaced, lo, hi > 0), "
+                         f"got {text!r}") from None
+
+
+def int_list(text: str, name: str) -> list[int]:
+    """``"1,16,256"`` as ints; ValueError naming ``name``."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+
+def str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_objective_flags(p: argparse.ArgumentParser, lists: bool = False) -> None:
+    """The objective-parameter flags shared by ``sspo theory`` and ``sspo simulate``."""
+    many = " (comma-separated list with --grid)" if lists else ""
+    p.add_argument("--gate", "--gates", dest="gate", help=f"gate family of sapo / sspo{many}")
+    p.add_argument("--tau", "--taus", dest="tau", help=f"temperature, sets tau_pos and tau_neg{many}")
+    p.add_argument("--tau-pos", type=float, help="temperature for A > 0")
+    p.add_argument("--tau-neg", type=float, help="temperature for A < 0")
+    p.add_argument("--eps", help=f"clip width, sets eps_lo and eps_hi{many}")
+    p.add_argument("--eps-lo", type=float, help="lower clip width")
+    p.add_argument("--eps-hi", type=float, help="upper clip width")
+    p.add_argument("--eps-max", type=float, help="cispo's truncation of the ratio")
+    p.add_argument("--one-sided", action="store_true", default=None,
+                   help="sspo: gate only the side sign(A) makes dangerous")
+
+
+def objective_params(name: str, args: argparse.Namespace, strict: bool) -> dict[str, Any]:
+    """The objective parameters given on the command line that ``name`` takes.
+
+    With ``strict`` a parameter the objective does not take is an error (one
+    objective); otherwise it is skipped (a list of objectives).
+    """
+    from sspo_analysis.objectives import get_spec, objective_names
+
+    defaults = get_spec(name).defaults if name in objective_names() else {}
+    given = {
+        "gate": args.gate, "tau": _one_float(args.tau, "--tau"), "tau_pos": args.tau_pos, "tau_neg": args.tau_neg,
+        "eps": _one_float(args.eps, "--eps"), "eps_lo": args.eps_lo, "eps_hi": args.eps_hi,
+        "eps_max": args.eps_max, "one_sided": args.one_sided,
+    }
+    takes = {"tau": "tau_pos", "eps": "eps_lo"}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if takes.get(key, key) in defaults:
+            out[key] = value
+        elif strict:
+            flags = sorted({*defaults, *(k for k, v in takes.items() if v in defaults)})
+            allowed = ", ".join("--" + k.replace("_", "-") for k in flags) or "(none)"
+            raise ValueError(f"--{key.replace('_', '-')}: objective {name!r} has no such parameter; allowed: {allowed}")
+    return out
+
+
+def _one_float(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
+    values = float_list(text, name)
+    if len(values) != 1:
+        raise ValueError(f"{name}: expected one number (lists need --grid), got {text!r}")
+    return values[0]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``sspo theory`` and ``sspo simulate``."""
+    p = sub.add_parser(
+        "theory", help="moments of an objective's gradient coefficient under a log-ratio model (or a grid)",
+        description="Bias, variance, dead fraction and effective sample size of each objective's gradient "
+                    "coefficient, normalised so that the on-policy value is 1.")
+    p.add_argument("--objective", help="one objective (registered, or is-token / is-seq / pg)")
+    p.add_argument("--log-ratio-std", type=float, help="std s of the token log-ratio (> 0)")
+    p.add_argument("--log-ratio-mean", type=float, help="mean m of the token log-ratio (default -s^2/2: E[r] = 1)")
+    p.add_argument("--length", type=int, default=1, help="tokens per sequence L (default 1)")
+    p.add_argument("--correlation", type=float, default=0.0, help="AR(1) correlation along the sequence (default 0)")
+    p.add_argument("--advantage-sign", default="+", help="sign of A: +, -, +1, -1, pos, neg (default +)")
+    p.add_argument("--run", help="use the log-ratios a training run logged (RUN/log_ratios) instead of a log-normal")
+    p.add_argument("--steps", help="with --run: comma-separated steps to pool (default all)")
+    p.add_argument("--method", default="auto", help="auto, closed-form, quadrature or monte-carlo (default auto)")
+    p.add_argument("--n-samples", type=int, help="Monte Carlo sequences")
+    p.add_argument("--seed", type=int, default=0, help="Monte Carlo seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_objective_flags(p, lists=True)
+    g = p.add_argument_group("grid (--grid)")
+    g.add_argument("--grid", action="store_true", help="sweep a grid; write it with --csv or print it")
+    g.add_argument("--objectives", default="all", help="comma-separated objectives, or all (default all)")
+    g.add_argument("--stds", help="comma-separated stds, or lo:hi:n log-spaced")
+    g.add_argument("--lengths", default="1", help="comma-separated lengths (default 1)")
+    g.add_argument("--signs", default="+,-", help="comma-separated advantage signs (default +,-)")
+    g.add_argument("--csv", help="write the grid to this CSV file")
+    g.add_argument("--markdown", action="store_true", help="print the grid as a markdown table")
+    p.set_defaults(func=run_theory)
+
+    from sspo_analysis.simulation.cli import register as register_simulate
+
+    register_simulate(sub)
+
+
+def run_theory(args: argparse.Namespace) -> int:
+    """Entry point of ``sspo theory``."""
+    return _run_grid(args) if args.grid else _run_one(args)
+
+
+def _run_one(args: argparse.Namespace) -> int:
+    from sspo_analysis.theory import EmpiricalRatios, LogNormalRatios, analyse, resolve_objective
+
+    if args.objective is None:
+        raise ValueError("--objective: required (or use --grid)")
+    resolve_objective(args.objective)  # an unknown name is reported before its parameters
+    obj = resolve_objective(args.objective, **objective_params(args.objective, args, strict=True))
+    if args.run:
+        steps = None if args.steps is None else int_list(args.steps, "--steps")
+        model: Any = EmpiricalRatios.from_run(args.run, steps)
+    else:
+        if args.log_ratio_std is None:
+            raise ValueError("--log-ratio-std: required (a number > 0), or give --run")
+        model = LogNormalRatios(args.log_ratio_std, args.length, args.log_ratio_mean, args.correlation)
+    result = analyse(obj, model, args.advantage_sign, method=args.method, n_samples=args.n_samples, seed=args.seed)
+    out = result.to_dict()
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    params_text = ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())) or "no parameters"
+    print(f"{out['objective']} ({params_text}); A {out['advantage_sign']:+d}; log-ratio mean "
+          f"{out['log_ratio_mean']:.4g}, std {out['log_ratio_std']:.4g}; length {out['length']:g}; {out['method']}")
+    se = out["mc_stderr"] or {}
+    for key, label in _STAT_LABELS.items():
+        err = f" +- {se[key]:.2g}" if key in se else ""
+        print(f"  {key:<17} {label:<7} {out[key]:.6g}{err}")
+    return 0
+
+
+def _run_grid(args: argparse.Namespace) -> int:
+    from sspo_analysis.io import atomic_path
+    from sspo_analysis.theory import all_objective_names, sweep
+
+    if args.stds is None:
+        if args.log_ratio_std is None:
+            raise ValueError("--stds: required with --grid (comma-separated, or lo:hi:n)")
+        args.stds = str(args.log_ratio_std)
+    names = all_objective_names() if args.objectives == "all" else str_list(args.objectives)
+    fixed = {"tau_pos": args.tau_pos, "tau_neg": args.tau_neg, "eps_lo": args.eps_lo, "eps_hi": args.eps_hi,
+             "eps_max": args.eps_max, "one_sided": args.one_sided}
+    if any(v is not None for v in fixed.values()):
+        raise ValueError("--tau-pos, --tau-neg, --eps-lo, --eps-hi, --eps-max, --one-sided: single-point only; "
+                         "with --grid use --taus, --eps, --gates")
+    frame = sweep(
+        names,
+        float_list(args.stds, "--stds"),
+        int_list(args.lengths, "--lengths"),
+        signs=str_list(args.signs),
+        taus=None if args.tau is None else float_list(args.tau, "--taus"),
+        eps=None if args.eps is None else float_list(args.eps, "--eps"),
+        method=args.method,
+        gates=None if args.gate is None else str_list(args.gate),
+        log_ratio_mean=args.log_ratio_mean,
+        correlation=args.correlation,
+        n_samples=args.n_samples,
+        seed=args.seed,
+    )
+    if args.csv:
+        with atomic_path(args.csv) as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"wrote {len(frame)} rows to {args.csv}", file=sys.stderr)
+    if args.markdown:
+        print(markdown_table(frame))
+    elif not args.csv:
+        cols = ["objective", "gate", "tau", "eps", "advantage_sign", "log_ratio_std", "length", *_STAT_LABELS, "method"]
+        print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def _setting(row: Any) -> str:
+    parts = []
+    if isinstance(row.gate, str):
+        parts.append(row.gate)
+    if not math.isnan(row.tau):
+        parts.append(f"tau={row.tau:g}")
+    if not math.isnan(row.eps):
+        parts.append(f"{'eps_max' if 'eps_max' in row.params else 'eps'}={row.eps:g}")
+    if row.one_sided is True:
+        parts.append("one-sided")
+    return ", ".join(parts)
+
+
+def markdown_table(frame: Any, stats: tuple[str, ...] = ("mean_coefficient", "var_coefficient", "dead_fraction",
+                                                           "ess_fraction")) -> str:
+    """A compact markdown table: one row per objective setting, sign and std; each cell lists the lengths."""
+    lengths = sorted(frame["length"].unique())
+    head = "L = " + " / ".join(str(v) for v in lengths)
+    lines = [f"| objective | parameters | A | std | {' | '.join(_STAT_LABELS[s] for s in stats)} |",
+             "|---|---|---|---|" + "---|" * len(stats),
+             f"| | | | | {' | '.join(head for _ in stats)} |"]
+    keys = ["objective", "params", "advantage_sign", "log_ratio_std"]
+    for _, group in frame.groupby(keys, sort=False):
+        group = group.sort_values("length")
+        first = group.iloc[0]
+        cells = [" / ".join(_fmt(v) for v in group[s]) for s in stats]
+        lines.append(f"| {first.objective} | {_setting(first)} | {'+' if first.advantage_sign > 0 else '-'} | "
+                     f"{first.log_ratio_std:g} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.2g}"
+    return f"{v:.3f}"

@@ -1,0 +1,409 @@
+"""Theory: closed forms and quadrature against Monte Carlo through the real objective code,
+identities of the log-normal model, independent checks with scipy, models, sweeps, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, stats
+
+from sspo_analysis.gates import SOFT_GATES
+from sspo_analysis.objectives import get_objective
+from sspo_analysis.theory import (
+    REFERENCE_ESTIMATORS,
+    RESULT_KEYS,
+    STATS,
+    EmpiricalRatios,
+    LogNormalRatios,
+    all_objective_names,
+    analyse,
+    available_methods,
+    resolve_objective,
+    sweep,
+)
+from sspo_analysis.theory.models import sum_variance
+
+CLOSED_FORM = ("grpo", "dapo", "cispo", "gspo", "gmpo", "is-token", "is-seq")
+# Deterministic examples: Monte Carlo at 4 standard errors must not flake in CI.
+PROPERTY = settings(max_examples=10, deadline=None, derandomize=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors on a shared 2-core machine: one thread is several times faster than contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_agrees_with_monte_carlo(exact, mc, n_sequences):
+    """Every statistic within 4 Monte Carlo standard errors.
+
+    A probability estimated as exactly 0 or 1 has a zero standard error; the
+    rule of three (3 / n) bounds what n samples can resolve there.
+    """
+    assert mc.method == "monte-carlo" and exact.method != "monte-carlo"
+    for key in STATS:
+        a, b, se = getattr(exact, key), getattr(mc, key), mc.mc_stderr[key]
+        floor = 3.0 / n_sequences if key == "dead_fraction" else 0.0
+        assert abs(a - b) <= 4 * se + floor + 1e-9 * max(1.0, abs(a)), (key, a, b, se)
+
+
+def closed_form_params(name, eps, std, length):
+    if name == "cispo":
+        return {"eps_max": 1.0 + 4 * eps}  # truncation inside the bulk of r
+    if name == "gspo":
+        # GSPO clips the geometric mean, whose std is s / sqrt(L): scale eps so the clip bites.
+        return {"eps": eps * std / math.sqrt(length)}
+    if name in ("grpo", "dapo", "gmpo"):
+        return {"eps": eps}
+    return {}
+
+
+@PROPERTY
+@given(
+    name=st.sampled_from(CLOSED_FORM),
+    std=st.floats(0.01, 1.0),
+    length=st.integers(1, 256),
+    eps=st.floats(0.05, 0.5),
+    sign=st.sampled_from([1, -1]),
+)
+def test_closed_form_matches_monte_carlo(name, std, length, eps, sign):
+    if name == "is-seq":
+        std = min(std, 1.0 / math.sqrt(length))  # Var W = e^{L s^2} - 1: keep the MC variance finite in practice
+    model = LogNormalRatios(std, length)
+    params = closed_form_params(name, eps, std, length)
+    exact = analyse(name, model, sign, **params)
+    assert exact.method == "closed-form"
+    n = max(2000, 300_000 // length)
+    mc = analyse(name, model, sign, method="monte-carlo", n_samples=n, seed=length, **params)
+    assert_agrees_with_monte_carlo(exact, mc, n)
+
+
+SOFT_VARIANTS = (
+    [("sapo", {"gate": g}) for g in SOFT_GATES]
+    + [("sspo", {"gate": g, "one_sided": side}) for g in SOFT_GATES for side in (False, True)]
+    + [("sspo", {"gate": "identity"}), ("sspo-sigmoid", {})]
+)
+
+
+@PROPERTY
+@given(
+    variant=st.sampled_from(SOFT_VARIANTS),
+    std=st.floats(0.01, 1.0),
+    length=st.integers(1, 256),
+    tau=st.floats(0.25, 8.0),
+    sign=st.sampled_from([1, -1]),
+)
+def test_quadrature_matches_monte_carlo(variant, std, length, tau, sign):
+    name, params = variant
+    model = LogNormalRatios(std, length)
+    exact = analyse(name, model, sign, tau=tau, **params)
+    assert exact.method == "quadrature"
+    n = max(2000, 300_000 // length)
+    mc = analyse(name, model, sign, method="monte-carlo", n_samples=n, seed=length, tau=tau, **params)
+    assert_agrees_with_monte_carlo(exact, mc, n)
+
+
+@pytest.mark.parametrize(("name", "params"), SOFT_VARIANTS)
+def test_every_soft_gate_matches_monte_carlo_at_a_hard_point(name, params):
+    """Wide ratios, a sharp gate and a short sequence: where a coarse quadrature would fail."""
+    model = LogNormalRatios(1.0, 2)
+    for sign in (1, -1):
+        exact = analyse(name, model, sign, tau=8.0, **params)
+        mc = analyse(name, model, sign, method="monte-carlo", n_samples=40_000, seed=1, tau=8.0, **params)
+        assert_agrees_with_monte_carlo(exact, mc, 40_000)
+
+
+def test_quadrature_is_converged():
+    """Doubling the nodes per panel changes no statistic beyond 1e-8 (relative)."""
+    kw = {"taus": [0.25, 10.0], "gates": SOFT_GATES}
+    coarse = sweep(["sapo", "sspo", "sspo-sigmoid"], [0.01, 1.0, 2.0], [1, 16, 256], quad_nodes=8, **kw)
+    fine = sweep(["sapo", "sspo", "sspo-sigmoid"], [0.01, 1.0, 2.0], [1, 16, 256], quad_nodes=16, **kw)
+    for key in ("mean_coefficient", "mean_weight", "ess_fraction"):
+        np.testing.assert_allclose(coarse[key], fine[key], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(coarse["var_coefficient"], fine["var_coefficient"], rtol=1e-6, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- identities
+
+
+@pytest.mark.parametrize("std", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("length", [1, 7, 64])
+def test_is_seq_variance_and_unbiasedness(std, length):
+    r = analyse("is-seq", LogNormalRatios(std, length))
+    assert r.mean_coefficient == pytest.approx(1.0, rel=1e-12)
+    assert r.var_coefficient == pytest.approx(math.expm1(length * std**2), rel=1e-10)
+    assert r.ess_fraction == pytest.approx(math.exp(-length * std**2), rel=1e-10)
+
+
+@pytest.mark.parametrize(("std", "length", "rho"), [(0.3, 1, 0.0), (0.5, 16, 0.0), (0.2, 256, 0.0), (0.4, 16, 0.6)])
+def test_gspo_log_weight_variance(std, length, rho):
+    """The real GSPO code's sequence weight has log-variance s^2 / L (i.i.d.), Var(sum l) / L^2 (AR(1))."""
+    model = LogNormalRatios(std, length, correlation=rho)
+    values, mask = model.sample(10_000, np.random.default_rng(0))
+    lt = torch.from_numpy(values)
+    terms = get_objective("gspo").terms(lt, torch.zeros_like(lt), torch.ones(len(lt), dtype=torch.float64),
+                                        torch.from_numpy(mask))[0]
+    log_w = terms.weight.log().numpy()
+    expected = std**2 / length if rho == 0 else model.sum_variance() / length**2
+    # sample variance of n Gaussians: relative std sqrt(2 / (n - 1)) ~ 1.4 %
+    assert log_w.var(ddof=1) == pytest.approx(expected, rel=0.06)
+    r = analyse("gspo", model)
+    assert r.mean_weight == pytest.approx(math.exp(model.mean + expected / 2), rel=1e-12)
+    assert r.var_weight == pytest.approx(math.expm1(expected) * math.exp(2 * model.mean + expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", all_objective_names())
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("length", [1, 16, 256])
+def test_on_policy_limit(name, sign, length):
+    """As std -> 0 every mean coefficient tends to 1 and every variance to 0 (sspo-sigmoid: tau / 2)."""
+    obj = resolve_objective(name)
+    target = 1.0
+    if name == "sspo-sigmoid":
+        target = (obj.params["tau_pos"] if sign > 0 else obj.params["tau_neg"]) / 2
+    results = [analyse(obj, LogNormalRatios(std, length), sign) for std in (1e-2, 1e-4, 1e-6)]
+    gaps = [abs(r.mean_coefficient - target) for r in results]
+    assert gaps[-1] < 1e-4 and gaps[-1] <= gaps[0] + 1e-15
+    # 1e-6 is far below every clip width (GSPO's is 3e-4), so nothing is clipped any more
+    assert results[-1].var_coefficient < 1e-8 and results[-1].var_weight < 1e-8
+    assert results[-1].dead_fraction < 1e-8 and results[-1].ess_fraction > 1 - 1e-8
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize(("std", "eps"), [(0.05, 0.2), (0.3, 0.2), (1.0, 0.1), (0.3, 0.5)])
+def test_hard_clip_dead_fraction_is_the_log_normal_tail(sign, std, eps):
+    m = -std**2 / 2
+    token = stats.lognorm(s=std, scale=math.exp(m))
+    expect = token.sf(1 + eps) if sign > 0 else token.cdf(1 - eps)
+    assert analyse("grpo", LogNormalRatios(std, 4), sign, eps=eps).dead_fraction == pytest.approx(expect, rel=1e-9)
+    # GSPO: the geometric mean is log-normal with std s / sqrt(L)
+    seq = stats.lognorm(s=std / math.sqrt(16), scale=math.exp(m))
+    expect = seq.sf(1 + eps / 4) if sign > 0 else seq.cdf(1 - eps / 4)
+    assert analyse("gspo", LogNormalRatios(std, 16), sign, eps=eps / 4).dead_fraction == pytest.approx(expect,
+                                                                                                        rel=1e-9)
+    # GMPO clips log-ratios: a normal tail
+    expect = stats.norm(m, std).sf(eps) if sign > 0 else stats.norm(m, std).cdf(-eps)
+    assert analyse("gmpo", LogNormalRatios(std, 16), sign, eps=eps).dead_fraction == pytest.approx(expect, rel=1e-9)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_partial_moments_against_numerical_integration(sign):
+    """The PPO and CISPO closed forms against scipy's adaptive quadrature of the log-normal density."""
+    std, eps, eps_max = 0.4, 0.2, 1.3
+    pdf = stats.lognorm(s=std, scale=math.exp(-std**2 / 2)).pdf
+    lo, hi = (0.0, 1 + eps) if sign > 0 else (1 - eps, np.inf)
+    mean = integrate.quad(lambda r: r * pdf(r), lo, hi)[0]
+    second = integrate.quad(lambda r: r * r * pdf(r), lo, hi)[0]
+    r = analyse("grpo", LogNormalRatios(std), sign, eps=eps)
+    assert r.mean_coefficient == pytest.approx(mean, rel=1e-8)
+    assert r.var_coefficient == pytest.approx(second - mean**2, rel=1e-7)
+    tail = integrate.quad(pdf, eps_max, np.inf)[0]
+    mean = integrate.quad(lambda r: r * pdf(r), 0, eps_max)[0] + eps_max * tail
+    second = integrate.quad(lambda r: r * r * pdf(r), 0, eps_max)[0] + eps_max**2 * tail
+    r = analyse("cispo", LogNormalRatios(std), sign, eps_max=eps_max)
+    assert r.mean_coefficient == pytest.approx(mean, rel=1e-8)
+    assert r.var_coefficient == pytest.approx(second - mean**2, rel=1e-7)
+
+
+def test_gmpo_moment_factorisation_against_direct_integration():
+    """E[w^q] = M(q/L)^L for GMPO, M from an independent numerical integral."""
+    std, length, eps = 0.5, 8, 0.3
+    m = -std**2 / 2
+    dens = stats.norm(m, std).pdf
+
+    def M(k):
+        below = integrate.quad(lambda l: math.exp(k * l) * dens(l), -np.inf, eps)[0]
+        return below + math.exp(k * eps) * stats.norm(m, std).sf(eps)
+
+    r = analyse("gmpo", LogNormalRatios(std, length), +1, eps=eps)
+    assert r.mean_weight == pytest.approx(M(1 / length) ** length, rel=1e-8)
+    assert r.var_weight == pytest.approx(M(2 / length) ** length - M(1 / length) ** (2 * length), rel=1e-6)
+
+
+def test_nondefault_mean_is_used():
+    """A log-ratio mean other than -s^2/2 gives E[r] != 1 and is reported."""
+    r = analyse("is-token", LogNormalRatios(0.3, mean=0.1))
+    assert r.log_ratio_mean == 0.1
+    assert r.mean_weight == pytest.approx(math.exp(0.1 + 0.045), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_ar1_sum_variance_and_samples():
+    std, rho, length = 0.5, 0.7, 12
+    cov = std**2 * rho ** np.abs(np.subtract.outer(np.arange(length), np.arange(length)))
+    assert sum_variance(std, length, rho) == pytest.approx(cov.sum(), rel=1e-12)
+    values, mask = LogNormalRatios(std, length, correlation=rho).sample(40_000, np.random.default_rng(0))
+    assert mask.all() and values.shape == (40_000, length)
+    assert values[:, -1].std() == pytest.approx(std, rel=0.02)  # the marginal is kept
+    assert np.corrcoef(values[:, 3], values[:, 4])[0, 1] == pytest.approx(rho, abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["gspo", "is-seq", "grpo", "sapo"])
+def test_correlated_closed_forms_match_monte_carlo(name):
+    """Token marginals and sums of Gaussians stay analytic under AR(1)."""
+    model = LogNormalRatios(0.2, 16, correlation=0.5)
+    params = {"eps": 0.05} if name == "gspo" else {}
+    exact = analyse(name, model, +1, **params)
+    assert exact.method in ("closed-form", "quadrature")
+    mc = analyse(name, model, +1, method="monte-carlo", n_samples=20_000, seed=3, **params)
+    assert_agrees_with_monte_carlo(exact, mc, 20_000)
+
+
+def test_correlated_geometric_means_need_monte_carlo():
+    model = LogNormalRatios(0.3, 16, correlation=0.5)
+    assert available_methods("sspo", model) == ("monte-carlo",)
+    r = analyse("sspo", model, -1, n_samples=4000)
+    assert r.method == "monte-carlo" and set(r.mc_stderr) == set(STATS)
+    with pytest.raises(ValueError, match="quadrature.*not available.*allowed values: auto, monte-carlo"):
+        analyse("sspo", model, method="quadrature")
+
+
+def test_empirical_model_reproduces_the_objective_metrics():
+    """Theory on measured log-ratios equals the objective's own coef_norm / dead_frac metrics."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 9, 3, 7, 6]
+    seqs = [0.4 * torch.randn(n, generator=gen, dtype=torch.float64).numpy() for n in lengths]
+    model = EmpiricalRatios(seqs)
+    values, mask = model.sample(None, np.random.default_rng(0))
+    lt, mt = torch.from_numpy(values), torch.from_numpy(mask)
+    for name in ("grpo", "gspo", "sspo", "gmpo"):
+        obj = get_objective(name)
+        for sign in (1, -1):
+            adv = torch.full((len(lengths),), float(sign), dtype=torch.float64)
+            _, metrics = obj(lt, torch.zeros_like(lt), adv, mt)
+            r = analyse(obj, model, sign)
+            assert r.method == "monte-carlo" and r.length == pytest.approx(np.mean(lengths))
+            assert r.mean_coefficient == pytest.approx(metrics["coef_norm_mean"], rel=1e-5)
+            assert r.var_coefficient == pytest.approx(metrics["coef_norm_var"], rel=1e-4, abs=1e-6)
+            assert r.dead_fraction == pytest.approx(metrics["dead_frac"], abs=1e-6)
+
+
+def test_empirical_layouts_and_from_run(tmp_path):
+    rng = np.random.default_rng(0)
+    run = tmp_path / "run"
+    (run / "log_ratios").mkdir(parents=True)
+    parts = []
+    for step in (1, 2, 5):
+        lengths = rng.integers(0, 6, size=4)
+        values = rng.normal(0, 0.1, lengths.sum()).astype(np.float32)
+        adv = np.array([1.0, -1.0, 0.5, -0.5])
+        np.savez(run / "log_ratios" / f"step_{step:06d}.npz", log_ratios=values, lengths=lengths, advantages=adv)
+        parts.append((values, lengths, adv))
+    model = EmpiricalRatios.from_run(run)
+    kept = np.concatenate([p[1] for p in parts])
+    assert model.n_sequences == (kept > 0).sum()
+    np.testing.assert_allclose(model.values, np.concatenate([p[0] for p in parts]).astype(np.float64))
+    one = EmpiricalRatios.from_run(run, steps=2)
+    assert one.values.size == parts[1][1].sum()
+    pos = model.subset(+1)
+    assert (pos.advantages > 0).all() and pos.n_sequences == (np.concatenate([p[2] for p in parts])[kept > 0] > 0).sum()
+    same = EmpiricalRatios(np.concatenate([p[0] for p in parts]), kept)
+    np.testing.assert_array_equal(same.lengths, model.lengths)
+    square = EmpiricalRatios(rng.normal(size=(3, 4)))
+    assert square.n_sequences == 3 and square.mean_length == 4
+    with pytest.raises(ValueError, match="steps"):
+        EmpiricalRatios.from_run(run, steps=[3])
+    with pytest.raises(ValueError, match="run_dir"):
+        EmpiricalRatios.from_run(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- sweep and results
+
+
+def test_sweep_is_the_pointwise_analysis():
+    frame = sweep(["grpo", "sspo", "gmpo", "is-seq", "sapo"], [0.1, 0.5], [1, 16], taus=[0.5, 2.0], eps=[0.1, 0.3])
+    # grpo, gmpo: 2 eps; sspo, sapo: 2 taus; is-seq: 1 -> 9 settings x 2 stds x 2 lengths x 2 signs
+    assert len(frame) == 9 * 8
+    assert set(RESULT_KEYS) <= set(frame.columns) and {"gate", "tau", "eps", "params"} <= set(frame.columns)
+    for row in frame.sample(12, random_state=0).itertuples():
+        params = {"tau": row.tau} if row.objective in ("sspo", "sapo") else (
+            {"eps": row.eps} if row.objective in ("grpo", "gmpo") else {})
+        r = analyse(row.objective, LogNormalRatios(row.log_ratio_std, row.length), row.advantage_sign, **params)
+        for key in STATS:
+            assert getattr(row, key) == pytest.approx(getattr(r, key), rel=1e-10, abs=1e-14)
+
+
+def test_sweep_monte_carlo_and_all():
+    frame = sweep("all", [0.2], [4], signs=["+"])
+    assert sorted(frame["objective"]) == sorted(all_objective_names())
+    assert set(REFERENCE_ESTIMATORS) <= set(frame["objective"])
+    mc = sweep(["sspo"], [0.2], [4], signs=[-1], method="monte-carlo", n_samples=2000)
+    assert (mc["method"] == "monte-carlo").all() and set(mc["mc_stderr"].iloc[0]) == set(STATS)
+
+
+def test_result_dict_keys():
+    d = analyse("sspo", LogNormalRatios(0.3, 16), "-").to_dict()
+    assert tuple(d) == RESULT_KEYS
+    assert d["advantage_sign"] == -1 and d["mc_stderr"] is None and d["length"] == 16
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("std", [0.0, -0.1, float("nan"), float("inf"), "x"])
+def test_bad_std(std):
+    with pytest.raises(ValueError, match="log_ratio_std: must be a finite number > 0"):
+        LogNormalRatios(std)
+
+
+@pytest.mark.parametrize("length", [0, -3, 1.5, True])
+def test_bad_length(length):
+    with pytest.raises(ValueError, match="length: must be an integer >= 1"):
+        LogNormalRatios(0.1, length)
+    with pytest.raises(ValueError, match="length"):
+        sweep(["grpo"], [0.1], [length])
+
+
+def test_bad_objective_sign_method_and_params():
+    model = LogNormalRatios(0.2)
+    with pytest.raises(ValueError, match="objective: unknown name 'ppo'; allowed values: pg, grpo.*is-token, is-seq"):
+        analyse("ppo", model)
+    with pytest.raises(ValueError, match="advantage_sign: unknown value 0; allowed values: \\+1, -1"):
+        analyse("grpo", model, 0)
+    with pytest.raises(ValueError, match="method: unknown value 'exact'; allowed values: auto, closed-form"):
+        analyse("grpo", model, method="exact")
+    with pytest.raises(ValueError, match="'closed-form' is not available for objective 'sapo'.*quadrature"):
+        analyse("sapo", model, method="closed-form")
+    with pytest.raises(ValueError, match="'quadrature' is not available for objective 'grpo'.*closed-form"):
+        analyse("grpo", model, method="quadrature")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        analyse("is-seq", model, eps=0.2)
+    with pytest.raises(ValueError, match="correlation: must be a number in \\(-1, 1\\)"):
+        LogNormalRatios(0.2, 4, correlation=1.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        analyse("grpo", model, method="monte-carlo", n_samples=1)
+    with pytest.raises(ValueError, match="model"):
+        analyse("grpo", 0.3)
+
+
+def test_docstring_examples():
+    """The examples in the docstrings are run, so they cannot rot."""
+    import doctest
+
+    from sspo_analysis import theory
+    from sspo_analysis.theory import analysis, models
+
+    for module in (theory, analysis, models):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and (module is models or result.attempted > 0), module.__name__
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_sspo_with_a_one_sided_hard_clip_is_gmpo(sign):
+    """A non-smooth gate inside sspo falls back to Monte Carlo, and agrees with GMPO's closed form.
+
+    One-sided, the hard clip (``get_gate``'s default width 0.2) is GMPO's clip at ``eps = 0.2``.
+    """
+    model = LogNormalRatios(0.4, 8)
+    assert available_methods("sspo", model, gate="hard-clip") == ("monte-carlo",)
+    mc = analyse("sspo", model, sign, gate="hard-clip", one_sided=True, n_samples=30_000, seed=5)
+    exact = analyse("gmpo", model, sign, eps=0.2)
+    assert_agrees_with_monte_carlo(exact, mc, 30_000)
