@@ -15,6 +15,7 @@ import sys
 AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.plotting.gates_cli": ("gates",),
     "sspo_analysis.theory.cli": ("theory", "simulate"),
+    "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "plot"),
 }
 
 

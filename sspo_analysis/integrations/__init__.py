@@ -1,0 +1,54 @@
+"""Engine integrations: the package's objectives inside TRL and verl.
+
+- :mod:`sspo_analysis.integrations.trl`: ``SSPOConfig`` / ``SSPOTrainer``, a
+  ``GRPOConfig`` / ``GRPOTrainer`` pair for TRL 1.16 whose ``loss_type`` also
+  takes ``sspo``, ``sspo-sigmoid``, ``gmpo``, ``gspo``, ``soft-<gate>`` and
+  ``package:<objective>``.
+- :mod:`sspo_analysis.integrations.verl`: registers ``sspo``, ``sspo-sigmoid``,
+  ``soft-<gate>`` (and ``gmpo``) with verl 0.9's ``register_policy_loss``;
+  enable it with ``VERL_USE_EXTERNAL_MODULES=sspo_analysis.integrations.verl``.
+
+Both compute the loss with :mod:`sspo_analysis.objectives` (``Objective.terms``,
+``Objective.aggregate``, ``compute_metrics``); only the engine's glue lives here.
+Neither submodule is imported by this package: each needs its engine installed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sspo_analysis import gates
+
+Tensor = torch.Tensor
+
+SOFT_NAMES: dict[str, tuple[str, dict]] = {
+    f"soft-{g}": ("sspo", {"gate": g}) for g in gates.SOFT_GATES
+}
+"""``soft-<gate>``: SSPO (geometric mean of a log-space gate) with that gate family."""
+SOFT_NAMES.update({f"soft-{g}-one-sided": ("sspo", {"gate": g, "one_sided": True}) for g in gates.SOFT_GATES})
+
+
+def sequence_is_weight(is_weights: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence weight (B,) from rollout importance weights, (B, T) or (B, 1) or (B,).
+
+    Token weights are combined by their geometric mean over the unmasked tokens,
+    as verl's ``geo_mean`` loss does, so that a sequence-level surrogate gets one
+    weight per sequence; an already per-sequence weight is used as it is.
+    """
+    if is_weights.dim() == 1:
+        return is_weights
+    if is_weights.shape[-1] == 1:
+        return is_weights[:, 0]
+    m = mask.bool()
+    n = m.sum(-1).clamp(min=1).to(is_weights.dtype)
+    log_w = torch.where(m, is_weights.clamp(min=1e-30).log(), 0.0)
+    return (log_w.sum(-1) / n).exp()
+
+
+def weighted_surrogate(surrogate: Tensor, is_weights: Tensor | None, mask: Tensor) -> Tensor:
+    """Multiply a surrogate, (B, T) per token or (B,) per sequence, by rollout importance weights."""
+    if is_weights is None:
+        return surrogate
+    if surrogate.dim() == 1:
+        return surrogate * sequence_is_weight(is_weights, mask).to(surrogate.dtype)
+    return surrogate * is_weights.to(surrogate.dtype)

@@ -1,0 +1,317 @@
+"""The trainer's configuration: one nested dataclass, validated, loaded from TOML, overridable.
+
+``load_config(path=None, overrides=("objective.name=sspo", "objective.tau_pos=2"))``
+reads ``configs/default.toml``-style TOML (sections = the nested dataclasses),
+applies ``section.key=value`` overrides (values parsed as TOML, else strings) and
+validates everything, raising ``ValueError`` that names the bad field and its
+allowed values before any work starts. Keys of ``[objective]`` other than
+``name``/``agg``/``horizon`` are the objective's parameters (checked by
+``sspo_analysis.objectives.get_objective``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # a training.models.PRESETS name, used when path is empty
+    path: str = ""  # local checkpoint directory (from_pretrained); wins over preset and warm_start
+    warm_start: bool = True  # start the preset from the cached supervised warm start (made on first use)
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, CUDA only)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str = "addition"  # addition | countdown | reversal | jsonl
+    digits: int = 2  # addition
+    length: int = 5  # reversal
+    numbers: int = 3  # countdown
+    max_value: int = 9  # countdown
+    path: str = ""  # jsonl
+    grader: str = "exact"  # jsonl: exact | number | math
+    prompt_key: str = "prompt"  # jsonl
+    answer_key: str = "answer"  # jsonl
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+
+
+@dataclass
+class WarmStartConfig:
+    target_success: float = 0.35  # stop the supervised phase at this sampled success rate
+    max_steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    eval_every: int = 25
+    eval_prompts: int = 256
+    seed: int = 0
+    dir: str = ""  # cache root (default $SSPO_CACHE or ~/.cache/sspo_analysis)
+
+
+@dataclass
+class RolloutConfig:
+    prompts: int = 16  # P prompts per step
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 6
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "grpo"
+    agg: str = ""  # empty: the objective's default aggregation
+    horizon: int = 0  # seq-mean-token-sum-norm constant (0: the batch's T)
+    params: dict[str, Any] = field(default_factory=dict)  # e.g. tau_pos, eps_hi, gate
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # grpo: (R - mean) / (std + 1e-4); drgrpo: R - mean
+    updates_per_batch: int = 2  # minibatch optimiser updates per rollout batch
+    staleness: int = 0  # rollouts come from the policy this many updates old
+    kl_coef: float = 0.0  # k3 KL penalty to the frozen initial policy
+    track_kl_ref: bool = True  # keep the reference to log kl_ref even when kl_coef = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_updates: int = 4
+    schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    min_lr_ratio: float = 0.1
+    token_budget: int = 0  # gradient accumulation: max padded tokens per micro-batch (0: whole minibatch)
+    logprob_chunk: int = 2048  # tokens per chunk of the log-prob / entropy projection
+
+
+@dataclass
+class LogConfig:
+    log_ratios_every: int = 5  # RUN/log_ratios/step_%06d.npz every N steps (0: never)
+    checkpoint_every: int = 10  # RUN/checkpoint/state.pt every N steps (and at the end)
+    progress: bool = True
+    entropy_change: bool = True  # entropy after the updates (one no-grad forward): entropy_change_real
+    entropy_taylor: bool = True  # also log grad(H) . delta(theta) (one extra backward; 2 parameter copies)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 60
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 1  # torch CPU threads (0: torch default); 1 is fastest for tiny models on a shared CPU
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict; ``[objective]`` parameters flattened into the table (the TOML layout)."""
+        d = dataclasses.asdict(self)
+        d["objective"].update(d["objective"].pop("params"))
+        return d
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ``ValueError`` naming the field and its allowed values."""
+        from sspo_analysis.objectives import AGG_MODES
+        from sspo_analysis.training.models import PRESETS
+        from sspo_analysis.training.tasks import GRADERS, TASKS
+
+        def choice(name: str, value: Any, allowed) -> None:
+            if value not in allowed:
+                raise ValueError(f"{name}: unknown value {value!r}; allowed values: {', '.join(map(str, allowed))}")
+
+        def number(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
+                   integer: bool = False) -> None:
+            kind = "an integer" if integer else "a number"
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            ok = ok and not isinstance(value, bool) and math.isfinite(value) and value <= hi
+            ok = ok and (value > lo if lo_open else value >= lo)
+            if not ok:
+                bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
+                raise ValueError(f"{name}: must be {kind} {bound}, got {value!r}")
+
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                for f in dataclasses.fields(value):
+                    v = getattr(value, f.name)
+                    if f.type in ("bool", bool) and not isinstance(v, bool):
+                        raise ValueError(f"{section.name}.{f.name}: must be true or false, got {v!r}")
+                    if f.type in ("str", str) and not isinstance(v, str):
+                        raise ValueError(f"{section.name}.{f.name}: must be a string, got {v!r}")
+        number("seed", self.seed, 0, integer=True)
+        number("steps", self.steps, 1, integer=True)
+        choice("device", self.device, ("cpu", "cuda", "auto"))
+        number("threads", self.threads, 0, integer=True)
+        m = self.model
+        if not m.path:
+            choice("model.preset", m.preset, tuple(PRESETS))
+        choice("model.precision", m.precision, ("fp32", "bf16"))
+        if m.precision == "bf16" and self.device == "cpu":
+            raise ValueError("model.precision: 'bf16' needs device = 'cuda' (or 'auto' on a GPU); allowed on CPU: fp32")
+        t = self.task
+        choice("task.name", t.name, TASKS)
+        number("task.digits", t.digits, 1, 9, integer=True)
+        number("task.length", t.length, 1, 64, integer=True)
+        number("task.numbers", t.numbers, 2, 6, integer=True)
+        number("task.max_value", t.max_value, 1, 9999, integer=True)
+        choice("task.grader", t.grader, GRADERS)
+        if t.name == "jsonl" and not Path(t.path).is_file():
+            raise ValueError(f"task.path: {t.path!r} is not a file; task.name = 'jsonl' needs a local JSONL file")
+        w = self.warm_start
+        number("warm_start.target_success", w.target_success, 0.0, 1.0, lo_open=True)
+        for key in ("max_steps", "batch_size", "eval_every", "eval_prompts"):
+            number(f"warm_start.{key}", getattr(w, key), 1, integer=True)
+        number("warm_start.lr", w.lr, 0.0, lo_open=True)
+        number("warm_start.seed", w.seed, 0, integer=True)
+        r = self.rollout
+        number("rollout.prompts", r.prompts, 1, integer=True)
+        number("rollout.group_size", r.group_size, 2, integer=True)
+        number("rollout.temperature", r.temperature, 0.0, lo_open=True)
+        number("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
+        number("rollout.max_new_tokens", r.max_new_tokens, 1, integer=True)
+        o = self.objective
+        if o.agg:
+            choice("objective.agg", o.agg, AGG_MODES)
+        number("objective.horizon", o.horizon, 0, integer=True)
+        self.build_objective()  # unknown objective name / parameter -> ValueError naming the allowed ones
+        a = self.algo
+        choice("algo.advantage", a.advantage, ("grpo", "drgrpo"))
+        number("algo.updates_per_batch", a.updates_per_batch, 1, r.prompts * r.group_size, integer=True)
+        number("algo.staleness", a.staleness, 0, integer=True)
+        number("algo.kl_coef", a.kl_coef, 0.0)
+        op = self.optim
+        number("optim.lr", op.lr, 0.0, lo_open=True)
+        number("optim.weight_decay", op.weight_decay, 0.0)
+        number("optim.beta1", op.beta1, 0.0, 1.0)
+        number("optim.beta2", op.beta2, 0.0, 1.0)
+        number("optim.eps", op.eps, 0.0, lo_open=True)
+        number("optim.grad_clip", op.grad_clip, 0.0, lo_open=True)
+        number("optim.warmup_updates", op.warmup_updates, 0, integer=True)
+        choice("optim.schedule", op.schedule, ("constant", "linear", "cosine"))
+        number("optim.min_lr_ratio", op.min_lr_ratio, 0.0, 1.0)
+        number("optim.token_budget", op.token_budget, 0, integer=True)
+        number("optim.logprob_chunk", op.logprob_chunk, 1, integer=True)
+        number("log.log_ratios_every", self.log.log_ratios_every, 0, integer=True)
+        number("log.checkpoint_every", self.log.checkpoint_every, 1, integer=True)
+        return self
+
+    def build_objective(self):
+        """The configured ``sspo_analysis.objectives.Objective``."""
+        import warnings
+
+        from sspo_analysis.objectives import get_objective
+
+        o = self.objective
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_objective(o.name, agg=o.agg or None, horizon=o.horizon or None, **o.params)
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _from_dict(data: dict[str, Any], where: str = "") -> TrainConfig:
+    cfg = TrainConfig()
+    for key, value in data.items():
+        _set(cfg, key, value, where)
+    return cfg
+
+
+def _set(cfg: TrainConfig, key: str, value: Any, where: str = "") -> None:
+    """Set ``key`` (``section`` table or ``section.field``) on ``cfg``."""
+    parts = key.split(".")
+    if parts[0] not in _SECTIONS:
+        raise ValueError(f"{where}{key}: unknown field; allowed: {', '.join(_SECTIONS)}")
+    target = getattr(cfg, parts[0])
+    if not dataclasses.is_dataclass(target):
+        if len(parts) != 1:
+            raise ValueError(f"{where}{key}: {parts[0]} is not a section")
+        setattr(cfg, parts[0], value)
+        return
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}{key}: is a section, expected a table")
+        for k, v in value.items():
+            _set(cfg, f"{key}.{k}", v, where)
+        return
+    if len(parts) != 2:
+        raise ValueError(f"{where}{key}: expected section.field")
+    section, name = parts
+    names = [f.name for f in dataclasses.fields(target)]
+    if section == "objective" and name not in ("name", "agg", "horizon"):
+        target.params[name] = value  # an objective parameter: get_objective checks it
+        return
+    if name not in names:
+        raise ValueError(f"{where}{key}: unknown field; allowed in [{section}]: {', '.join(names)}")
+    default = getattr(type(target)(), name)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    setattr(target, name, value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"objective.tau_pos=2"`` -> ``("objective.tau_pos", 2)``; the value is parsed as TOML, else kept a string."""
+    if "=" not in text:
+        raise ValueError(f"--set: expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                **fields: Any) -> TrainConfig:
+    """Load and validate a config.
+
+    Args:
+        path: a TOML file; None means the built-in defaults (``configs/default.toml``
+            mirrors them).
+        overrides: ``"section.field=value"`` strings, applied in order.
+        **fields: more overrides as ``section__field=value`` keyword arguments.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config: {str(path)!r} is not a file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config: {path}: {err}") from err
+    cfg = _from_dict(data, f"{path}: " if path else "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, "--set ")
+    for key, value in fields.items():
+        _set(cfg, key.replace("__", "."), value, "")
+    return cfg.validate()

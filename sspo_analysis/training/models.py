@@ -1,0 +1,229 @@
+"""Models, the character tokenizer, and the two numerical kernels of the trainer.
+
+- :func:`char_tokenizer`: a character-level ``PreTrainedTokenizerFast`` built in
+  code from a ``tokenizers`` WordLevel model (nothing downloaded), so the same
+  code path serves real tokenizers.
+- :data:`PRESETS` and :func:`load_model`: named tiny configs built with
+  ``from_config``, or any local checkpoint through ``from_pretrained``.
+- :func:`token_logprobs`: the sampled tokens' log-probabilities and the exact
+  per-token entropy, computed chunk by chunk from the last hidden state so that
+  full-vocabulary float32 logits never exist for the whole batch.
+- :func:`generate`: a batched sampler with a KV cache (temperature, top-p) that
+  records the behaviour log-probs while sampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+CHARS = string.digits + "+-*/=()<>.,:;?!#' " + string.ascii_lowercase + string.ascii_uppercase
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen2 architecture, 1.0M parameters with the character vocabulary (84 tokens).
+    "tiny": dict(model_type="qwen2", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=True,
+                 max_position_embeddings=512, rope_theta=10000.0),
+    # A still smaller one for smoke tests.
+    "micro": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=256, tie_word_embeddings=True,
+                  max_position_embeddings=512, rope_theta=10000.0),
+}
+
+
+def char_tokenizer(chars: str = CHARS):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, ``<bos>``/``<eos>``/``<pad>``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: int = 0, tokenizer=None,
+               dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)``.
+
+    ``path`` (a local directory) wins: ``AutoModelForCausalLM.from_pretrained``
+    and its tokenizer (the character tokenizer when the directory has none).
+    Otherwise the named preset, randomly initialised with ``seed``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if path:
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"model.path: {str(path)!r} is not a local directory (nothing is downloaded)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if tokenizer is None:
+            has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tok else char_tokenizer()
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown value {preset!r}; allowed values: {', '.join(PRESETS)}")
+    tokenizer = tokenizer or char_tokenizer()
+    cfg = dict(PRESETS[preset])
+    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- log-probs and entropy
+
+
+def _chunk_logprob_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                           temperature: float) -> tuple[Tensor, Tensor]:
+    logits = F.linear(h, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    probs = torch.softmax(logits, dim=-1)
+    entropy = logz - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(hidden: Tensor, lm_head: torch.nn.Module, targets: Tensor, mask: Tensor, *,
+                   temperature: float = 1.0, chunk_tokens: int = 2048) -> tuple[Tensor, Tensor]:
+    """Log-prob of each target token and the exact entropy of each position, (B, T) float32 each.
+
+    ``hidden`` (B, T, H) are the final hidden states at the positions that
+    predict ``targets`` (B, T). Only unmasked positions are projected, ``chunk_tokens``
+    at a time; with gradients on, each chunk is recomputed in the backward pass
+    (activation checkpointing), so neither pass holds the full-vocabulary logits.
+    Masked positions get 0.
+    """
+    idx = mask.reshape(-1).nonzero().squeeze(-1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+    y = targets.reshape(-1).index_select(0, idx)
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    logps, ents = [], []
+    many = h.shape[0] > chunk_tokens
+    for s in range(0, h.shape[0], chunk_tokens):
+        args = (h[s:s + chunk_tokens], weight, bias, y[s:s + chunk_tokens], temperature)
+        if many and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            lp, en = checkpoint(_chunk_logprob_entropy, *args, use_reentrant=False)
+        else:
+            lp, en = _chunk_logprob_entropy(*args)
+        logps.append(lp)
+        ents.append(en)
+    flat_lp = hidden.new_zeros(mask.numel(), dtype=torch.float32)
+    flat_en = hidden.new_zeros(mask.numel(), dtype=torch.float32)
+    if idx.numel():
+        flat_lp = flat_lp.index_copy(0, idx, torch.cat(logps))
+        flat_en = flat_en.index_copy(0, idx, torch.cat(ents))
+    return flat_lp.view(mask.shape), flat_en.view(mask.shape)
+
+
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt: int, completion_mask: Tensor, *,
+                      temperature: float = 1.0, chunk_tokens: int = 2048) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies (B, T_c) of the completion ``input_ids[:, n_prompt:]`` under ``model``.
+
+    Runs the base model once and projects only completion positions (see
+    :func:`token_logprobs`). Assumes ``logits = lm_head(last_hidden_state)``
+    (true for Qwen2, Llama, Mistral and most causal LMs; not for models with
+    logit soft-capping).
+    """
+    if bool(attention_mask[:, :n_prompt].all()):
+        # no left padding: the right padding after <eos> is never attended under the causal mask,
+        # so the plain causal path (no mask tensor) gives the same values, faster
+        attention_mask, position_ids = None, None
+    else:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+    hidden = out.last_hidden_state[:, n_prompt - 1:-1]
+    return token_logprobs(hidden, model.get_output_embeddings(), input_ids[:, n_prompt:], completion_mask,
+                          temperature=temperature, chunk_tokens=chunk_tokens)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix with mass >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _cache_of(out):
+    """The KV cache of a model output (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int | list[int],
+             pad_id: int, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             return_entropy: bool = False) -> tuple[Tensor, ...]:
+    """Sample completions for left-padded prompts with a KV cache.
+
+    Returns ``(tokens, log_probs, mask)``, each (B, T<=max_new_tokens): the
+    sampled tokens (``pad_id`` after ``<eos>``), the behaviour log-probs
+    ``log softmax(logits / temperature)`` of the sampled tokens (top-p is a
+    sampling filter and is not in the recorded log-prob, as in TRL and verl),
+    and the completion mask (tokens up to and including ``<eos>``; ``eos_id`` may be a list).
+    With ``return_entropy`` also the exact entropy of ``softmax(logits / temperature)``
+    at each position (B, T), 0 after ``<eos>``.
+    """
+    B = prompt_ids.shape[0]
+    eos = torch.as_tensor(eos_id, device=prompt_ids.device).reshape(-1)
+    attn = prompt_mask.long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    padded = not bool(attn.all())  # without left padding the causal path needs no mask tensor
+    out = model(input_ids=prompt_ids, attention_mask=attn if padded else None, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, logits = _cache_of(out), out.logits[:, -1]
+    pos = pos[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    toks, logps, masks, ents = [], [], [], []
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = (_top_p_filter(logits, top_p) if top_p < 1.0 else logits).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        masks.append(~done)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        toks.append(tok)
+        logps.append(torch.where(done, 0.0, logp_all.gather(-1, tok[:, None]).squeeze(-1)))
+        if return_entropy:
+            ents.append(torch.where(done, 0.0, -(logp_all.exp() * logp_all).sum(-1)))
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1) if padded else None
+        pos = pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
+        past, logits = _cache_of(out), out.logits[:, -1]
+    out = (torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1))
+    return out + (torch.stack(ents, 1),) if return_entropy else out

@@ -1,0 +1,311 @@
+"""TRL 1.16: the package against GRPOTrainer._compute_loss, and SSPOTrainer's loss path.
+
+The TRL numbers come from TRL's own ``GRPOTrainer._compute_loss``, called on a
+trainer object made without ``__init__`` (no model, no data) whose attributes are
+the ones ``_compute_loss`` reads, set from a real ``GRPOConfig``; only the
+policy's forward pass is replaced by fixed log-probs.
+"""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytestmark = pytest.mark.trl
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from sspo_analysis.integrations import trl as st  # noqa: E402
+from sspo_analysis.objectives import compute_metrics, get_objective  # noqa: E402
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+MAX_LEN = 9
+
+
+class FakeAccelerator:
+    """Stands in for ``num_processes`` data-parallel processes that all hold this batch."""
+
+    def __init__(self, num_processes=1):
+        self.num_processes = num_processes
+
+    def reduce(self, x, reduction="sum"):
+        return x * self.num_processes
+
+    def gather(self, x):
+        return torch.cat([x] * self.num_processes)
+
+    gather_for_metrics = gather
+
+
+def batch(seed=0, b=6, t=MAX_LEN, std=0.5, empty_row=None):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, t, generator=g, dtype=F64) * 3 - 0.1
+    lp = old + std * torch.randn(b, t, generator=g, dtype=F64)
+    adv = torch.randn(b, generator=g, dtype=F64)
+    lengths = torch.randint(2, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    if empty_row is not None:
+        mask[empty_row] = 0
+    return lp, old, adv, mask
+
+
+def make_config(tmp_path, cls=GRPOConfig, **kw):
+    base = dict(output_dir=str(tmp_path), report_to="none", max_completion_length=MAX_LEN,
+                per_device_train_batch_size=2, num_generations=2, use_cpu=True)
+    base.update(kw)
+    return cls(**base)
+
+
+def bare_trainer(args, cls=GRPOTrainer, grad_accum=1, num_processes=1):
+    """A trainer without ``__init__``: exactly the attributes ``_compute_loss`` reads, from ``args``."""
+    tr = object.__new__(cls)
+    tr.args = args
+    tr.loss_type = args.loss_type
+    tr.epsilon_low = args.epsilon
+    tr.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    tr.importance_sampling_level = args.importance_sampling_level
+    tr.max_completion_length = args.max_completion_length
+    tr.beta = args.beta
+    tr.top_entropy_quantile = args.top_entropy_quantile
+    tr.off_policy_mask_threshold = args.off_policy_mask_threshold
+    tr.use_vllm = False
+    tr.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+    tr.aux_loss_enabled = False
+    tr._entropy_bonus_enabled = False
+    tr.current_gradient_accumulation_steps = grad_accum
+    tr.accelerator = FakeAccelerator(num_processes)
+    tr.model = SimpleNamespace(training=True)
+    tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    if isinstance(tr, st.SSPOTrainer):
+        tr.objective = st.objective_from_args(args)
+    return tr
+
+
+def trl_loss(trainer, lp, old, adv, mask, num_processes=1):
+    """Loss and d loss / d log_prob from ``trainer._compute_loss`` on fixed log-probs."""
+    lp = lp.clone().requires_grad_(True)
+    b = lp.shape[0]
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.ones_like(lp), None)
+    inputs = {
+        "prompt_ids": torch.zeros(b, 1, dtype=torch.long), "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+        "completion_ids": torch.zeros_like(mask), "completion_mask": mask, "advantages": adv,
+        "old_per_token_logps": old, "num_items_in_batch": mask.sum() * num_processes,
+    }
+    loss = trainer._compute_loss(None, inputs)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+def package_loss(objective, lp, old, adv, mask):
+    lp = lp.clone().requires_grad_(True)
+    loss, _ = objective(lp, old, adv, mask)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+CASES = {  # name -> GRPOConfig overrides
+    "grpo": dict(loss_type="grpo", epsilon=0.2, epsilon_high=0.28),
+    "dapo": dict(loss_type="dapo", epsilon=0.2, epsilon_high=0.28),
+    "dr_grpo": dict(loss_type="dr_grpo", epsilon=0.15),
+    "bnpo": dict(loss_type="bnpo", epsilon=0.2),
+    # TRL builds the temperatures with torch.where on Python floats: float32 scalars. 1.25 is exact in float32,
+    # so float64 results agree to rounding; with tau_neg=1.05 they agree to about 1e-7 only.
+    "sapo": dict(loss_type="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.25),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.012),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_package_equals_trl_compute_loss(case, tmp_path):
+    args = make_config(tmp_path, **CASES[case])
+    std = 0.05 if case == "gspo" else 0.5
+    lp, old, adv, mask = batch(seed=list(CASES).index(case), std=std)
+    loss, grad = trl_loss(bare_trainer(args), lp, old, adv, mask)
+    objective = st.trl_equivalent(args.loss_type, args)
+    ref_loss, ref_grad = package_loss(objective, lp, old, adv, mask)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+    if case != "sapo":  # the test must exercise clipping
+        _, metrics = objective(lp, old, adv, mask.bool())
+        assert metrics["clip_frac_low"] + metrics["clip_frac_high"] > 0
+
+
+def test_cispo_gradient_equal_loss_uses_log_prob(tmp_path):
+    """Pinned difference: TRL's cispo loss is -sg[min(r, eps_max)] A log_prob; the package's uses the log-ratio."""
+    args = make_config(tmp_path, loss_type="cispo", epsilon_high=2.0)
+    lp, old, adv, mask = batch(seed=3, std=1.0)
+    loss, grad = trl_loss(bare_trainer(args), lp, old, adv, mask)
+    objective = st.trl_equivalent("cispo", args)
+    assert objective.params["eps_max"] == 2.0
+    ref_loss, ref_grad = package_loss(objective, lp, old, adv, mask)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+    old_term = objective.aggregate(torch.exp(lp - old).clamp(max=2.0) * adv[:, None] * old, mask.bool())
+    torch.testing.assert_close(loss, ref_loss - old_term, **TOL)
+    assert not torch.allclose(loss, ref_loss)
+
+
+@pytest.mark.parametrize("case", ["grpo", "sapo", "gspo"])
+def test_empty_completion_counts_in_trl_sequence_mean(case, tmp_path):
+    """Pinned difference: TRL's seq-mean divides by all B rows; the package by the non-empty sequences."""
+    args = make_config(tmp_path, **CASES[case])
+    lp, old, adv, mask = batch(seed=4, std=0.05 if case == "gspo" else 0.5, empty_row=1)
+    loss, grad = trl_loss(bare_trainer(args), lp, old, adv, mask)
+    ref_loss, ref_grad = package_loss(st.trl_equivalent(args.loss_type, args), lp, old, adv, mask)
+    torch.testing.assert_close(loss, ref_loss * 5 / 6, **TOL)
+    torch.testing.assert_close(grad, ref_grad * 5 / 6, **TOL)
+    assert torch.isfinite(grad).all() and (grad[1] == 0).all()
+
+
+def test_dr_grpo_horizon_is_max_completion_length(tmp_path):
+    """Pinned: dr_grpo divides by max_completion_length; the package's default horizon is the padded T."""
+    args = make_config(tmp_path, **CASES["dr_grpo"])
+    lp, old, adv, mask = batch(seed=5, t=6)  # padded to 6 < max_completion_length = 9
+    loss, _ = trl_loss(bare_trainer(args), lp, old, adv, mask)
+    objective = st.trl_equivalent("dr_grpo", args)
+    assert objective.horizon == MAX_LEN
+    torch.testing.assert_close(loss, package_loss(objective, lp, old, adv, mask)[0], **TOL)
+    padded = get_objective("grpo", agg="seq-mean-token-sum-norm", eps=0.15)
+    torch.testing.assert_close(loss, package_loss(padded, lp, old, adv, mask)[0] * 6 / MAX_LEN, **TOL)
+
+
+# ----------------------------------------------------------------------------- SSPOTrainer's loss path
+
+
+SUBCLASS_CASES = {  # TRL loss type -> the SSPOConfig that runs the same loss through the package
+    "grpo": (dict(loss_type="grpo", epsilon=0.2), dict(loss_type="package:grpo", eps_lo=0.2, eps_hi=0.2)),
+    "dapo": (dict(loss_type="dapo", epsilon_high=0.28), dict(loss_type="package:dapo")),
+    "dr_grpo": (dict(loss_type="dr_grpo", epsilon=0.2),
+                dict(loss_type="package:grpo", eps_lo=0.2, eps_hi=0.2, objective_agg="seq-mean-token-sum-norm")),
+    "sapo": (dict(loss_type="sapo", sapo_temperature_neg=1.25), dict(loss_type="package:sapo", tau_neg=1.25)),
+}
+
+
+@pytest.mark.parametrize("case", list(SUBCLASS_CASES))
+def test_subclass_matches_trl_normalisation(case, tmp_path):
+    """SSPOTrainer's package path reproduces TRL under gradient accumulation and data parallelism."""
+    trl_kw, pkg_kw = SUBCLASS_CASES[case]
+    kw = dict(gradient_accumulation_steps=2, per_device_train_batch_size=3, num_generations=2)
+    lp, old, adv, mask = batch(seed=6)
+    ref = trl_loss(bare_trainer(make_config(tmp_path, **trl_kw, **kw), grad_accum=2, num_processes=2),
+                   lp, old, adv, mask, num_processes=2)
+    tr = bare_trainer(make_config(tmp_path, cls=st.SSPOConfig, **pkg_kw, **kw), cls=st.SSPOTrainer, grad_accum=2,
+                      num_processes=2)
+    assert tr.objective is not None
+    got = trl_loss(tr, lp, old, adv, mask, num_processes=2)
+    torch.testing.assert_close(got[0], ref[0], **TOL)
+    torch.testing.assert_close(got[1], ref[1], **TOL)
+
+
+def test_trl_loss_types_pass_through(tmp_path):
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="bnpo")
+    assert args.package_objective() is None
+    lp, old, adv, mask = batch(seed=7)
+    got = trl_loss(bare_trainer(args, cls=st.SSPOTrainer), lp, old, adv, mask)
+    ref = trl_loss(bare_trainer(make_config(tmp_path, loss_type="bnpo")), lp, old, adv, mask)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["sspo", "gmpo", "sspo-sigmoid", "soft-erf-one-sided"])
+def test_subclass_logs_the_package_metrics(loss_type, tmp_path):
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type=loss_type, tau_pos=None)
+    tr = bare_trainer(args, cls=st.SSPOTrainer)
+    lp, old, adv, mask = batch(seed=8, std=0.8)
+    loss, grad = trl_loss(tr, lp, old, adv, mask)
+    obj = args.package_objective()
+    ref_loss, ref_grad = package_loss(obj, lp, old, adv, mask)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+    t, lr, a, m = obj.terms(lp, old, adv, mask)
+    expected = compute_metrics(t, lr, a, m, ref_loss)
+    logged = tr._metrics["train"]
+    for key in ("gate_weight_mean", "dead_frac", "seq_weight_mean", "seq_weight_var", "ess_frac", "clip_frac_high"):
+        assert logged[f"objective/{key}"] == [pytest.approx(expected[key], rel=1e-6, abs=1e-9)]
+    assert "entropy" in logged
+
+
+def test_sspo_parameters_are_config_fields(tmp_path):
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", gate="softsign", tau_pos=2.0, tau_neg=3.0,
+                       one_sided=True)
+    obj = args.package_objective()
+    assert obj.name == "sspo"
+    expected = {"gate": "softsign", "tau_pos": 2.0, "tau_neg": 3.0, "one_sided": True}
+    assert {k: obj.params[k] for k in expected} == expected
+    assert obj.agg == "seq-mean-token-mean"
+    soft = make_config(tmp_path, cls=st.SSPOConfig, loss_type="soft-erf").package_objective()
+    assert soft.params["gate"] == "erf"
+    norm = make_config(tmp_path, cls=st.SSPOConfig, loss_type="package:grpo", objective_agg="seq-mean-token-sum-norm")
+    assert norm.package_objective().horizon == MAX_LEN
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(loss_type="sspo2"), "loss_type: unknown value 'sspo2'; allowed values: grpo"),
+    (dict(loss_type="gmpo", gate="erf"), "gate: not a parameter of objective 'gmpo'"),
+    (dict(loss_type="soft-erf", gate="arctan"), "gate: loss_type='soft-erf' fixes gate='erf'"),
+    (dict(loss_type="sspo", objective_agg="sum"), "objective_agg: unknown value 'sum'"),
+    (dict(loss_type="sspo", tau_pos=-1.0), "tau_pos must be a finite number > 0"),
+])
+def test_bad_config_names_the_field(kw, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, cls=st.SSPOConfig, **kw)
+
+
+def test_unsupported_options_are_refused(tmp_path):
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", top_entropy_quantile=0.5)
+    with pytest.raises(ValueError, match="top_entropy_quantile: not supported"):
+        st.SSPOTrainer(model=SimpleNamespace(), reward_funcs=[], args=args)
+
+
+def test_version_guard():
+    assert st.check_trl_version("1.16.0") == "1.16.0"
+    for bad in ("1.15.2", "1.17.0", "0.27.0"):
+        with pytest.raises(ImportError, match="trl >=1.16,<1.17"):
+            st.check_trl_version(bad)
+
+
+def test_qwen_example_command_line_parses():
+    """The command in examples/trl_sspo_qwen.py's docstring parses into an SSPOConfig selecting SSPO with vLLM."""
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "trl_sspo_qwen.py"
+    spec = importlib.util.spec_from_file_location("trl_sspo_qwen", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    command = module.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+    argv = shlex.split(command)
+    assert argv[:4] == ["accelerate", "launch", "--config_file", "examples/accelerate_multi_gpu.yaml"]
+    assert (path.parent / "accelerate_multi_gpu.yaml").exists()
+    argv = argv[argv.index("examples/trl_sspo_qwen.py") + 1:]
+    # bf16 needs a GPU at validation time: this machine has none.
+    script, args, model = module.build_parser().parse_args_into_dataclasses(args=argv + ["--bf16", "false"])
+    assert isinstance(args, st.SSPOConfig)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_importance_sampling_correction) == (True, "colocate", True)
+    assert model.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and script.dataset_name == "openai/gsm8k"
+    objective = args.package_objective()
+    assert (objective.name, objective.params["gate"], objective.agg) == ("sspo", "arctan", "seq-mean-token-mean")
+    assert module.correctness([[{"content": "so #### 1,234."}], "42"], ["x #### 1234", "#### 41"]) == [1.0, 0.0]
+
+
+def test_gmpo_equals_trl_experimental_gmpo(tmp_path):
+    """Our loss_type="gmpo" (the package's gmpo) against TRL's own trl.experimental.gmpo trainer."""
+    from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
+
+    lp, old, adv, mask = batch(seed=9, std=0.5)
+    ref = trl_loss(bare_trainer(make_config(tmp_path, cls=GMPOConfig, epsilon=0.4), cls=GMPOTrainer),
+                   lp, old, adv, mask)
+    tr = bare_trainer(make_config(tmp_path, cls=st.SSPOConfig, loss_type="gmpo"), cls=st.SSPOTrainer)
+    got = trl_loss(tr, lp, old, adv, mask)
+    assert tr._metrics["train"]["objective/clip_frac_high"][0] + tr._metrics["train"]["objective/clip_frac_low"][0] > 0
+    torch.testing.assert_close(got[0], ref[0], **TOL)
+    torch.testing.assert_close(got[1], ref[1], **TOL)
+
+
+def test_plain_grpo_config_may_name_a_package_objective(tmp_path):
+    args = make_config(tmp_path, loss_type="soft-softsign")  # a GRPOConfig: TRL itself would reject the name
+    objective = st.objective_from_args(args)
+    assert (objective.name, objective.params["gate"]) == ("sspo", "softsign")
+    assert st.objective_from_args(make_config(tmp_path, loss_type="dapo")) is None

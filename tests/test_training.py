@@ -1,0 +1,345 @@
+"""Tests of the compact trainer (CPU, tiny models, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sspo_analysis.objectives import objective_names
+from sspo_analysis.training import TrainConfig, load_config, read_log_ratios, read_metrics, sweep, train
+from sspo_analysis.training.models import char_tokenizer, generate, load_model, sequence_logprobs, token_logprobs
+from sspo_analysis.training.tasks import Addition, Countdown, JsonlTask, Reversal, evaluate_expression, make_task
+from sspo_analysis.training.trainer import TIMING_KEYS
+
+# A random-init micro model, 2 steps of 4 x 4 short rollouts: fast enough to run per objective.
+FAST = ["model.preset=\"micro\"", "model.warm_start=false", "rollout.prompts=4", "rollout.group_size=4",
+        "rollout.max_new_tokens=4", "log.progress=false", "log.log_ratios_every=1", "log.checkpoint_every=2",
+        "threads=1", "optim.lr=1e-3"]
+
+CONTRACT_KEYS = {
+    "step", "wall_time", "reward_mean", "reward_std", "accuracy", "zero_std_frac", "response_length", "entropy",
+    "ratio_mean", "ratio_std", "ratio_min", "ratio_max", "log_ratio_mean", "log_ratio_std", "log_ratio_min",
+    "log_ratio_max", "seq_weight_mean", "seq_weight_var", "ess_frac", "dead_frac", "coef_norm_mean", "coef_norm_var",
+    "clip_frac_low", "clip_frac_high", "gate_weight_mean", "kl_old_k3", "grad_norm", "kl_ref", "tokens_per_s",
+    "skipped_updates", "entropy_change_pred", "entropy_change_real",
+}
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_addition_reward_and_samples():
+    task = Addition(digits=3)
+    prompts, answers = task.sample(np.random.default_rng(0), 50)
+    for p, a in zip(prompts, answers):
+        x, y = p.rstrip("=").split("+")
+        assert len(x) == 3 and len(y) == 3 and int(a) == int(x) + int(y)
+    assert task.reward("579", "579") == 1.0
+    assert task.reward(" 579 ", "579") == 1.0
+    assert task.reward("578", "579") == 0.0
+    assert task.reward("5790", "579") == 0.0
+    assert task.reward("", "579") == 0.0
+
+
+def test_reversal_reward():
+    task = Reversal(length=4)
+    prompts, answers = task.sample(np.random.default_rng(1), 20)
+    assert all(p[:-1][::-1] == a for p, a in zip(prompts, answers))
+    assert task.reward("dcba", "dcba") == 1.0
+    assert task.reward("abcd", "dcba") == 0.0
+
+
+def test_countdown_reward():
+    assert evaluate_expression("3*5+7") == 22
+    assert evaluate_expression("2+3*4-5") == 9
+    assert evaluate_expression("3**5") is None
+    assert evaluate_expression("(3+5)") is None
+    task = Countdown(numbers=3)
+    assert task.reward("3*5+7", "3*5+7") == 1.0
+    assert task.reward("7+5*3", "3*5+7") == 1.0  # another correct expression
+    assert task.reward("7+15", "3*5+7") == 0.0  # right value, number not given
+    assert task.reward("3*5+7+0", "3*5+7") == 0.0
+    assert task.reward("3*5*7", "3*5+7") == 0.0
+    assert task.reward("abc", "3*5+7") == 0.0
+    prompts, answers = task.sample(np.random.default_rng(2), 30)
+    for p, a in zip(prompts, answers):
+        nums, target = p.rstrip(":").split("=")
+        assert evaluate_expression(a) == int(target)
+        assert task.reward(a, a) == 1.0
+        assert sorted(nums.split(",")) == sorted(re.findall(r"\d+", a))
+
+
+def test_jsonl_task(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "one and one #### 2"}) + "\n"
+                    + json.dumps({"question": "2+2?", "answer": "#### 1,004"}) + "\n")
+    exact = JsonlTask(path=str(path))
+    assert exact.answers == ["2", "1,004"]
+    assert exact.reward(" 2", "2") == 1.0 and exact.reward("so 2", "2") == 0.0
+    number = JsonlTask(path=str(path), grader="number")
+    assert number.reward("so the answer is 1004.", "1,004") == 1.0
+    assert number.reward("1004 or 5", "1,004") == 0.0
+    with pytest.raises(ValueError, match="task.grader"):
+        JsonlTask(path=str(path), grader="fuzzy")
+    with pytest.raises(ValueError, match="task.name"):
+        make_task("sudoku")
+
+
+# --------------------------------------------------------------------------- model kernels
+
+
+def test_char_tokenizer_round_trip():
+    tok = char_tokenizer()
+    ids = tok("<bos>12+34=", add_special_tokens=False).input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) == 7
+    assert tok.decode(ids, skip_special_tokens=True) == "12+34="
+    assert type(tok).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_match_full_softmax(temperature):
+    torch.manual_seed(0)
+    B, T, H, V = 3, 7, 16, 50
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False).double()
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3
+    lp, ent = token_logprobs(hidden, head, targets, mask, temperature=temperature, chunk_tokens=4)
+    logp_full = torch.log_softmax(head(hidden).float() / temperature, -1)
+    naive = logp_full.gather(-1, targets[..., None]).squeeze(-1)
+    naive_ent = -(logp_full.exp() * logp_full).sum(-1)
+    assert torch.allclose(lp[mask], naive[mask], atol=1e-5)
+    assert torch.allclose(ent[mask], naive_ent[mask], atol=1e-5)
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    # gradients through the checkpointed chunks equal the naive ones
+    g = torch.autograd.grad(lp.sum() + ent.sum(), hidden)[0]
+    g_naive = torch.autograd.grad((torch.where(mask, naive, 0.0).sum() + torch.where(mask, naive_ent, 0.0).sum()),
+                                  hidden)[0]
+    assert torch.allclose(g, g_naive, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompts", [["<bos>1+2=", "<bos>13+4="], ["<bos>11+2=", "<bos>13+4="]])
+def test_sampler_logprobs_match_forward(prompts):
+    torch.set_num_threads(1)
+    model, tok = load_model("micro", seed=0)
+    enc = tok(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
+    gen = torch.Generator().manual_seed(0)
+    tokens, logp, mask, ent_gen = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=5,
+                                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen,
+                                           return_entropy=True)
+    ids = torch.cat([enc.input_ids, tokens], 1)
+    attn = torch.cat([enc.attention_mask, mask.long()], 1)
+    with torch.no_grad():
+        lp2, ent = sequence_logprobs(model, ids, attn, enc.input_ids.shape[1], mask)
+    assert torch.allclose(logp[mask], lp2[mask], atol=1e-4)
+    assert torch.allclose(ent_gen[mask], ent[mask], atol=1e-4)
+    assert (ent[mask] > 0).all()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_match_default_toml():
+    from sspo_analysis.training.config import DEFAULT_CONFIG
+
+    assert load_config(DEFAULT_CONFIG).to_dict() == TrainConfig().validate().to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.name=ppo2", "objective: unknown name 'ppo2'; allowed values: pg, grpo"),
+    ("objective.eps_hi=-1", "eps_hi must be a finite number >= 0"),
+    ("objective.delta=3", "unknown parameter"),
+    ("rollout.top_p=1.5", "rollout.top_p: must be a number > 0.0 and <= 1.0"),
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("algo.advantage=\"rloo\"", "algo.advantage: unknown value 'rloo'; allowed values: grpo, drgrpo"),
+    ("optim.schedule=\"step\"", "allowed values: constant, linear, cosine"),
+    ("task.name=\"chess\"", "task.name: unknown value 'chess'; allowed values: addition, countdown"),
+    ("model.preset=\"huge\"", "model.preset: unknown value 'huge'; allowed values: tiny"),
+    ("model.precision=\"bf16\"", "model.precision"),
+    ("rollout.nonsense=1", "rollout.nonsense: unknown field; allowed in [rollout]: prompts"),
+    ("steps=0", "steps: must be an integer >= 1"),
+    ("log.progress=3", "log.progress: must be true or false"),
+    ("task.name=\"jsonl\"", "task.path"),
+    ("nokey", "expected key=value"),
+])
+def test_config_errors_name_the_field(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_too_few_new_tokens_fails_before_work(tmp_path):
+    with pytest.raises(ValueError, match="rollout.max_new_tokens: 3 is too small"):
+        train(None, tmp_path / "r", overrides=FAST + ["task.name=\"reversal\"", "rollout.max_new_tokens=3"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_overrides_and_round_trip(tmp_path):
+    cfg = load_config(None, ["objective.name=sspo", "objective.tau_pos=2", "rollout.temperature=1"])
+    assert cfg.objective.name == "sspo" and cfg.objective.params == {"tau_pos": 2}
+    assert isinstance(cfg.rollout.temperature, float)
+    assert cfg.build_objective().params["tau_pos"] == 2
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path).to_dict() == cfg.to_dict()
+
+
+def test_cli_config_error_fails_before_work(tmp_path, capsys):
+    from sspo_analysis.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--set", "objective.name=nope", "--out", str(out)]) == 2
+    assert "objective: unknown name 'nope'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_two_steps_per_objective_write_contract_metrics(tmp_path, name):
+    run = train(None, tmp_path / name, overrides=FAST + [f"objective.name=\"{name}\"", "steps=2"])
+    df = read_metrics(run)
+    assert list(df.step) == [1, 2]
+    assert CONTRACT_KEYS <= set(df.columns)
+    for key in CONTRACT_KEYS - {"kl_ref"}:
+        assert df[key].notna().all() and np.isfinite(df[key].astype(float)).all(), key
+    assert (df.response_length > 0).all() and (df.response_length <= 4).all()
+    assert ((df.reward_mean >= 0) & (df.reward_mean <= 1)).all()
+    assert (df.entropy > 0).all()
+    assert (run / "DONE").exists() and (run / "checkpoint" / "state.pt").exists()
+    assert load_config(run / "config.toml").objective.name == name
+    ratios = read_log_ratios(run)
+    assert sorted(ratios) == [1, 2]
+    r = ratios[2]
+    assert r["log_ratios"].dtype == np.float32 and r["log_ratios"].shape[0] == r["lengths"].sum()
+    assert r["lengths"].shape == r["advantages"].shape == (16,)
+
+
+def test_staleness_makes_rollouts_off_policy(tmp_path):
+    fresh = read_metrics(train(None, tmp_path / "k0", overrides=FAST + ["steps=3", "optim.lr=3e-3"]))
+    stale = read_metrics(train(None, tmp_path / "k4", overrides=FAST + ["steps=3", "optim.lr=3e-3",
+                                                                         "algo.staleness=4"]))
+    # before the first update both sample from the initial policy; later, stale rollouts are further off-policy
+    assert stale.kl_before_old.iloc[0] < 1e-5
+    assert stale.kl_before_old.iloc[-1] > fresh.kl_before_old.iloc[-1]
+
+
+def test_resume_continues_exactly(tmp_path):
+    over = FAST + ["steps=5", "log.checkpoint_every=2", "objective.name=\"sspo\"", "algo.staleness=1"]
+    straight = read_metrics(train(None, tmp_path / "straight", overrides=over))
+    run = tmp_path / "killed"
+    _run_killed(load_config(None, over), run, kill_after_step=3)  # dies in step 4: checkpoint of step 2, 3 lines
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert torch.load(run / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    assert not (run / "DONE").exists()
+    resumed = read_metrics(train(None, run, resume=True, progress=False))
+    assert list(resumed.step) == [1, 2, 3, 4, 5]
+    assert (run / "DONE").exists()
+    for key in straight.columns:
+        if key in TIMING_KEYS or key in ("run", "generation_time"):
+            continue
+        a, b = straight[key].to_numpy(), resumed[key].to_numpy()
+        if a.dtype.kind == "f":
+            assert np.array_equal(a, b, equal_nan=True), key
+        else:
+            assert (a == b).all(), key
+
+
+def _run_killed(cfg: TrainConfig, run, kill_after_step: int) -> None:
+    """Run ``cfg`` in ``run`` and raise out of the loop after ``kill_after_step`` metric lines."""
+    import sspo_analysis.training.trainer as trainer
+
+    original = trainer._rl_step
+
+    def step(*args, **kwargs):
+        line = original(*args, **kwargs)
+        if line[0]["step"] > kill_after_step:
+            raise KeyboardInterrupt
+        return line
+
+    trainer._rl_step = step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg, run)
+    finally:
+        trainer._rl_step = original
+
+
+def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
+    import sspo_analysis.objectives as objectives
+
+    original = objectives.Objective.__call__
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] == 1 else loss), metrics
+
+    monkeypatch.setattr(objectives.Objective, "__call__", poisoned)
+    run = train(None, tmp_path / "nan", overrides=FAST + ["steps=2"])
+    df = read_metrics(run)
+    assert list(df.skipped_updates) == [1, 0]
+    assert df.skipped_updates_total.iloc[-1] == 1
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_sweep_skips_finished_and_survives_a_crash(tmp_path, monkeypatch):
+    over = FAST + ["steps=1"]
+    runs = sweep(["grpo", "sapo"], [0], None, tmp_path, over)
+    assert [r.name for r in runs] == ["grpo_seed0", "sapo_seed0"]
+    mtime = (runs[0] / "metrics.jsonl").stat().st_mtime_ns
+    import sspo_analysis.training.trainer as trainer
+
+    original = trainer.train
+
+    def crash_on_gspo(cfg, out_dir, **kw):
+        if "gspo" in str(out_dir):
+            raise RuntimeError("boom")
+        return original(cfg, out_dir, **kw)
+
+    monkeypatch.setattr(trainer, "train", crash_on_gspo)
+    runs = trainer.sweep(["grpo", "gspo", "sapo", "gmpo"], [0], None, tmp_path, over)
+    assert [r.name for r in runs] == ["grpo_seed0", "sapo_seed0", "gmpo_seed0"]
+    assert (tmp_path / "gspo_seed0" / "FAILED").read_text().count("boom")
+    assert (runs[0] / "metrics.jsonl").stat().st_mtime_ns == mtime  # skipped, not re-run
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def warm_1digit(tmp_path_factory) -> list[str]:
+    """Overrides for a tiny-preset run from a (just made) warm start on 1-digit addition."""
+    cache = tmp_path_factory.mktemp("cache")
+    return ["task.digits=1", "rollout.max_new_tokens=3", "warm_start.eval_every=10", "warm_start.eval_prompts=128",
+            "warm_start.target_success=0.3", f"warm_start.dir=\"{cache}\"", "log.progress=false", "threads=1",
+            "log.log_ratios_every=0", "log.checkpoint_every=100", "log.entropy_taylor=false",
+            "algo.track_kl_ref=false"]
+
+
+def test_warm_started_grpo_improves_reward(tmp_path, warm_1digit):
+    from sspo_analysis.training import load_config
+    from sspo_analysis.training.trainer import ensure_warm_start
+
+    cfg = load_config(None, warm_1digit)
+    info = json.loads((ensure_warm_start(cfg) / "warm_start.json").read_text())
+    assert 0.2 <= info["success"] <= 0.7  # a moderate, non-saturated start
+    df = read_metrics(train(None, tmp_path / "grpo", overrides=warm_1digit + [
+        "steps=30", "rollout.prompts=16", "rollout.group_size=8", "optim.lr=5e-4", "objective.name=\"grpo\""]))
+    first, last = df.reward_mean.iloc[:10].mean(), df.reward_mean.iloc[-10:].mean()
+    assert last > first + 0.04, (first, last)
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    over = FAST + ["steps=2", "log.entropy_taylor=false", "objective.name=\"dapo\""]
+    whole = read_metrics(train(None, tmp_path / "whole", overrides=over))
+    micro = read_metrics(train(None, tmp_path / "micro", overrides=over + ["optim.token_budget=24"]))
+    for key in ("reward_mean", "entropy", "grad_norm", "entropy_change_real", "kl_ref"):
+        assert np.allclose(whole[key], micro[key], rtol=1e-4, atol=1e-6), key
