@@ -16,6 +16,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.plotting.gates_cli": ("gates",),
     "sspo_analysis.theory.cli": ("theory", "simulate"),
     "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "plot"),
+    "sspo_analysis.figures_cli": ("figures",),
 }
 
 

@@ -1,0 +1,298 @@
+"""The training runs behind figures 5-8 and the results table, made with the package's trainer.
+
+One warm start (``sspo_analysis.training``'s cached supervised phase) serves
+every run. The plan (:func:`plan`):
+
+- main grid: every objective of :data:`paper_figures.TRAINED_OBJECTIVES` x the
+  seeds, staleness 0, ``updates_per_batch = 4`` (off-policy from the second
+  minibatch on);
+- staleness grid: a few objectives at staleness k in {2, 8} (k = 0 is the main grid).
+
+Runs live in ``<runs_dir>/<mode>/k<k>/<objective>_seed<seed>`` and are made by
+:func:`sspo_analysis.training.sweep` one run per job, two jobs at a time (one
+torch thread each, the two cores of the target machine). A finished run
+(``DONE``) is reused as it is, a killed one resumes from its checkpoint, and a
+crashed one is recorded (``FAILED``) and counted as diverged; so a second call
+only replots.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from paper_figures import TRAINED_OBJECTIVES, Context, Settings
+
+WORKERS = 2
+"""Runs trained at once (each with one torch thread)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    objective: str
+    seed: int
+    staleness: int
+    group: Path  # the sweep directory the run lives in
+
+    @property
+    def name(self) -> str:
+        return f"{self.objective}_k{self.staleness}_seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.group / f"{self.objective}_seed{self.seed}"
+
+
+def runs_root(ctx: Context) -> Path:
+    """``<runs_dir>/<quick|full>``: quick and full runs never mix."""
+    base = ctx.runs_dir if ctx.runs_dir is not None else Path("figures") / "runs"
+    return Path(base) / ctx.settings.name
+
+
+def overrides(settings: Settings, staleness: int, cache: Path) -> list[str]:
+    """The trainer settings (``section.field=value``) every run of a mode shares, at staleness ``k``."""
+    return [
+        f'warm_start.dir="{cache}"',
+        "threads=1",
+        "log.progress=false",
+        f'model.preset="{settings.preset}"',
+        f"steps={settings.train_steps}",
+        f"task.digits={settings.task_digits}",
+        "algo.updates_per_batch=4",
+        f"algo.staleness={staleness}",
+        f"log.log_ratios_every={settings.log_ratios_every}",
+    ]
+
+
+def plan(ctx: Context) -> list[RunSpec]:
+    """Every run the figures need, main grid first."""
+    st, root = ctx.settings, runs_root(ctx)
+    specs = [RunSpec(o, s, 0, root / "k0") for o in TRAINED_OBJECTIVES for s in st.seeds]
+    for k in st.staleness:
+        if k == 0:
+            continue
+        specs += [RunSpec(o, s, k, root / f"k{k}") for o in st.staleness_objectives for s in st.staleness_seeds]
+    return specs
+
+
+def describe_settings(ctx: Context) -> str:
+    """One line on how the runs were made, for ``results.md``."""
+    st = ctx.settings
+    return (f"Mode `{st.name}`: `{st.preset}` Qwen2 preset on {st.task_digits}-digit addition, "
+            "one supervised warm start; "
+            f"{st.train_steps} RL steps of 16 prompts x 8 samples, 4 updates per rollout batch; seeds "
+            f"{', '.join(map(str, st.seeds))} per objective (staleness 0); staleness k in "
+            f"{{{', '.join(map(str, st.staleness))}}} for {', '.join(st.staleness_objectives)} "
+            f"(seeds {', '.join(map(str, st.staleness_seeds))}). Mean ± std over seeds.")
+
+
+def _quiet_worker() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _warm_start(over: list[str]) -> str:
+    """Worker: the cached supervised warm start every run of the mode starts from (made if missing)."""
+    from sspo_analysis.training import load_config
+    from sspo_analysis.training.trainer import ensure_warm_start
+
+    return str(ensure_warm_start(load_config(None, over), progress=False))
+
+
+def _train_one(objective: str, seed: int, group: str, over: list[str]) -> tuple[str, float, bool]:
+    """Worker: one run through the trainer's sweep (which skips, resumes or records a crash)."""
+    import contextlib
+    import io
+
+    from sspo_analysis.training import sweep
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the sweep prints crashes; we report them ourselves
+        done = sweep([objective], [seed], None, group, over, progress=False)
+    return str(Path(group) / f"{objective}_seed{seed}"), time.perf_counter() - t0, bool(done)
+
+
+def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
+    """Train whatever the plan lacks; returns one dict per run (``name, objective, seed, staleness, run_dir, done``)."""
+    from sspo_analysis.training import load_config
+
+    specs = plan(ctx)
+    root = runs_root(ctx)
+    cache = root / "cache"
+    todo = [s for s in specs if not (s.run_dir / "DONE").exists()]
+    for s in specs:
+        if s in todo:
+            continue
+        _check_reusable(s, ctx.settings)
+    if todo:
+        import multiprocessing
+
+        over = overrides(ctx.settings, 0, cache)
+        load_config(None, over)  # validates every setting before any work
+        ctx.report(f"{len(specs) - len(todo)} of {len(specs)} runs reused; training {len(todo)} under {root}")
+        ctx.advance(0, len(todo), "warm start (supervised, made once, then cached)")
+        with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_quiet_worker) as pool:
+            t0 = time.perf_counter()
+            warm = pool.submit(_warm_start, over).result()
+            ctx.report(f"warm start {Path(warm).name} ready ({time.perf_counter() - t0:.0f} s)")
+            done = 0
+            ctx.advance(done, len(todo), f"training runs ({WORKERS} at a time)")
+            futures = {pool.submit(_train_one, s.objective, s.seed, str(s.group),
+                                   overrides(ctx.settings, s.staleness, cache)): s for s in todo}
+            for fut in as_completed(futures):
+                spec = futures[fut]
+                run_dir, seconds, ok = fut.result()
+                done += 1
+                status = "done" if ok else f"FAILED (see {spec.run_dir / 'FAILED'})"
+                ctx.report(f"run {spec.name}: {status} in {seconds:.0f} s")
+                ctx.advance(done, len(todo), f"training runs ({WORKERS} at a time): {spec.name}")
+    else:
+        ctx.report(f"all {len(specs)} runs reused from {root}")
+    return [{"name": s.name, "objective": s.objective, "seed": s.seed, "staleness": s.staleness,
+             "run_dir": s.run_dir, "done": (s.run_dir / "DONE").exists()} for s in specs]
+
+
+def _check_reusable(spec: RunSpec, settings: Settings) -> None:
+    """A finished run is reused only if it was made with this mode's settings."""
+    from sspo_analysis.training.config import tomllib
+
+    cfg = tomllib.loads((spec.run_dir / "config.toml").read_text())
+    want = {"steps": settings.train_steps, "staleness": spec.staleness, "digits": settings.task_digits,
+            "objective": spec.objective, "seed": spec.seed, "preset": settings.preset}
+    got = {"steps": cfg.get("steps"), "staleness": cfg.get("algo", {}).get("staleness"),
+           "preset": cfg.get("model", {}).get("preset"),
+           "digits": cfg.get("task", {}).get("digits"), "objective": cfg.get("objective", {}).get("name"),
+           "seed": cfg.get("seed")}
+    if got != want:
+        diff = ", ".join(f"{k}: {got[k]!r} (want {want[k]!r})" for k in want if got[k] != want[k])
+        raise ValueError(f"--runs-dir: {spec.run_dir} was made with other settings ({diff}); "
+                         "remove it or choose another --runs-dir")
+
+
+def load_metrics(runs: list[dict[str, Any]]):
+    """Every run's ``metrics.jsonl`` (``sspo_analysis.training.read_metrics``) in one tidy table.
+
+    Columns: the trainer's metric keys plus ``run`` (the run's name), ``objective``,
+    ``seed``, ``staleness``. Runs without metrics contribute no rows.
+    """
+    import pandas as pd
+
+    from sspo_analysis.training import read_metrics
+
+    frames = []
+    for run in runs:
+        if not (Path(run["run_dir"]) / "metrics.jsonl").exists():
+            continue
+        df = read_metrics(run["run_dir"])
+        if df.empty:
+            continue
+        frames.append(df.assign(run=run["name"], objective=run["objective"], seed=run["seed"],
+                                staleness=run["staleness"]))
+    if not frames:
+        raise ValueError("training runs: no run produced metrics; see the FAILED files under the runs directory")
+    out = pd.concat(frames, ignore_index=True)
+    numeric = [c for c in out.columns if c not in ("run", "objective")]
+    out[numeric] = out[numeric].apply(pd.to_numeric, errors="coerce")  # null (non-finite) -> NaN
+    return out
+
+
+def training_data(ctx: Context):
+    """``(metrics, runs)`` for this context: the runs are made (or reused) once per call."""
+
+    def compute():
+        runs = ensure_runs(ctx)
+        return load_metrics(runs), runs
+
+    return ctx.cached("training", compute)
+
+
+def theory_on_logged_ratios(ctx: Context):
+    """Figure 8's numbers: theory on each logged step's log-ratios against the same step's measurements.
+
+    For every run of the main grid and every step with logged log-ratios
+    (``RUN/log_ratios/step_*.npz``, all minibatch updates of the step, tagged by
+    update), and for each update: the sequences of that update are split by the
+    sign of their advantage; each part is analysed two ways,
+
+    - ``empirical``: :class:`sspo_analysis.theory.EmpiricalRatios` on the logged
+      sequences themselves (Monte Carlo over all of them): a consistency check of
+      the theory's coefficient against the trainer's;
+    - ``lognormal``: :class:`sspo_analysis.theory.LogNormalRatios` with the part's
+      log-ratio mean and std and its mean length (closed form or quadrature): the
+      analytic model's prediction from two moments;
+
+    and the two signs are pooled by their token counts (the trainer's metrics
+    count every token with ``A != 0``). Predictions are averaged over the updates
+    of the step, as the trainer averages ``coef_norm_var`` and ``dead_frac``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from sspo_analysis.theory import EmpiricalRatios, LogNormalRatios, analyse
+    from sspo_analysis.training import read_log_ratios
+    from sspo_analysis.training.config import tomllib
+
+    metrics, runs = training_data(ctx)
+    rows = []
+    main = [r for r in runs if r["staleness"] == 0 and r["done"]]
+    for i, run in enumerate(main):
+        ctx.advance(i, len(main), f"theory on logged log-ratios: {run['name']}")
+        cfg = tomllib.loads((Path(run["run_dir"]) / "config.toml").read_text())["objective"]
+        params = {k: v for k, v in cfg.items() if k not in ("name", "agg", "horizon")}
+        m = metrics[metrics.run == run["name"]].set_index("step")
+        for step, data in read_log_ratios(run["run_dir"]).items():
+            preds = {"empirical": [], "lognormal": []}
+            offsets = np.concatenate([[0], np.cumsum(data["lengths"])])
+            updates = data.get("update", np.zeros(len(data["lengths"]), dtype=int))
+            for u in np.unique(updates):
+                parts = {kind: [] for kind in preds}
+                for sign in (1, -1):
+                    idx = np.flatnonzero((updates == u) & (np.sign(data["advantages"]) == sign)
+                                         & (data["lengths"] > 0))
+                    if idx.size == 0:
+                        continue
+                    seqs = [data["log_ratios"][offsets[j]:offsets[j + 1]].astype(np.float64) for j in idx]
+                    model = EmpiricalRatios(seqs)
+                    n_tok = float(model.lengths.sum())
+                    res = analyse(run["objective"], model, advantage_sign=sign, method="monte-carlo", **params)
+                    parts["empirical"].append((n_tok, res))
+                    if model.log_ratio_std > 0:
+                        lognormal = LogNormalRatios(model.log_ratio_std, length=max(1, round(model.mean_length)),
+                                                    mean=model.log_ratio_mean)
+                        parts["lognormal"].append((n_tok, analyse(run["objective"], lognormal,
+                                                                  advantage_sign=sign, **params)))
+                for kind, items in parts.items():
+                    if items:
+                        preds[kind].append(_pool(items))
+            if step not in m.index:
+                continue
+            row = {"objective": run["objective"], "seed": run["seed"], "step": int(step),
+                   "coef_norm_var": float(m.loc[step, "coef_norm_var"]),
+                   "dead_frac": float(m.loc[step, "dead_frac"]),
+                   "log_ratio_std": float(m.loc[step, "log_ratio_std"])}
+            for kind, vals in preds.items():
+                row[f"{kind}_var_coefficient"] = float(np.mean([v[0] for v in vals])) if vals else float("nan")
+                row[f"{kind}_dead_fraction"] = float(np.mean([v[1] for v in vals])) if vals else float("nan")
+            rows.append(row)
+    ctx.advance(len(main), len(main), "theory on logged log-ratios")
+    return pd.DataFrame(rows)
+
+
+def _pool(items: list[tuple[float, Any]]) -> tuple[float, float]:
+    """Variance and dead fraction of a token mixture of the parts ``(n_tokens, TheoryResult)``."""
+    total = sum(n for n, _ in items)
+    mean = sum(n * r.mean_coefficient for n, r in items) / total
+    second = sum(n * (r.var_coefficient + r.mean_coefficient**2) for n, r in items) / total
+    dead = sum(n * r.dead_fraction for n, r in items) / total
+    return second - mean**2, dead

@@ -1,0 +1,313 @@
+"""Figures 2-4 and the bandit half of figure 7: what each objective does to the gradient.
+
+All numbers come from :mod:`sspo_analysis.theory` (closed form, quadrature and
+Monte Carlo on log-normal token ratios) and :mod:`sspo_analysis.simulation`
+(the softmax bandit); nothing here re-derives a formula. Each figure has a
+``data_*`` function (a tidy DataFrame, also written as the figure's CSV) and a
+``plot_*`` function (a matplotlib figure), which the notebooks call with their
+own knobs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from paper_figures import Context, figure, legend_below, line_style, new_figure, save, stem, write_frame
+
+TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
+"""Token-level objectives of figure 2 (``pg`` is 1 at every std and is drawn as the reference line)."""
+SEQUENCE_OBJECTIVES: tuple[str, ...] = ("is-seq", "gspo", "gmpo", "sspo", "sspo-sigmoid")
+"""Sequence-level weights of figure 3."""
+
+FRONTIER_GRIDS: dict[str, tuple[str, np.ndarray]] = {
+    # objective -> (swept parameter, values); the default of each objective lies inside its grid.
+    "grpo": ("eps", np.geomspace(0.05, 1.6, 17)),
+    "cispo": ("eps_max", np.geomspace(1.05, 16.0, 17)),
+    "sapo": ("tau", np.geomspace(0.125, 16.0, 17)),
+    "gspo": ("eps", np.geomspace(1e-4, 0.8, 17)),
+    "gmpo": ("eps", np.geomspace(0.05, 1.6, 17)),
+    "sspo": ("tau", np.geomspace(0.125, 16.0, 17)),
+    "sspo-sigmoid": ("tau", np.geomspace(0.125, 16.0, 17)),
+}
+"""Figure 4: the parameter swept per objective (eps for hard clips, tau for soft gates)."""
+
+SIGN_STYLE = {1: ("A > 0", "-"), -1: ("A < 0", "--")}
+
+
+def _color(name: str) -> str:
+    from sspo_analysis.plotting import style
+
+    return style.color(name)
+
+
+# --------------------------------------------------------------------------- figure 2
+
+
+def data_token_bias(
+    stds: Sequence[float] | None = None,
+    mc_stds: Sequence[float] | None = None,
+    mc_samples: int = 20_000,
+    objectives: Sequence[str] = TOKEN_OBJECTIVES,
+    seed: int = 0,
+) -> tuple[object, object]:
+    """Mean coefficient ``E[c / A]`` of the token objectives against log-ratio std.
+
+    Returns ``(curves, mc)``: the analytic sweep (closed form or quadrature) and
+    Monte Carlo points at ``mc_stds`` with their standard errors, both tidy
+    DataFrames with columns ``objective, advantage_sign, log_ratio_std,
+    mean_coefficient, var_coefficient, dead_fraction, method`` (``mc`` adds
+    ``mean_coefficient_se``).
+    """
+    import pandas as pd
+
+    from sspo_analysis.theory import LogNormalRatios, analyse, sweep
+
+    stds = np.geomspace(0.02, 2.0, 40) if stds is None else np.asarray(stds, float)
+    mc_stds = np.geomspace(0.03, 1.5, 6) if mc_stds is None else np.asarray(mc_stds, float)
+    curves = sweep(list(objectives), stds=list(stds), lengths=[1], signs=(1, -1))
+    rows = []
+    for name in objectives:
+        for sign in (1, -1):
+            for s in mc_stds:
+                res = analyse(name, LogNormalRatios(float(s)), advantage_sign=sign, method="monte-carlo",
+                              n_samples=mc_samples, seed=seed).to_dict()
+                se = (res.get("mc_stderr") or {}).get("mean_coefficient", float("nan"))
+                rows.append({**{k: res[k] for k in ("objective", "advantage_sign", "log_ratio_std",
+                                                     "mean_coefficient", "var_coefficient", "dead_fraction",
+                                                     "method")},
+                             "mean_coefficient_se": se})
+    return curves, pd.DataFrame(rows)
+
+
+def plot_token_bias(curves, mc):
+    """Figure 2: one panel per advantage sign; curves analytic, points Monte Carlo (error bars: 2 s.e.)."""
+    fig, axes = new_figure(1, 2, 2.9, sharey=True)
+    for ax, sign in zip(axes[0], (1, -1)):
+        ax.axhline(1.0, color=_color("pg"), lw=0.8, ls=":", label="pg (on-policy) = 1")
+        for name, g in curves[curves.advantage_sign == sign].groupby("objective", sort=False):
+            g = g.sort_values("log_ratio_std")
+            ax.plot(g.log_ratio_std, g.mean_coefficient, label=name, **line_style(name))
+            m = mc[(mc.objective == name) & (mc.advantage_sign == sign)]
+            ax.errorbar(m.log_ratio_std, m.mean_coefficient, yerr=2 * m.mean_coefficient_se, fmt="o", ms=3,
+                        color=_color(name), mfc="white", mew=0.9, lw=0.8, capsize=0)
+        ax.set(xscale="log", xlabel="token log-ratio std s (nats)", title=f"advantage {SIGN_STYLE[sign][0]}")
+    axes[0, 0].set_ylabel("mean coefficient E[c / A]  (1 = unbiased)")
+    legend_below(fig, axes[0, 0], ncols=6)
+    fig.suptitle("Token-level gating bias (lines: closed form / quadrature; circles: Monte Carlo ± 2 s.e.)")
+    return fig
+
+
+@figure(2, "token_bias", "token-level gating bias against log-ratio std")
+def figure_2(out_dir: Path, ctx: Context) -> list[Path]:
+    st = ctx.settings
+    curves, mc = ctx.cached("fig2", lambda: data_token_bias(
+        stds=np.geomspace(0.02, 2.0, st.n_stds), mc_stds=np.geomspace(0.03, 1.5, st.mc_points),
+        mc_samples=st.mc_samples))
+    import pandas as pd
+
+    data = pd.concat([curves.assign(kind="analytic"), mc.assign(kind="monte-carlo")], ignore_index=True)
+    return save(plot_token_bias(curves, mc), stem(out_dir, 2), data)
+
+
+# --------------------------------------------------------------------------- figure 3
+
+
+def data_sequence_weights(
+    stds: Sequence[float] = (0.1, 0.3),
+    lengths: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    objectives: Sequence[str] = SEQUENCE_OBJECTIVES,
+):
+    """``mean_weight`` and ``var_weight`` of the sequence weights against length, both advantage signs."""
+    from sspo_analysis.theory import sweep
+
+    return sweep(list(objectives), stds=list(stds), lengths=[int(x) for x in lengths], signs=(1, -1))
+
+
+def plot_sequence_weights(df, sign: int = 1):
+    """Figure 3: rows mean / variance of the weight, columns the stds; log length axis, log variance axis.
+
+    ``is-seq``'s variance ``exp(L s^2) - 1`` leaves the panel at large ``L``: its
+    last value is written beside the cut.
+    """
+    stds = sorted(df.log_ratio_std.unique())
+    fig, axes = new_figure(2, len(stds), 4.4, sharex=True)
+    d = df[df.advantage_sign == sign]
+    for j, s in enumerate(stds):
+        ds = d[np.isclose(d.log_ratio_std, s)]
+        others = ds[ds.objective != "is-seq"].var_weight
+        top = 10 ** np.ceil(np.log10(max(float(others.max()), 1e-12)) + 3)
+        for name, g in ds.groupby("objective", sort=False):
+            g = g.sort_values("length")
+            axes[0, j].plot(g.length, g.mean_weight, label=name, **line_style(name, marker=True))
+            axes[1, j].plot(g.length, g.var_weight.clip(lower=1e-12), label=name, **line_style(name, marker=True))
+            last = g.iloc[-1]
+            if last.var_weight > top:
+                axes[1, j].annotate(f"{name}: {last.var_weight:.1e}\nat L = {int(last.length)}",
+                                    xy=(0.98, 0.97), xycoords="axes fraction", ha="right", va="top", fontsize=6,
+                                    color=_color(name))
+        axes[0, j].set(xscale="log", title=f"log-ratio std s = {s:g} nats, {SIGN_STYLE[sign][0]}",
+                       ylabel="mean weight E[w]")
+        axes[1, j].set(xscale="log", yscale="log", xlabel="sequence length L (tokens)",
+                       ylabel="weight variance Var[w]")
+        axes[1, j].set_ylim(float(ds.var_weight.clip(lower=1e-12).min()) / 3, top)
+    legend_below(fig, axes[0, 0])
+    return fig
+
+
+@figure(3, "sequence_weights", "sequence weight mean and variance against length")
+def figure_3(out_dir: Path, ctx: Context) -> list[Path]:
+    df = ctx.cached("fig3", lambda: data_sequence_weights(lengths=ctx.settings.lengths))
+    return save(plot_sequence_weights(df), stem(out_dir, 3), df)
+
+
+# --------------------------------------------------------------------------- figure 4
+
+
+def data_frontier(
+    std: float = 0.3,
+    length: int = 16,
+    grids: dict[str, tuple[str, np.ndarray]] | None = None,
+    points: int | None = None,
+):
+    """Bias-variance frontier of the coefficient as each objective's eps or tau sweeps.
+
+    For every objective and setting, the coefficient's bias ``E[c/A] - 1``,
+    variance and ``MSE = bias^2 + variance`` at log-ratio std ``std`` and
+    length ``length`` (sequence objectives), averaged over the two advantage
+    signs (group-normalised advantages are positive and negative equally
+    often). Columns: ``objective, param, value, bias_pos, bias_neg,
+    var_coefficient, mse, is_default``.
+    """
+    import pandas as pd
+
+    from sspo_analysis.objectives import get_spec
+    from sspo_analysis.theory import LogNormalRatios, analyse
+
+    grids = dict(FRONTIER_GRIDS if grids is None else grids)
+    rows = []
+    for name, (param, values) in grids.items():
+        if points is not None:
+            values = np.geomspace(values[0], values[-1], points)
+        level = get_spec(name).level
+        model = LogNormalRatios(std, length=length if level == "sequence" else 1)
+        settings = [({param: float(v)}, False) for v in values] + [({}, True)]  # the last: the paper's defaults
+        for params, is_default in settings:
+            res = {sign: analyse(name, model, advantage_sign=sign, **params) for sign in (1, -1)}
+            bias = {s: r.mean_coefficient - 1.0 for s, r in res.items()}
+            rows.append({"objective": name, "level": level, "param": param,
+                         "value": params.get(param, float("nan")), "log_ratio_std": std, "length": model.length,
+                         "bias_pos": bias[1], "bias_neg": bias[-1],
+                         "var_coefficient": float(np.mean([r.var_coefficient for r in res.values()])),
+                         "mse": float(np.mean([bias[s] ** 2 + r.var_coefficient for s, r in res.items()])),
+                         "dead_fraction": float(np.mean([r.dead_fraction for r in res.values()])),
+                         "is_default": is_default, "params": json.dumps(res[1].params, sort_keys=True),
+                         "method": res[1].method})
+    return pd.DataFrame(rows)
+
+
+def lowest_mse(df) -> dict[str, dict]:
+    """Per objective, the row of the lowest-MSE setting; key ``"overall"`` for the best of all."""
+    swept = df[~df.is_default]
+    best = {}
+    for name, g in swept.groupby("objective", sort=False):
+        row = g.loc[g.mse.idxmin()].to_dict()
+        row["at_edge"] = bool(row["value"] in (g.value.min(), g.value.max()))
+        best[name] = row
+    best["overall"] = min((b for b in best.values()), key=lambda b: b["mse"])
+    return best
+
+
+def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
+    """Figure 4: MSE against variance per objective (one panel per std); stars mark each lowest-MSE setting.
+
+    The vertical distance above the diagonal is the squared bias. MSE above
+    ``mse_cap`` is cut off (``sspo-sigmoid`` at large tau, whose on-policy scale is tau/2).
+    """
+    fig, axes = new_figure(1, len(dfs), 3.2)
+    for ax, (std, df) in zip(axes[0], dfs.items()):
+        shown = df[df.mse <= mse_cap]
+        lo = max(shown.var_coefficient.min(), 1e-8) / 2
+        hi = min(df.mse.max(), mse_cap) * 2
+        ax.plot([lo, hi], [lo, hi], color="#bbbbbb", lw=0.7, zorder=0, label="MSE = variance (no bias)")
+        best = lowest_mse(df)
+        for name, g in df.groupby("objective", sort=False):
+            d = g[g.is_default]
+            g = g[~g.is_default].sort_values("value")
+            ax.plot(g.var_coefficient.clip(lower=1e-8), g.mse, marker=".", ms=3, lw=1.0,
+                    label=f"{name} ({g.param.iloc[0]})", **line_style(name))
+            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=_color(name), ms=4, mfc="white")
+            b = best[name]
+            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=_color(name), ms=8, mec="black", mew=0.4)
+        b = best["overall"]
+        ax.set(xscale="log", yscale="log", ylim=(max(shown.mse.min() / 2, 1e-8), hi),
+               xlim=(lo, shown.var_coefficient.max() * 2), xlabel="coefficient variance Var[c/A]",
+               ylabel="MSE of c/A  (bias² + variance)",
+               title=f"s = {std:g} nats, L = {int(df.length.max())}: lowest MSE {b['objective']} "
+                     f"{b['param']} = {b['value']:.3g}")
+    legend_below(fig, axes[0, 0], ncols=4)
+    fig.suptitle("Bias-variance frontier as eps or tau sweeps (A > 0 and A < 0 averaged)\n"
+                 "square: default parameters; star: lowest MSE of each objective")
+    return fig
+
+
+def frontier_summary(df):
+    """Per objective: the lowest-MSE setting (and whether it sits at the edge of the swept range) and the defaults."""
+    import pandas as pd
+
+    best = lowest_mse(df)
+    rows = []
+    for name, g in df.groupby("objective", sort=False):
+        b, d = best[name], g[g.is_default].iloc[0]
+        rows.append({"objective": name, "log_ratio_std": b["log_ratio_std"], "length": b["length"],
+                     "param": b["param"], "best_value": b["value"], "best_at_grid_edge": b["at_edge"],
+                     "best_mse": b["mse"], "best_var": b["var_coefficient"], "best_bias_pos": b["bias_pos"],
+                     "best_bias_neg": b["bias_neg"], "default_params": d["params"], "default_mse": d["mse"],
+                     "default_var": d["var_coefficient"], "default_bias_pos": d["bias_pos"],
+                     "default_bias_neg": d["bias_neg"], "overall_best": name == best["overall"]["objective"]})
+    return pd.DataFrame(rows)
+
+
+@figure(4, "frontier", "bias-variance frontier of the gradient coefficient")
+def figure_4(out_dir: Path, ctx: Context) -> list[Path]:
+    import pandas as pd
+
+    stds = (0.1, 0.3)
+    dfs = ctx.cached("fig4", lambda: {s: data_frontier(std=s, points=ctx.settings.frontier_points) for s in stds})
+    data = pd.concat(dfs.values(), ignore_index=True)
+    summary = pd.concat([frontier_summary(df) for df in dfs.values()], ignore_index=True)
+    notes = []
+    for s, g in summary.groupby("log_ratio_std", sort=False):
+        b, length = g[g.overall_best].iloc[0], g.length.max()
+        d = g.sort_values("default_mse").iloc[0]
+        edge = " (at the edge of its range: effectively the least gating swept)" if b.best_at_grid_edge else ""
+        ties = [f"{t.objective} {t.param} = {t.best_value:.3g}" for t in g.itertuples()
+                if t.objective != b.objective and t.best_mse <= 1.02 * b.best_mse]
+        tie = f"; within 2 %: {', '.join(ties)}" if ties else ""
+        notes.append(f"- Figure 4 (s = {s:g}, L = {int(length)}): the lowest-MSE setting is {b.objective} with "
+                     f"{b.param} = {b.best_value:.3g}{edge}: MSE {b.best_mse:.3g} (variance {b.best_var:.3g}){tie}. "
+                     f"At default parameters the lowest MSE is {d.objective}'s, {d.default_mse:.3g}.")
+    ctx.cache.setdefault("notes", {})[4] = notes
+    base = stem(out_dir, 4)
+    paths = save(plot_frontier(dfs), base, data)
+    paths.append(write_frame(summary, base.with_name(base.name + "_best.csv")))
+    return paths
+
+
+# --------------------------------------------------------------------------- figure 7, bandit half
+
+
+def data_bandit(objectives: Sequence[str], steps: int = 200, seeds: Sequence[int] = (0,), **kwargs):
+    """Per-step bandit records (entropy, reward, predicted and realised entropy change) per objective and seed."""
+    import pandas as pd
+
+    from sspo_analysis.simulation import run_bandit
+
+    frames = []
+    for name in objectives:
+        for seed in seeds:
+            frames.append(run_bandit(name, steps=steps, seed=seed, **kwargs).assign(objective=name, seed=seed))
+    return pd.concat(frames, ignore_index=True)
