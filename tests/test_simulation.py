@@ -13,14 +13,7 @@ from sspo_analysis.simulation import (
     staleness_study,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core machine: one thread is several times faster than contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_first_order_entropy_change_is_the_directional_derivative():

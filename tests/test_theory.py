@@ -31,13 +31,7 @@ CLOSED_FORM = ("grpo", "dapo", "cispo", "gspo", "gmpo", "is-token", "is-seq")
 PROPERTY = settings(max_examples=10, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core machine: one thread is several times faster than contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def assert_agrees_with_monte_carlo(exact, mc, n_sequences):

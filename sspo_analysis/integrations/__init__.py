@@ -28,6 +28,26 @@ SOFT_NAMES: dict[str, tuple[str, dict]] = {
 SOFT_NAMES.update({f"soft-{g}-one-sided": ("sspo", {"gate": g, "one_sided": True}) for g in gates.SOFT_GATES})
 
 
+def check_engine_version(engine: str, version: str | None, lo: str, hi: str, why: str) -> str:
+    """Raise ImportError unless ``engine`` (installed, or ``version``) is in ``[lo, hi)``; returns the version.
+
+    ``why`` says which engine internals the integration relies on, so the error
+    explains the pin.
+    """
+    from packaging.version import Version
+
+    if version is None:
+        import importlib
+
+        version = getattr(importlib.import_module(engine), "__version__", "0")
+    if not (Version(lo) <= Version(version) < Version(hi)):
+        raise ImportError(
+            f"sspo_analysis.integrations.{engine} supports {engine} >={lo},<{hi} ({why}); found {engine} {version}. "
+            f"Install `sspo-analysis[{engine}]` or pin {engine}>={lo},<{hi}."
+        )
+    return version
+
+
 def sequence_is_weight(is_weights: Tensor, mask: Tensor) -> Tensor:
     """Per-sequence weight (B,) from rollout importance weights, (B, T) or (B, 1) or (B,).
 

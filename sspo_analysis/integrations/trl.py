@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from sspo_analysis.integrations import SOFT_NAMES, weighted_surrogate
+from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, weighted_surrogate
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
 
 TRL_MIN, TRL_MAX = "1.16", "1.17"
@@ -58,20 +58,8 @@ TRL_EQUIVALENTS: dict[str, tuple[str, str]] = {
 
 def check_trl_version(version: str | None = None) -> str:
     """Raise ImportError unless TRL (or ``version``) is in the tested range; returns the version."""
-    from packaging.version import Version
-
-    if version is None:
-        import trl
-
-        version = getattr(trl, "__version__", "0")
-    v = Version(version)
-    if not (Version(TRL_MIN) <= v < Version(TRL_MAX)):
-        raise ImportError(
-            f"sspo_analysis.integrations.trl supports trl >={TRL_MIN},<{TRL_MAX} (it overrides GRPOTrainer."
-            f"_compute_loss, whose internals change between minor versions); found trl {version}. "
-            "Install `sspo-analysis[trl]` or pin trl>=1.16,<1.17."
-        )
-    return version
+    why = "it overrides GRPOTrainer._compute_loss, whose internals change between minor versions"
+    return check_engine_version("trl", version, TRL_MIN, TRL_MAX, why)
 
 
 check_trl_version()

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from sspo_analysis.integrations import SOFT_NAMES, weighted_surrogate
+from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, weighted_surrogate
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec
 
 Tensor = torch.Tensor
@@ -71,19 +71,8 @@ LOSS_MODES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def check_verl_version(version: str | None = None) -> str:
     """Raise ImportError unless verl (or ``version``) is in the tested range; returns the version."""
-    from packaging.version import Version
-
-    if version is None:
-        import verl
-
-        version = getattr(verl, "__version__", "0")
-    v = Version(version)
-    if not (Version(VERL_MIN) <= v < Version(VERL_MAX)):
-        raise ImportError(
-            f"sspo_analysis.integrations.verl supports verl >={VERL_MIN},<{VERL_MAX} (its policy-loss signature and "
-            f"config.global_batch_info); found verl {version}. Install `sspo-analysis[verl]` or pin verl>=0.9,<0.10."
-        )
-    return version
+    why = "its policy-loss signature and config.global_batch_info"
+    return check_engine_version("verl", version, VERL_MIN, VERL_MAX, why)
 
 
 @functools.lru_cache(maxsize=64)
