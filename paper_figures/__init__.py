@@ -69,7 +69,8 @@ FULL = Settings(
     lengths=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
     frontier_points=17, bandit_steps=300, bandit_seeds=3,
     preset="tiny", task_digits=2, train_steps=50, seeds=(0, 1, 2), staleness=(0, 2, 8),
-    staleness_objectives=("grpo", "gspo", "sspo"), staleness_seeds=(0, 1), log_ratios_every=5,
+    staleness_objectives=("grpo", "dapo", "gspo", "gmpo", "sapo", "sspo"), staleness_seeds=(0, 1, 2),
+    log_ratios_every=5,
 )
 SMOKE = Settings(
     name="smoke", n_stds=12, mc_samples=4_000, mc_points=3, lengths=(1, 4, 16, 64, 256, 1024),
