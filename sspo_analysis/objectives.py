@@ -431,12 +431,19 @@ class Objective:
         with torch.no_grad():
             return self.terms(log_prob, old_log_prob, advantages, mask)[0].coefficient
 
+    def evaluate(
+        self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float], Terms]:
+        """``(loss, metrics, terms)`` in one pass, for callers that also need ``terms.coefficient``."""
+        t, log_ratio, adv, mask = self.terms(log_prob, old_log_prob, advantages, mask)
+        loss = -self.aggregate(t.surrogate, mask)
+        return loss, compute_metrics(t, log_ratio, adv, mask, loss), t
+
     def __call__(
         self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor
     ) -> tuple[Tensor, dict[str, float]]:
-        t, log_ratio, adv, mask = self.terms(log_prob, old_log_prob, advantages, mask)
-        loss = -self.aggregate(t.surrogate, mask)
-        return loss, compute_metrics(t, log_ratio, adv, mask, loss)
+        loss, metrics, _ = self.evaluate(log_prob, old_log_prob, advantages, mask)
+        return loss, metrics
 
 
 def compute_metrics(

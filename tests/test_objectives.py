@@ -319,3 +319,16 @@ def test_sspo_with_one_sided_hard_clip_is_gmpo():
     gmpo = get_objective("gmpo", eps=0.3)
     assert torch.allclose(sspo(lp, old, adv, mask)[0], gmpo(lp, old, adv, mask)[0])
     assert torch.allclose(sspo.coefficient(lp, old, adv, mask), gmpo.coefficient(lp, old, adv, mask))
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_evaluate_returns_the_loss_metrics_and_coefficient_of_one_pass(name):
+    lp = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    old = lp.detach() + 0.3 * torch.randn(4, 6, dtype=torch.float64)
+    adv, mask = torch.tensor([1.0, -1.0, 0.5, -2.0], dtype=torch.float64), torch.rand(4, 6) < 0.8
+    obj = get_objective(name)
+    loss, metrics, terms = obj.evaluate(lp, old, adv, mask)
+    ref_loss, ref_metrics = obj(lp, old, adv, mask)
+    assert torch.equal(loss, ref_loss) and metrics == ref_metrics
+    assert not terms.coefficient.requires_grad
+    assert torch.equal(terms.coefficient, obj.coefficient(lp, old, adv, mask))

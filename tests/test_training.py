@@ -273,15 +273,15 @@ def _run_killed(cfg: TrainConfig, run, kill_after_step: int) -> None:
 def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
     import sspo_analysis.objectives as objectives
 
-    original = objectives.Objective.__call__
+    original = objectives.Objective.evaluate
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
-        loss, metrics = original(self, *args, **kwargs)
+        loss, metrics, terms = original(self, *args, **kwargs)
         calls["n"] += 1
-        return (loss * math.nan if calls["n"] == 1 else loss), metrics
+        return (loss * math.nan if calls["n"] == 1 else loss), metrics, terms
 
-    monkeypatch.setattr(objectives.Objective, "__call__", poisoned)
+    monkeypatch.setattr(objectives.Objective, "evaluate", poisoned)
     run = train(None, tmp_path / "nan", overrides=FAST + ["steps=2"])
     df = read_metrics(run)
     assert list(df.skipped_updates) == [1, 0]

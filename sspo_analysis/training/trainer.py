@@ -511,7 +511,7 @@ def _rl_step(cfg, objective, policy, sampler, reference, snapshots, opt, sched, 
             weight = _micro_weight(objective, m_mask, mask_mb)
             with ac:
                 logp, ent = sequence_logprobs(policy, ids[micro], attn[micro], n_prompt, m_mask, **lp_kw)
-            loss, met = objective(logp, old_logp[micro], adv[micro], m_mask)
+            loss, met, terms = objective.evaluate(logp, old_logp[micro], adv[micro], m_mask)
             if reference is not None and a.kl_coef > 0:
                 d = torch.where(m_mask, ref_logp[micro] - logp, 0.0).clamp(-20, 20)
                 k3 = torch.expm1(d) - d
@@ -522,7 +522,7 @@ def _rl_step(cfg, objective, policy, sampler, reference, snapshots, opt, sched, 
             # first-order entropy prediction from the objective's analytic coefficient (see module docstring)
             with torch.no_grad():
                 lp_d, ent_d = logp.detach(), ent.detach()
-                c = objective.coefficient(lp_d, old_logp[micro], adv[micro], m_mask).float()
+                c = terms.coefficient.float()  # analytic, already detached and zero on masked tokens
                 n = objective.normalisation(m_mask).float() * weight
                 term = n * c * lp_d.exp() * (lp_d + ent_d)
                 pred -= lr_now * float(torch.where(m_mask, term, 0.0).sum()) / float(n_tok)
