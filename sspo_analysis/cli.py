@@ -14,7 +14,8 @@ import sys
 # area module -> the sub-commands it registers
 AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.plotting.gates_cli": ("gates",),
-    "sspo_analysis.theory.cli": ("theory", "simulate"),
+    "sspo_analysis.theory.cli": ("theory",),
+    "sspo_analysis.simulation.cli": ("simulate",),
     "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "plot"),
     "sspo_analysis.figures_cli": ("figures",),
 }

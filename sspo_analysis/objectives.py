@@ -4,14 +4,17 @@ Each objective is a function of the (clamped, masked) token log-ratio
 ``l = log pi_theta - log pi_old``, the advantages and the mask, registered with
 :func:`register_objective`. It returns :class:`Terms`: the surrogate ``J`` to
 maximise (per token, or per sequence for sequence-level objectives) and, from
-its own closed form, the gradient coefficient ``c`` of ``SPEC.md``::
+its own closed form, the gradient coefficient ``c`` (``docs/theory.md``)::
 
     grad J = sum_{i,t} n_{i,t} * c_{i,t} * grad log pi_theta(y_{i,t})
 
 where ``n`` is the aggregation's normalisation (:meth:`Objective.normalisation`).
 :class:`Objective` wraps a registered function with its parameters and an
-aggregation mode, and computes the loss and the metrics. The trainer, the
-theory and the engine integrations all go through :func:`get_objective`.
+aggregation mode, and computes the loss and the metrics. The trainer and the
+engine integrations go through :func:`get_objective`; the theory and the
+simulators through :func:`resolve_objective`, which also knows the reference
+estimators ``is-token`` and ``is-seq`` (registered with ``reference=True``:
+yardsticks for the theory, not offered for training).
 
 Adding an objective is one function and one decorator::
 
@@ -19,6 +22,11 @@ Adding an objective is one function and one decorator::
     def my_pg(log_ratio, adv, mask, *, beta):
         r = log_ratio.exp()
         return Terms(surrogate=beta * r * adv, coefficient=beta * r.detach() * adv, weight=r)
+
+The objective also declares there which analytic methods the theory may use
+for it (``theory=("quadrature",)``, or ``theory=("closed-form",)`` with a
+``closed_form`` hook); see :func:`register_objective`. Monte Carlo needs no
+declaration.
 """
 
 from __future__ import annotations
@@ -33,11 +41,35 @@ import torch
 import torch.nn.functional as F
 
 from sspo_analysis import gates
+from sspo_analysis.primitives import (
+    LOG_RATIO_CLAMP,
+    clamp_log_ratio,
+    geometric_mean_weight,
+    k3_kl,
+    masked_mean,
+    masked_var,
+    reduce_dtype,
+    sequence_mean,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "LOG_RATIO_CLAMP",
+    "REFERENCE_ESTIMATORS",
+    "THEORY_METHODS",
+    "Objective",
+    "ObjectiveSpec",
+    "Terms",
+    "all_objective_names",
+    "compute_metrics",
+    "get_objective",
+    "get_spec",
+    "objective_names",
+    "register_objective",
+    "resolve_objective",
+]
 
 Tensor = torch.Tensor
-
-LOG_RATIO_CLAMP = 20.0
-"""Log-ratios are clamped to ``[-20, 20]`` before ``exp`` (``e^20 ~ 5e8``)."""
 
 AGG_MODES: tuple[str, ...] = (
     "seq-mean-token-mean",
@@ -72,9 +104,16 @@ LogGate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``(l, positive_advantage) -> (phi(l), phi'(l))`` of a geometric-mean objective."""
 
 
+THEORY_METHODS: tuple[str, ...] = ("closed-form", "quadrature")
+"""The analytic methods an objective may declare for the theory (Monte Carlo needs no declaration)."""
+
+ClosedForm = Callable[..., dict[str, Any]] | str
+"""A closed-form hook: ``fn(params, grid, sign) -> {stat: array}``, or its ``"module:function"`` path."""
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """A registry entry: the function and its metadata."""
+    """A registry entry: the function and its metadata (see :func:`register_objective`)."""
 
     name: str
     fn: Callable[..., Terms]
@@ -82,10 +121,13 @@ class ObjectiveSpec:
     agg: str
     defaults: dict[str, Any]
     make_log_gate: Callable[..., LogGate] | None = None
-    doc: str = ""
+    theory: tuple[str, ...] = ()
+    closed_form: ClosedForm | None = None
+    reference: bool = False
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
+_REFERENCES: dict[str, ObjectiveSpec] = {}
 
 
 def register_objective(
@@ -95,6 +137,9 @@ def register_objective(
     agg: str,
     defaults: dict[str, Any] | None = None,
     log_gate: Callable[..., LogGate] | None = None,
+    theory: tuple[str, ...] = (),
+    closed_form: ClosedForm | None = None,
+    reference: bool = False,
 ) -> Callable[[Callable[..., Terms]], Callable[..., Terms]]:
     """Register ``fn(log_ratio, adv, mask, **params) -> Terms`` under ``name``.
 
@@ -105,28 +150,68 @@ def register_objective(
         defaults: every parameter the function takes, with its default.
         log_gate: for geometric-mean objectives, a factory ``(**params) -> LogGate``
             so that the theory can integrate the per-token gate directly.
+        theory: the analytic methods of :mod:`sspo_analysis.theory` that hold for
+            this objective under the log-normal model, in order of preference
+            (a subset of :data:`THEORY_METHODS`); ``auto`` takes the first that
+            applies, else Monte Carlo, which every objective has.
+            ``"quadrature"`` evaluates the objective's own code on quadrature
+            nodes: the coefficient of one token (token objectives, any
+            correlation; the weight is taken to be the ratio ``r``) or the
+            ``log_gate`` (geometric means, independent tokens only). It is used
+            only while the ``gate`` parameter, if any, is smooth (not
+            ``hard-clip``). ``"closed-form"`` needs ``closed_form``.
+        closed_form: ``fn(params, grid, sign) -> dict`` with the six statistics
+            of ``sspo_analysis.theory.STATS`` as arrays over the grid, where
+            ``grid`` is a :class:`sspo_analysis.theory.closed_forms.LogNormalGrid`
+            and ``sign`` is +1 or -1; or the hook's ``"module:function"`` path,
+            imported by the theory when first used (so a closed form written
+            in the theory layer needs no import here). An objective with a
+            ``log_gate`` gets it under independent tokens only.
+        reference: a yardstick for the theory and the simulators
+            (:func:`resolve_objective`), not a training objective: left out of
+            :func:`objective_names` and :func:`get_objective`.
+
+    Example: ``theory=("quadrature",)`` for a smooth token objective;
+    ``theory=("closed-form",), closed_form="my_pkg.theory:my_moments"`` for one
+    with a known closed form.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level: unknown value {level!r}; allowed values: token, sequence")
     if agg not in AGG_MODES:
         raise ValueError(f"agg: unknown value {agg!r}; allowed values: {', '.join(AGG_MODES)}")
+    unknown = [m for m in theory if m not in THEORY_METHODS]
+    if unknown or isinstance(theory, str):
+        raise ValueError(f"theory: unknown value {theory!r}; allowed: a tuple of {', '.join(THEORY_METHODS)}")
+    if ("closed-form" in theory) != (closed_form is not None):
+        raise ValueError("closed_form: give a closed_form hook exactly when theory includes 'closed-form'")
 
     def decorator(fn: Callable[..., Terms]) -> Callable[..., Terms]:
-        _REGISTRY[name] = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, fn.__doc__ or "")
+        spec = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, tuple(theory), closed_form,
+                             reference)
+        (_REFERENCES if reference else _REGISTRY)[name] = spec
         return fn
 
     return decorator
 
 
 def objective_names() -> tuple[str, ...]:
-    """Names of every registered objective."""
+    """Names of every registered training objective (the reference estimators are not among them)."""
     return tuple(_REGISTRY)
 
 
-def get_spec(name: str) -> ObjectiveSpec:
-    if name not in _REGISTRY:
-        raise ValueError(f"objective: unknown name {name!r}; allowed values: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+def all_objective_names() -> tuple[str, ...]:
+    """The training objectives followed by the reference estimators the theory adds."""
+    return objective_names() + tuple(n for n in _REFERENCES if n not in _REGISTRY)
+
+
+def get_spec(name: str, *, include_references: bool = False) -> ObjectiveSpec:
+    """The registry entry of ``name``; reference estimators only with ``include_references``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if include_references and name in _REFERENCES:
+        return _REFERENCES[name]
+    allowed = all_objective_names() if include_references else objective_names()
+    raise ValueError(f"objective: unknown name {name!r}; allowed values: {', '.join(allowed)}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -160,8 +245,7 @@ def _geometric_mean(log_ratio: Tensor, adv: Tensor, mask: Tensor, log_gate: LogG
     positive = (adv > 0)[:, None].expand_as(log_ratio)
     phi, dphi = log_gate(log_ratio, positive)
     n = _token_count(mask).clamp(min=1.0).to(log_ratio.dtype)
-    mean_phi = torch.where(mask, phi, 0.0).sum(-1) / n
-    w = mean_phi.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    w = geometric_mean_weight(phi, mask)
     dphi = torch.where(mask, dphi, 0.0)
     coefficient = (adv[:, None] * w[:, None] * dphi / n[:, None]).detach()
     return Terms(w * adv, coefficient, w, dphi.detach())
@@ -170,7 +254,8 @@ def _geometric_mean(log_ratio: Tensor, adv: Tensor, mask: Tensor, log_gate: LogG
 # --------------------------------------------------------------------------- objectives
 
 
-@register_objective("pg", level="token", agg="seq-mean-token-mean")
+@register_objective("pg", level="token", agg="seq-mean-token-mean", theory=("closed-form",),
+                    closed_form="sspo_analysis.theory.closed_forms:on_policy")
 def pg(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     """On-policy policy gradient, ``A * l`` with ``pi_old = sg[pi_theta]``: ``c = A``.
 
@@ -180,19 +265,34 @@ def pg(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     return Terms(adv * lp, adv.detach(), torch.ones_like(log_ratio))
 
 
-@register_objective("grpo", level="token", agg="seq-mean-token-mean", defaults={"eps_lo": 0.2, "eps_hi": 0.2})
+@register_objective(
+    "grpo",
+    level="token",
+    agg="seq-mean-token-mean",
+    defaults={"eps_lo": 0.2, "eps_hi": 0.2},
+    theory=("closed-form",),
+    closed_form="sspo_analysis.theory.closed_forms:ppo_clip",
+)
 def grpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """PPO-clip per token: ``c = A r 1[kept]``."""
     return _ppo_clip(log_ratio.exp(), adv, eps_lo, eps_hi)
 
 
-@register_objective("dapo", level="token", agg="token-mean", defaults={"eps_lo": 0.2, "eps_hi": 0.28})
+@register_objective(
+    "dapo",
+    level="token",
+    agg="token-mean",
+    defaults={"eps_lo": 0.2, "eps_hi": 0.28},
+    theory=("closed-form",),
+    closed_form="sspo_analysis.theory.closed_forms:ppo_clip",
+)
 def dapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """GRPO with clip-higher (``eps_hi = 0.28``) and token-mean aggregation."""
     return _ppo_clip(log_ratio.exp(), adv, eps_lo, eps_hi)
 
 
-@register_objective("cispo", level="token", agg="token-mean", defaults={"eps_max": 5.0})
+@register_objective("cispo", level="token", agg="token-mean", defaults={"eps_max": 5.0}, theory=("closed-form",),
+                    closed_form="sspo_analysis.theory.closed_forms:truncated_ratio")
 def cispo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_max: float) -> Terms:
     """Clipped IS-weight policy optimisation: ``sg[min(r, eps_max)] A l``; ``c = A min(r, eps_max)``."""
     ratio = log_ratio.exp()
@@ -209,7 +309,11 @@ def cispo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_max: float) -> Te
 
 
 @register_objective(
-    "sapo", level="token", agg="seq-mean-token-mean", defaults={"gate": "sigmoid", "tau_pos": 1.0, "tau_neg": 1.05}
+    "sapo",
+    level="token",
+    agg="seq-mean-token-mean",
+    defaults={"gate": "sigmoid", "tau_pos": 1.0, "tau_neg": 1.05},
+    theory=("quadrature",),
 )
 def sapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, gate: str, tau_pos: float, tau_neg: float) -> Terms:
     """Token soft gate in ratio space: ``f_tau(r) A``; ``c = A r g'(r - 1)``.
@@ -230,11 +334,18 @@ def sapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, gate: str, tau_pos: fl
     return Terms(value * adv, (adv * ratio * weight).detach(), ratio, weight.detach())
 
 
-@register_objective("gspo", level="sequence", agg="seq-mean-token-mean", defaults={"eps_lo": 3e-4, "eps_hi": 4e-4})
+@register_objective(
+    "gspo",
+    level="sequence",
+    agg="seq-mean-token-mean",
+    defaults={"eps_lo": 3e-4, "eps_hi": 4e-4},
+    theory=("closed-form",),
+    closed_form="sspo_analysis.theory.closed_forms:sequence_ppo_clip",
+)
 def gspo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """Sequence-level PPO-clip on ``s_i = exp(mean_t l)``; ``c = A s_i 1[kept_i] / T_i``."""
     n = _token_count(mask).clamp(min=1.0).to(log_ratio.dtype)
-    s = (torch.where(mask, log_ratio, 0.0).sum(-1) / n).exp()
+    s = geometric_mean_weight(log_ratio, mask)
     t = _ppo_clip(s, adv, eps_lo, eps_hi)
     coefficient = torch.where(mask, t.coefficient[:, None] / n[:, None], 0.0)
     kept = t.gate_weight[:, None].expand_as(log_ratio)
@@ -242,11 +353,12 @@ def gspo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi:
 
 
 def _gmpo_log_gate(eps_lo: float, eps_hi: float) -> LogGate:
+    # The hard clip to [-eps_lo, eps_hi] in log space, on the side sign(A) makes dangerous only:
+    # A > 0 clips the top, A < 0 the bottom.
+    clip = gates.get_gate("hard-clip", eps=(eps_lo, eps_hi))
+
     def log_gate(l: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
-        # A > 0: only the top is clipped; A < 0: only the bottom.
-        value = torch.where(positive, l.clamp(max=eps_hi), l.clamp(min=-eps_lo))
-        kept = torch.where(positive, l <= eps_hi, l >= -eps_lo)
-        return value, kept.to(l.dtype)
+        return gates.one_sided(clip, l, positive)
 
     return log_gate
 
@@ -257,14 +369,15 @@ def _gmpo_log_gate(eps_lo: float, eps_hi: float) -> LogGate:
     agg="seq-mean-token-mean",
     defaults={"eps_lo": 0.4, "eps_hi": 0.4},
     log_gate=_gmpo_log_gate,
+    theory=("closed-form",),
+    closed_form="sspo_analysis.theory.closed_forms:gmpo",
 )
 def gmpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """Geometric mean of token ratios, hard-clipped in log space on the side set by ``sign(A)``."""
     t = _geometric_mean(log_ratio, adv, mask, _gmpo_log_gate(eps_lo, eps_hi))
-    positive = (adv > 0)[:, None]
-    high = positive & (log_ratio > eps_hi) & mask
-    low = (adv < 0)[:, None] & (log_ratio < -eps_lo) & mask
-    return t._replace(clipped_low=low, clipped_high=high)
+    # A token is clipped where the gate cut its gradient; A = 0 counts on neither side.
+    cut = (t.gate_weight == 0) & mask
+    return t._replace(clipped_low=cut & (adv < 0)[:, None], clipped_high=cut & (adv > 0)[:, None])
 
 
 def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool, eps_lo: float, eps_hi: float) -> LogGate:
@@ -284,6 +397,7 @@ def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool, e
     agg="seq-mean-token-mean",
     defaults={"gate": "arctan", "tau_pos": 1.0, "tau_neg": 1.05, "one_sided": False, "eps_lo": 0.2, "eps_hi": 0.2},
     log_gate=_sspo_log_gate,
+    theory=("quadrature",),
 )
 def sspo(
     log_ratio: Tensor,
@@ -324,6 +438,7 @@ def _sspo_sigmoid_log_gate(tau_pos: float, tau_neg: float) -> LogGate:
     agg="seq-mean-token-mean",
     defaults={"tau_pos": 1.0, "tau_neg": 1.05},
     log_gate=_sspo_sigmoid_log_gate,
+    theory=("quadrature",),
 )
 def sspo_sigmoid(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, tau_pos: float, tau_neg: float) -> Terms:
     """Geometric mean of SAPO's ratio-space gates: ``w_i = exp(mean_t log(f(r)/f(1)))``.
@@ -331,6 +446,38 @@ def sspo_sigmoid(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, tau_pos: float
     Its on-policy coefficient is ``tau/2`` times GSPO's: only ``tau = 2`` is admissible.
     """
     return _geometric_mean(log_ratio, adv, mask, _sspo_sigmoid_log_gate(tau_pos, tau_neg))
+
+
+# --------------------------------------------------------------------------- reference estimators
+
+REFERENCE_ESTIMATORS: tuple[str, ...] = ("pg", "is-token", "is-seq")
+"""The theory's yardsticks: on-policy ``pg`` (also a training objective) and the two importance samplers."""
+
+SEQ_LOG_WEIGHT_CLAMP = 4.0 * LOG_RATIO_CLAMP
+"""``is-seq`` clamps ``sum_t l`` to ``[-80, 80]`` before ``exp``; a token clamp would be meaningless for a sum."""
+
+
+@register_objective("is-token", level="token", agg="seq-mean-token-mean", theory=("closed-form",),
+                    closed_form="sspo_analysis.theory.closed_forms:token_ratio", reference=True)
+def is_token(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
+    """Token importance sampling ``r A``: ``c = A r``."""
+    r = log_ratio.exp()
+    return Terms(r * adv, (adv * r).detach(), r)
+
+
+@register_objective("is-seq", level="sequence", agg="seq-mean-token-mean", theory=("closed-form",),
+                    closed_form="sspo_analysis.theory.closed_forms:sequence_ratio", reference=True)
+def is_seq(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
+    """Sequence importance sampling ``W A / T`` with ``W = exp(sum_t l)``: ``c = A W / T``.
+
+    Unbiased off policy, with variance ``exp(L s^2) - 1`` under the log-normal
+    model. The ``1 / T`` keeps the normalised coefficient ``c T / A = W``, so that
+    it is 1 on-policy like every sequence-level objective's.
+    """
+    n = _token_count(mask).clamp(min=1).to(log_ratio.dtype)
+    w = torch.where(mask, log_ratio, 0.0).sum(-1).clamp(-SEQ_LOG_WEIGHT_CLAMP, SEQ_LOG_WEIGHT_CLAMP).exp()
+    coefficient = torch.where(mask, (adv * w / n)[:, None], 0.0).detach()
+    return Terms(w * adv / n, coefficient, w)
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -383,14 +530,14 @@ class Objective:
                 "log_prob, old_log_prob, mask: must share one (B, T) shape; got "
                 f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(mask.shape)}"
             )
-        dtype = torch.float64 if torch.float64 in (log_prob.dtype, old_log_prob.dtype) else torch.float32
+        dtype = reduce_dtype(log_prob, old_log_prob)
         mask = mask.bool()
         diff = log_prob.to(dtype) - old_log_prob.to(dtype)
         # where, not multiply: a masked inf must not become inf * 0 = nan.
-        log_ratio = torch.where(mask, diff, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        log_ratio = clamp_log_ratio(torch.where(mask, diff, 0.0))
         adv = torch.where(mask, _as_token_advantages(advantages, log_prob.shape).to(dtype), 0.0)
         if self.level == "sequence":
-            adv = adv.sum(-1) / _token_count(mask).clamp(min=1.0).to(dtype)
+            adv = sequence_mean(adv, mask)
         t = self.spec.fn(log_ratio, adv, mask, **self.params)
         zero = torch.zeros((), dtype=dtype)
         t = t._replace(coefficient=torch.where(mask, t.coefficient, zero))
@@ -461,63 +608,83 @@ def compute_metrics(
     """
     with torch.no_grad():
         f32 = torch.float32
-        m = mask
-        n_tok = m.sum().clamp(min=1).to(f32)
         lr = log_ratio.detach().to(f32)
-        ratio = lr.exp()
-
-        def masked_mean(x: Tensor, where: Tensor = m) -> Tensor:
-            return torch.where(where, x.to(f32), 0.0).sum() / where.sum().clamp(min=1).to(f32)
-
-        def masked_var(x: Tensor, where: Tensor) -> Tensor:
-            mu = masked_mean(x, where)
-            return masked_mean((x.to(f32) - mu) ** 2, where)
-
-        big = torch.finfo(f32).max
-        seq_ok = m.any(-1)
-        n_seq_tok = m.sum(-1).clamp(min=1).to(f32)
-        if t.weight.dim() == 1:
-            seq_w = t.weight.detach().to(f32)
-        else:  # token objectives: the geometric-mean ratio of each sequence
-            seq_w = (torch.where(m, lr, 0.0).sum(-1) / n_seq_tok).exp()
-        w_ok = torch.where(seq_ok, seq_w, 0.0)
-        ess = w_ok.sum() ** 2 / ((w_ok**2).sum() * seq_ok.sum().clamp(min=1)).clamp(min=1e-30)
-        tok_adv = adv if adv.dim() == 2 else adv[:, None].expand_as(m)
-        signal = m & (tok_adv != 0)
-        dead = masked_mean((t.coefficient == 0).to(f32), signal)
-        # c normalised so that on-policy it is 1: c / A (token), c T_i / A_i (sequence).
-        scale = n_seq_tok[:, None] if t.weight.dim() == 1 else torch.ones_like(lr)
-        coef_norm = torch.where(signal, t.coefficient.to(f32) * scale / torch.where(signal, tok_adv.to(f32), 1.0), 0.0)
-        zeros = torch.zeros_like(m)
-        low = t.clipped_low if t.clipped_low is not None else zeros
-        high = t.clipped_high if t.clipped_high is not None else zeros
-        gate_w = t.gate_weight if t.gate_weight is not None else torch.ones_like(lr)
         values = {
             "loss": loss.detach().to(f32) if loss is not None else torch.tensor(float("nan")),
-            "ratio_mean": masked_mean(ratio),
-            "ratio_std": masked_var(ratio, m).sqrt(),
-            "ratio_min": torch.where(m, ratio, big).min() if m.any() else torch.tensor(1.0),
-            "ratio_max": torch.where(m, ratio, -big).max() if m.any() else torch.tensor(1.0),
-            "log_ratio_mean": masked_mean(lr),
-            "log_ratio_std": masked_var(lr, m).sqrt(),
-            "seq_weight_mean": masked_mean(seq_w, seq_ok),
-            "seq_weight_var": masked_var(seq_w, seq_ok),
-            "ess_frac": ess if seq_ok.any() else torch.tensor(1.0),
-            "dead_frac": dead,
-            "coef_norm_mean": masked_mean(coef_norm, signal),
-            "coef_norm_var": masked_var(coef_norm, signal),
-            "clip_frac_low": masked_mean(low.to(f32)),
-            "clip_frac_high": masked_mean(high.to(f32)),
-            "gate_weight_mean": masked_mean(gate_w),
-            "kl_old_k3": masked_mean(torch.expm1(lr) - lr),
-            "n_tokens": n_tok,
+            **_ratio_metrics(lr, mask),
+            **_sequence_weight_metrics(t, lr, mask),
+            **_coefficient_metrics(t, adv, mask),
+            **_gate_metrics(t, lr, mask),
+            "kl_old_k3": _mean32(k3_kl(lr), mask),
+            "n_tokens": mask.sum().clamp(min=1).to(f32),
         }
         stacked = torch.stack([v.to(f32).reshape(()) for v in values.values()]).tolist()
         return dict(zip(values.keys(), stacked))
 
 
+def _mean32(x: Tensor, where: Tensor) -> Tensor:
+    """Masked mean in float32 (the metrics' precision whatever the objective's dtype)."""
+    return masked_mean(x.to(torch.float32), where)
+
+
+def _var32(x: Tensor, where: Tensor) -> Tensor:
+    return masked_var(x.to(torch.float32), where)
+
+
+def _ratio_metrics(lr: Tensor, m: Tensor) -> dict[str, Tensor]:
+    ratio = lr.exp()
+    big = torch.finfo(torch.float32).max
+    return {
+        "ratio_mean": _mean32(ratio, m),
+        "ratio_std": _var32(ratio, m).sqrt(),
+        "ratio_min": torch.where(m, ratio, big).min() if m.any() else torch.tensor(1.0),
+        "ratio_max": torch.where(m, ratio, -big).max() if m.any() else torch.tensor(1.0),
+        "log_ratio_mean": _mean32(lr, m),
+        "log_ratio_std": _var32(lr, m).sqrt(),
+    }
+
+
+def _sequence_weight_metrics(t: Terms, lr: Tensor, m: Tensor) -> dict[str, Tensor]:
+    """Moments and effective sample size of the sequence weights (the geometric-mean ratio for token objectives)."""
+    seq_ok = m.any(-1)
+    seq_w = t.weight.detach().to(torch.float32) if t.weight.dim() == 1 else geometric_mean_weight(lr, m)
+    w_ok = torch.where(seq_ok, seq_w, 0.0)
+    ess = w_ok.sum() ** 2 / ((w_ok**2).sum() * seq_ok.sum().clamp(min=1)).clamp(min=1e-30)
+    return {
+        "seq_weight_mean": _mean32(seq_w, seq_ok),
+        "seq_weight_var": _var32(seq_w, seq_ok),
+        "ess_frac": ess if seq_ok.any() else torch.tensor(1.0),
+    }
+
+
+def _coefficient_metrics(t: Terms, adv: Tensor, m: Tensor) -> dict[str, Tensor]:
+    f32 = torch.float32
+    tok_adv = adv if adv.dim() == 2 else adv[:, None].expand_as(m)
+    signal = m & (tok_adv != 0)
+    # c normalised so that on-policy it is 1: c / A (token), c T_i / A_i (sequence).
+    scale = m.sum(-1).clamp(min=1).to(f32)[:, None] if t.weight.dim() == 1 else torch.ones_like(m, dtype=f32)
+    coef_norm = torch.where(signal, t.coefficient.to(f32) * scale / torch.where(signal, tok_adv.to(f32), 1.0), 0.0)
+    return {
+        "dead_frac": _mean32(t.coefficient == 0, signal),
+        "coef_norm_mean": _mean32(coef_norm, signal),
+        "coef_norm_var": _var32(coef_norm, signal),
+    }
+
+
+def _gate_metrics(t: Terms, lr: Tensor, m: Tensor) -> dict[str, Tensor]:
+    zeros = torch.zeros_like(m)
+    low = t.clipped_low if t.clipped_low is not None else zeros
+    high = t.clipped_high if t.clipped_high is not None else zeros
+    gate_w = t.gate_weight if t.gate_weight is not None else torch.ones_like(lr)
+    return {
+        "clip_frac_low": _mean32(low, m),
+        "clip_frac_high": _mean32(high, m),
+        "gate_weight_mean": _mean32(gate_w, m),
+    }
+
+
 def get_objective(name: str, agg: str | None = None, horizon: int | None = None, **params: Any) -> Objective:
-    """Build an objective by registry name.
+    """Build a training objective by registry name.
 
     Args:
         name: one of :func:`objective_names`.
@@ -527,7 +694,29 @@ def get_objective(name: str, agg: str | None = None, horizon: int | None = None,
             ``eps`` sets ``eps_lo`` and ``eps_hi`` together, ``tau`` sets
             ``tau_pos`` and ``tau_neg`` together.
     """
-    spec = get_spec(name)
+    return _build(get_spec(name), agg, horizon, params)
+
+
+def resolve_objective(objective: str | Objective, **params: Any) -> Objective:
+    """An :class:`Objective` from a name (a training objective or a reference estimator) and its parameters.
+
+    The theory and the simulators resolve names here, so they accept ``is-token``
+    and ``is-seq`` too. An :class:`Objective` instance is returned as it is
+    (``params`` must then be empty).
+    """
+    if isinstance(objective, Objective):
+        if params:
+            raise ValueError(f"objective: parameters {sorted(params)} given with an Objective instance; "
+                             "build the instance with them instead")
+        return objective
+    if not isinstance(objective, str):
+        raise ValueError(f"objective: expected a name or an Objective, got {type(objective).__name__}")
+    return _build(get_spec(objective, include_references=True), None, None, params)
+
+
+def _build(spec: ObjectiveSpec, agg: str | None, horizon: int | None, params: dict[str, Any]) -> Objective:
+    """Bind ``spec`` to its parameters (defaults merged, ``eps`` / ``tau`` expanded, checked) and an aggregation."""
+    name = spec.name
     merged = dict(spec.defaults)
     params = dict(params)
     if "eps" in params and "eps_lo" in merged:
@@ -549,7 +738,7 @@ def get_objective(name: str, agg: str | None = None, horizon: int | None = None,
             f"objective {name!r} is sequence-level: agg={agg!r} weights each sequence by its length, "
             "so long responses count more",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return Objective(name, merged, agg, horizon, spec)
 

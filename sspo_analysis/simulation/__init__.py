@@ -5,16 +5,18 @@
 - :func:`staleness_study`: a tabular autoregressive policy; the bias and
   variance of each objective's gradient estimate against the exact on-policy
   gradient (by enumeration) as the policy lag grows.
+
+Objective names resolve through :func:`sspo_analysis.objectives.resolve_objective`
+(the reference estimators ``is-token`` and ``is-seq`` included); the advantages
+and the entropy are :mod:`sspo_analysis.primitives`'.
 """
 
-from sspo_analysis.simulation.bandit import entropy, entropy_change_first_order, group_advantages, run_bandit
+from sspo_analysis.simulation.bandit import entropy_change_first_order, run_bandit
 from sspo_analysis.simulation.sequence import TabularPolicy, staleness_study
 
 __all__ = [
     "TabularPolicy",
-    "entropy",
     "entropy_change_first_order",
-    "group_advantages",
     "run_bandit",
     "staleness_study",
 ]

@@ -15,31 +15,31 @@ arXiv 2505.22617),
 
 Each step records this prediction with the step's actual ``dz`` and the
 realised change; their gap is second order in ``dz`` (see the tests).
+
+The advantages and the entropy are the package's primitives
+(:func:`sspo_analysis.primitives.group_advantages`, with the trainer's
+``ADVANTAGE_EPS = 1e-4`` added to the group std, and
+:func:`sspo_analysis.primitives.entropy_from_logits`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sspo_analysis.objectives import Objective
-from sspo_analysis.theory.estimators import resolve_objective
+from sspo_analysis.objectives import Objective, resolve_objective
+from sspo_analysis.primitives import entropy_from_logits, group_advantages
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["run_bandit", "entropy", "entropy_change_first_order", "group_advantages"]
+__all__ = ["run_bandit", "entropy_change_first_order"]
 
 _METRICS = ("dead_frac", "clip_frac_low", "clip_frac_high", "ratio_min", "ratio_max", "log_ratio_std",
             "coef_norm_mean", "seq_weight_mean", "ess_frac")
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last dimension."""
-    logp = torch.log_softmax(logits, -1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def entropy_change_first_order(logits: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
@@ -48,14 +48,6 @@ def entropy_change_first_order(logits: torch.Tensor, dz: torch.Tensor) -> torch.
     p = logp.exp()
     centred = logp - (p * logp).sum(-1, keepdim=True)
     return -(p * centred * (dz - (p * dz).sum(-1, keepdim=True))).sum(-1)
-
-
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised advantages ``(R - mean_g R) / (std_g R + eps)`` over the last dim (Dr.GRPO: ``scale=False``)."""
-    centred = rewards - rewards.mean(-1, keepdim=True)
-    if not scale:
-        return centred
-    return centred / (rewards.std(-1, keepdim=True) + eps)
 
 
 def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
@@ -113,60 +105,92 @@ def run_bandit(
     obj = resolve_objective(objective, **params)
     steps = _check_positive_int(steps, "steps")
     n_actions = _check_positive_int(n_actions, "n_actions", 2)
-    group_size = _check_positive_int(group_size, "group_size", 2)
-    updates_per_batch = _check_positive_int(updates_per_batch, "updates_per_batch")
-    n_groups = _check_positive_int(n_groups, "n_groups")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr: must be a finite number > 0, got {lr!r}")
+    setup = _Setup(
+        steps=steps,
+        group_size=_check_positive_int(group_size, "group_size", 2),
+        updates_per_batch=_check_positive_int(updates_per_batch, "updates_per_batch"),
+        n_groups=_check_positive_int(n_groups, "n_groups"),
+        lr=_check_lr(lr),
+        scale_advantages=scale_advantages,
+    )
     n_correct = max(1, n_actions // 8) if n_correct is None else n_correct
     if not 1 <= n_correct < n_actions:
         raise ValueError(f"n_correct: must be in [1, n_actions), got {n_correct!r}")
 
-    reference = resolve_objective("pg")
     gen = torch.Generator().manual_seed(seed)
-    dt = torch.float64
-    z = init_scale * torch.randn(n_actions, generator=gen, dtype=dt)
-    correct = torch.zeros(n_actions, dtype=dt)
+    z = init_scale * torch.randn(n_actions, generator=gen, dtype=torch.float64)
+    correct = torch.zeros(n_actions, dtype=torch.float64)
     correct[torch.randperm(n_actions, generator=gen)[:n_correct]] = 1.0
-    batch = n_groups * group_size
-    mask = torch.ones(batch, 1, dtype=torch.bool)
     rows = []
-    for step in range(steps):
-        z_before = z.detach().clone()
-        with torch.no_grad():
-            p = torch.softmax(z_before, -1)
-            actions = torch.multinomial(p, batch, replacement=True, generator=gen)
-            rewards = correct[actions]
-            adv = group_advantages(rewards.view(n_groups, group_size), scale_advantages).reshape(batch)
-            old_lp = torch.log_softmax(z_before, -1)[actions].view(batch, 1)
-        # The same number of plain on-policy steps from z_before, to first order: what the step
-        # would do to the entropy without importance weights, gates or clipping.
-        zv = z_before.clone().requires_grad_(True)
-        pg_loss, _ = reference(torch.log_softmax(zv, -1)[actions].view(batch, 1), old_lp, adv, mask)
-        dz_pg = -updates_per_batch * lr * torch.autograd.grad(pg_loss, zv)[0]
-        metrics: dict[str, float] = {}
-        for _ in range(updates_per_batch):
-            zv = z.detach().requires_grad_(True)
-            lp = torch.log_softmax(zv, -1)[actions].view(batch, 1)
-            loss, metrics = obj(lp, old_lp, adv, mask)
-            (grad,) = torch.autograd.grad(loss, zv)
-            z = (zv - lr * grad).detach()
-        dz = z - z_before
-        h_before, h_after = entropy(z_before), entropy(z)
-        rows.append({
-            "step": step,
-            "objective": obj.name,
-            "entropy": float(h_before),
-            "reward": float(rewards.mean()),
-            "expected_reward": float((p * correct).sum()),
-            "entropy_change_pred": float(entropy_change_first_order(z_before, dz)),
-            "entropy_change_real": float(h_after - h_before),
-            "entropy_change_pred_pg": float(entropy_change_first_order(z_before, dz_pg)),
-            "dz_norm": float(dz.norm()),
-            **{k: metrics.get(k, math.nan) for k in _METRICS},
-        })
+    for step in range(setup.steps):
+        z, row = _bandit_step(obj, z, correct, setup, gen)
+        rows.append({"step": step, "objective": obj.name, **row})
     frame = pd.DataFrame(rows)
     frame["lr"] = float(lr)
     frame["updates_per_batch"] = updates_per_batch
     frame["seed"] = seed
     return frame
+
+
+def _check_lr(lr: float) -> float:
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr: must be a finite number > 0, got {lr!r}")
+    return lr
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The bandit's training settings, checked."""
+
+    steps: int
+    group_size: int
+    updates_per_batch: int
+    n_groups: int
+    lr: float
+    scale_advantages: bool
+
+
+def _sgd(objective: Objective, z: torch.Tensor, actions: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor,
+         setup: _Setup) -> tuple[torch.Tensor, dict[str, float]]:
+    """``updates_per_batch`` SGD steps on the logits with the objective's loss; the new logits and the last metrics."""
+    mask = torch.ones(actions.shape[0], 1, dtype=torch.bool)
+    metrics: dict[str, float] = {}
+    for _ in range(setup.updates_per_batch):
+        zv = z.detach().requires_grad_(True)
+        lp = torch.log_softmax(zv, -1)[actions].view(-1, 1)
+        loss, metrics = objective(lp, old_lp, adv, mask)
+        (grad,) = torch.autograd.grad(loss, zv)
+        z = (zv - setup.lr * grad).detach()
+    return z, metrics
+
+
+def _bandit_step(obj: Objective, z: torch.Tensor, correct: torch.Tensor, setup: _Setup,
+                 gen: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One sampling step and its updates; the new logits and the step's record."""
+    batch = setup.n_groups * setup.group_size
+    z_before = z.detach().clone()
+    with torch.no_grad():
+        p = torch.softmax(z_before, -1)
+        actions = torch.multinomial(p, batch, replacement=True, generator=gen)
+        rewards = correct[actions]
+        adv = group_advantages(rewards.view(setup.n_groups, setup.group_size), setup.scale_advantages).reshape(batch)
+        old_lp = torch.log_softmax(z_before, -1)[actions].view(batch, 1)
+    # The same number of plain on-policy steps from z_before, to first order: what the step
+    # would do to the entropy without importance weights, gates or clipping.
+    zv = z_before.clone().requires_grad_(True)
+    mask = torch.ones(batch, 1, dtype=torch.bool)
+    pg_loss, _ = resolve_objective("pg")(torch.log_softmax(zv, -1)[actions].view(batch, 1), old_lp, adv, mask)
+    dz_pg = -setup.updates_per_batch * setup.lr * torch.autograd.grad(pg_loss, zv)[0]
+    z, metrics = _sgd(obj, z, actions, old_lp, adv, setup)
+    dz = z - z_before
+    h_before, h_after = entropy_from_logits(z_before), entropy_from_logits(z)
+    return z, {
+        "entropy": float(h_before),
+        "reward": float(rewards.mean()),
+        "expected_reward": float((p * correct).sum()),
+        "entropy_change_pred": float(entropy_change_first_order(z_before, dz)),
+        "entropy_change_real": float(h_after - h_before),
+        "entropy_change_pred_pg": float(entropy_change_first_order(z_before, dz_pg)),
+        "dz_norm": float(dz.norm()),
+        **{k: metrics.get(k, math.nan) for k in _METRICS},
+    }

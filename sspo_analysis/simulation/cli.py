@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from sspo_analysis.theory.cli import add_objective_flags, int_list, objective_params, str_list
+from sspo_analysis.theory._cli_util import add_objective_flags, int_list, objective_params, str_list
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,7 +65,7 @@ def _write(frame: pd.DataFrame, path: str | None) -> None:
 
 
 def _objectives(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    from sspo_analysis.theory import resolve_objective
+    from sspo_analysis.objectives import resolve_objective
 
     names = str_list(args.objectives)
     if not names:

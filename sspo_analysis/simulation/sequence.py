@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sspo_analysis.objectives import Objective
-from sspo_analysis.simulation.bandit import group_advantages
-from sspo_analysis.theory.estimators import resolve_objective
+from sspo_analysis.objectives import Objective, resolve_objective
+from sspo_analysis.primitives import group_advantages
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -152,54 +151,70 @@ def staleness_study(
     path = [theta0]
     for _ in range(lags[-1]):
         path.append(path[-1] + path_lr * space.exact_gradient(path[-1]))
+    study = _Study(space, theta0, group_size, groups_per_batch, n_batches)
+    settings = {"length": length, "vocab": vocab, "group_size": group_size, "n_batches": n_batches,
+                "path_lr": float(path_lr), "seed": seed}
+    rows = [{"objective": obj.name, "staleness": k, **_lag_row(obj, study, path[k], gen), **settings} for k in lags]
+    return pd.DataFrame(rows)
 
+
+@dataclass(frozen=True)
+class _Study:
+    """What every lag of a staleness study shares: the sequence space, the behaviour policy and the batch shape."""
+
+    space: TabularPolicy
+    theta0: torch.Tensor
+    group_size: int
+    groups_per_batch: int
+    n_batches: int
+
+
+def _estimates(obj: Objective, study: _Study, theta: torch.Tensor,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """``n_batches`` gradient estimates ``-grad loss`` at ``theta`` from batches sampled under ``theta0``.
+
+    Returns the estimates (n_batches, P), the samples' token log-ratios and the objective's metrics.
+    """
+    space, n_batches, length = study.space, study.n_batches, study.space.length
     ys = space.sequences()
     with torch.no_grad():
-        p_old = space.token_log_probs(theta0, ys).sum(-1).exp()
-    per_batch = groups_per_batch * group_size
-    rows = []
-    for k in lags:
-        theta = path[k]
-        target = (1.0 - 1.0 / group_size) / length * space.exact_gradient(theta).reshape(-1)
-        idx = torch.multinomial(p_old, n_batches * per_batch, replacement=True, generator=gen)
-        y = ys[idx].view(n_batches, per_batch, length)
-        rewards = space.reward(y).view(n_batches, groups_per_batch, group_size)
-        adv = group_advantages(rewards, scale=False).reshape(-1)
-        with torch.no_grad():
-            old_lp = space.token_log_probs(theta0, y.reshape(-1, length))
-        tables = theta.expand(n_batches, *space.shape).clone().requires_grad_(True)
-        lp = space.token_log_probs(tables, y).reshape(-1, length)
-        mask = torch.ones_like(lp, dtype=torch.bool)
-        loss, metrics = obj(lp, old_lp, adv, mask)
-        (grad,) = torch.autograd.grad(loss, tables)
-        # The loss averages over all batches' sequences (equal lengths): each batch
-        # contributes 1 / n_batches of its own loss.
-        g_hat = -n_batches * grad.reshape(n_batches, -1)
-        mean = g_hat.mean(0)
-        var = float(((g_hat - mean) ** 2).sum(-1).mean()) * n_batches / (n_batches - 1)
-        norm2 = float(target.pow(2).sum())
-        err2 = float((mean - target).pow(2).sum())
-        lr_tok = (lp.detach() - old_lp)
-        rows.append({
-            "objective": obj.name,
-            "staleness": k,
-            "kl": space.kl(theta0, theta),
-            "log_ratio_std": float(lr_tok.std()),
-            "bias": math.sqrt(max(err2 - var / n_batches, 0.0) / norm2),
-            "bias_raw": math.sqrt(err2 / norm2),
-            "variance": var / norm2,
-            "mse": max(err2 - var / n_batches, 0.0) / norm2 + var / norm2,
-            "cosine": float(mean @ target) / math.sqrt(float(mean.pow(2).sum()) * norm2),
-            "scale": float(mean @ target) / norm2,
-            "mean_stderr": math.sqrt(var / n_batches / norm2),
-            "dead_frac": metrics["dead_frac"],
-            "coef_norm_mean": metrics["coef_norm_mean"],
-            "ess_frac": metrics["ess_frac"],
-            "length": length,
-            "vocab": vocab,
-            "group_size": group_size,
-            "n_batches": n_batches,
-            "path_lr": float(path_lr),
-            "seed": seed,
-        })
-    return pd.DataFrame(rows)
+        p_old = space.token_log_probs(study.theta0, ys).sum(-1).exp()
+    per_batch = study.groups_per_batch * study.group_size
+    idx = torch.multinomial(p_old, n_batches * per_batch, replacement=True, generator=gen)
+    y = ys[idx].view(n_batches, per_batch, length)
+    rewards = space.reward(y).view(n_batches, study.groups_per_batch, study.group_size)
+    adv = group_advantages(rewards, scale=False).reshape(-1)
+    with torch.no_grad():
+        old_lp = space.token_log_probs(study.theta0, y.reshape(-1, length))
+    tables = theta.expand(n_batches, *space.shape).clone().requires_grad_(True)
+    lp = space.token_log_probs(tables, y).reshape(-1, length)
+    loss, metrics = obj(lp, old_lp, adv, torch.ones_like(lp, dtype=torch.bool))
+    (grad,) = torch.autograd.grad(loss, tables)
+    # The loss averages over all batches' sequences (equal lengths): each batch
+    # contributes 1 / n_batches of its own loss.
+    return -n_batches * grad.reshape(n_batches, -1), lp.detach() - old_lp, metrics
+
+
+def _lag_row(obj: Objective, study: _Study, theta: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+    """Bias, variance and the objective's metrics at one lag (current policy ``theta``)."""
+    space, n_batches = study.space, study.n_batches
+    target = (1.0 - 1.0 / study.group_size) / space.length * space.exact_gradient(theta).reshape(-1)
+    g_hat, log_ratios, metrics = _estimates(obj, study, theta, gen)
+    mean = g_hat.mean(0)
+    var = float(((g_hat - mean) ** 2).sum(-1).mean()) * n_batches / (n_batches - 1)
+    norm2 = float(target.pow(2).sum())
+    err2 = float((mean - target).pow(2).sum())
+    return {
+        "kl": space.kl(study.theta0, theta),
+        "log_ratio_std": float(log_ratios.std()),
+        "bias": math.sqrt(max(err2 - var / n_batches, 0.0) / norm2),
+        "bias_raw": math.sqrt(err2 / norm2),
+        "variance": var / norm2,
+        "mse": max(err2 - var / n_batches, 0.0) / norm2 + var / norm2,
+        "cosine": float(mean @ target) / math.sqrt(float(mean.pow(2).sum()) * norm2),
+        "scale": float(mean @ target) / norm2,
+        "mean_stderr": math.sqrt(var / n_batches / norm2),
+        "dead_frac": metrics["dead_frac"],
+        "coef_norm_mean": metrics["coef_norm_mean"],
+        "ess_frac": metrics["ess_frac"],
+    }

@@ -3,9 +3,12 @@
 Models of the token log-ratio (:class:`LogNormalRatios`, :class:`EmpiricalRatios`),
 the moments of every objective's gradient coefficient and importance weight
 (:func:`analyse`, by closed form, Gauss-Hermite quadrature or Monte Carlo) and
-tidy grids of them (:func:`sweep`). The formulas are those of ``SPEC.md``
-("Analytic model"); every gate and objective comes from
-:mod:`sspo_analysis.objectives`.
+tidy grids of them (:func:`sweep`). The notation and the formulas are stated in
+``docs/theory.md``; every gate and objective comes from
+:mod:`sspo_analysis.objectives`, where each objective declares the analytic
+methods that hold for it (``register_objective(..., theory=...)``). The
+reference estimators and :func:`resolve_objective` live there too and are
+re-exported here.
 
 Example::
 
@@ -15,8 +18,8 @@ Example::
     (0.8849, 'quadrature')
 """
 
+from sspo_analysis.objectives import REFERENCE_ESTIMATORS, all_objective_names, resolve_objective
 from sspo_analysis.theory.analysis import METHODS, RESULT_KEYS, STATS, TheoryResult, analyse, available_methods, sweep
-from sspo_analysis.theory.estimators import REFERENCE_ESTIMATORS, all_objective_names, resolve_objective
 from sspo_analysis.theory.models import EmpiricalRatios, LogNormalRatios
 
 __all__ = [

@@ -35,6 +35,7 @@ estimators over sequences, so tokens of one sequence may be correlated.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -43,18 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.special import ndtr
 
 from sspo_analysis import gates as gates_mod
-from sspo_analysis.objectives import Objective, get_spec
-from sspo_analysis.theory.estimators import all_objective_names, resolve_objective
+from sspo_analysis.objectives import Objective, ObjectiveSpec, all_objective_names, get_spec, resolve_objective
+from sspo_analysis.theory.closed_forms import LogNormalGrid, geometric_moments, lognormal_moments
 from sspo_analysis.theory.models import (
     EmpiricalRatios,
     LogNormalRatios,
     check_correlation,
     check_length,
     check_std,
-    sum_variance,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +74,6 @@ DEFAULT_QUAD_NODES = 8
 MC_CHUNK_TOKENS = 1 << 19
 """Monte Carlo evaluates the objective on at most this many tokens at a time."""
 
-_CLOSED_FORM = ("pg", "is-token", "is-seq", "grpo", "dapo", "cispo", "gspo", "gmpo")
 _SMOOTH_GATES = (*gates_mod.SOFT_GATES, "identity")
 _SIGNS = {"+": 1, "-": -1, "+1": 1, "-1": -1, "1": 1, "pos": 1, "neg": -1, "positive": 1, "negative": -1}
 
@@ -137,24 +135,19 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _analytic_method(obj: Objective, iid: bool) -> str | None:
-    """``closed-form`` or ``quadrature`` when the objective has one under a log-normal model, else None.
+def _analytic_methods(obj: Objective, iid: bool) -> tuple[str, ...]:
+    """The analytic methods the objective declared at registration that hold for this model, in its order.
 
-    Objectives registered elsewhere get Monte Carlo through their own code: the
-    theory cannot know whether their coefficient is smooth enough for quadrature.
+    A geometric mean (an objective with a ``log_gate``) factorises over
+    independent tokens only; the quadrature needs a smooth gate (a kink inside a
+    panel would cost it its accuracy). Everything else is the objective's own
+    declaration (``register_objective(..., theory=...)``).
     """
-    name, smooth = obj.name, obj.params.get("gate", "identity") in _SMOOTH_GATES
-    if name in ("grpo", "dapo", "cispo", "gspo", "pg", "is-token", "is-seq"):
-        return "closed-form"  # token marginals and sums of Gaussians: exact also under AR(1)
-    if name == "sapo":
-        return "quadrature" if smooth else None  # a token marginal: correlation does not matter
-    if not iid:
-        return None  # the geometric means factorise over independent tokens only
-    if name == "gmpo":
-        return "closed-form"
-    if name in ("sspo", "sspo-sigmoid") and smooth:
-        return "quadrature"
-    return None
+    spec = obj.spec
+    if spec.make_log_gate is not None and not iid:
+        return ()
+    smooth = obj.params.get("gate", "identity") in _SMOOTH_GATES
+    return tuple(m for m in spec.theory if m != "quadrature" or smooth)
 
 
 def available_methods(objective: str | Objective, model: LogNormalRatios | EmpiricalRatios | None = None,
@@ -163,107 +156,31 @@ def available_methods(objective: str | Objective, model: LogNormalRatios | Empir
     obj = resolve_objective(objective, **params)
     if isinstance(model, EmpiricalRatios):
         return ("monte-carlo",)
-    analytic = _analytic_method(obj, model is None or model.iid)
-    return (analytic, "monte-carlo") if analytic else ("monte-carlo",)
+    return (*_analytic_methods(obj, model is None or model.iid), "monte-carlo")
 
 
 # --------------------------------------------------------------------------- closed forms
 
 
-def _partial_moment(k: float | np.ndarray, a: float, b: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``E[r^k 1{a < l < b}]`` for ``l ~ N(m, s^2)``, ``r = e^l`` (``a``, ``b`` may be infinite)."""
-    mu = m + k * s * s
-    scale = np.exp(k * m + 0.5 * k * k * s * s)
-    alpha, beta = (a - mu) / s, (b - mu) / s
-    # Difference of the upper tails when the interval sits in the upper half: no cancellation.
-    prob = np.where(alpha > 0, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha))
-    return scale * prob
+def closed_form_hook(spec: ObjectiveSpec) -> Any:
+    """The objective's closed-form function, importing a ``"module:function"`` path on first use."""
+    hook = spec.closed_form
+    return _import_hook(spec.name, hook) if isinstance(hook, str) else hook
 
 
-def _lognormal_moments(mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``E[X]``, ``E[X^2]`` for ``log X ~ N(mu, var)``."""
-    with np.errstate(over="ignore"):
-        return np.exp(mu + var / 2), np.exp(2 * mu + 2 * var)
-
-
-def _ratio_clip(mu: np.ndarray, sd: np.ndarray, sign: int, eps_lo: float, eps_hi: float) -> dict[str, np.ndarray]:
-    """Coefficient moments of ``x 1[kept]``, ``log x ~ N(mu, sd^2)``, PPO's clip on ``x``."""
-    if sign > 0:
-        a, b = -np.inf, math.log1p(eps_hi)
-        dead = ndtr((mu - b) / sd)
-    else:
-        a, b = (math.log1p(-eps_lo) if eps_lo < 1 else -np.inf), np.inf
-        dead = ndtr((a - mu) / sd) if eps_lo < 1 else np.zeros_like(mu)
-    mean = _partial_moment(1.0, a, b, mu, sd)
-    second = _partial_moment(2.0, a, b, mu, sd)
-    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
-
-
-def _geometric(m1: np.ndarray, m2: np.ndarray, c1: np.ndarray, c2: np.ndarray, L: np.ndarray) -> dict[str, np.ndarray]:
-    """Moments of a geometric-mean objective from the one-token factors.
-
-    ``m1 = E[e^{phi/L}]``, ``m2 = E[e^{2 phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
-    ``c2 = E[e^{2 phi/L} phi'^2]``: ``E[w^q] = M(q/L)^L`` and
-    ``E[(w phi'_t)^q] = E[e^{q phi/L} phi'^q] M(q/L)^(L-1)`` for i.i.d. tokens.
-    """
-    with np.errstate(over="ignore", divide="ignore"):
-        lm1, lm2 = np.log(m1), np.log(m2)
-        mean_c = c1 * np.exp((L - 1) * lm1)
-        second_c = c2 * np.exp((L - 1) * lm2)
-        mean_w, second_w = np.exp(L * lm1), np.exp(L * lm2)
-    return {"mean_coefficient": mean_c, "var_coefficient": second_c - mean_c**2,
-            "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
+@functools.cache
+def _import_hook(name: str, path: str) -> Any:
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"objective {name!r}: closed_form {path!r} cannot be imported ({err})") from None
 
 
 def _closed_form(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sign: int,
                  rho: float) -> dict[str, np.ndarray]:
-    """Closed forms; ``m``, ``s`` (S, 1) and ``L`` (1, K) broadcast to (S, K)."""
-    p, name = obj.params, obj.name
-    zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
-    out: dict[str, np.ndarray]
-    if name == "pg":
-        return {"mean_coefficient": zeros + 1, "var_coefficient": zeros, "dead_fraction": zeros,
-                "mean_weight": zeros + 1, "var_weight": zeros, "ess_fraction": zeros + 1}
-    if name == "is-seq":
-        var_sum = sum_variance(s, L, rho)
-        mean_w, second_w = _lognormal_moments(L * m, var_sum)
-        return {"mean_coefficient": mean_w, "var_coefficient": second_w - mean_w**2, "dead_fraction": zeros,
-                "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": np.exp(-var_sum) + zeros}
-    if name == "gspo":
-        sd = np.sqrt(sum_variance(s, L, rho)) / L  # std of mean_t l
-        out = _ratio_clip(m, sd, sign, p["eps_lo"], p["eps_hi"])
-        mean_w, second_w = _lognormal_moments(m, sd**2)
-    elif name == "gmpo":
-        k1, k2 = 1.0 / L, 2.0 / L
-        if sign > 0:
-            a, b = -np.inf, p["eps_hi"]
-            tail, edge = ndtr((m - b) / s), b
-        else:
-            a, b = -p["eps_lo"], np.inf
-            tail, edge = ndtr((a - m) / s), a
-        c1, c2 = _partial_moment(k1, a, b, m, s), _partial_moment(k2, a, b, m, s)
-        out = _geometric(c1 + np.exp(k1 * edge) * tail, c2 + np.exp(k2 * edge) * tail, c1, c2, L)
-        out["dead_fraction"] = tail + zeros
-        return {k: v + zeros for k, v in out.items()}
-    else:  # token objectives: one token's marginal N(m, s^2), whatever the correlation
-        if name in ("grpo", "dapo"):
-            out = _ratio_clip(m, s, sign, p["eps_lo"], p["eps_hi"])
-        elif name == "cispo":
-            eps_max = p["eps_max"]
-            b = math.log(eps_max) if eps_max > 0 else -np.inf
-            above = ndtr((m - b) / s)
-            mean = _partial_moment(1.0, -np.inf, b, m, s) + eps_max * above
-            second = _partial_moment(2.0, -np.inf, b, m, s) + eps_max**2 * above
-            out = {"mean_coefficient": mean, "var_coefficient": second - mean**2,
-                   "dead_fraction": zeros + (1.0 if eps_max == 0 else 0.0)}
-        elif name == "is-token":
-            mean, second = _lognormal_moments(m, s * s)
-            out = {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": zeros}
-        else:
-            raise ValueError(f"method: 'closed-form' is not available for objective {name!r}")
-        mean_w, second_w = _lognormal_moments(m, s * s)
-    out.update(mean_weight=mean_w, var_weight=second_w - mean_w**2, ess_fraction=mean_w**2 / second_w)
-    return {k: v + zeros for k, v in out.items()}
+    """The objective's closed-form hook; ``m``, ``s`` (S, 1) and ``L`` (1, K) broadcast to (S, K)."""
+    return closed_form_hook(obj.spec)(dict(obj.params), LogNormalGrid(m, s, L, rho), sign)
 
 
 # --------------------------------------------------------------------------- quadrature
@@ -318,26 +235,38 @@ def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sig
     zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
     lt = torch.from_numpy(np.ascontiguousarray(nodes, dtype=np.float64))
     if obj.level == "token":
-        flat = lt.reshape(-1, 1)
-        adv = torch.full((flat.shape[0],), float(sign), dtype=torch.float64)
-        c = obj.coefficient(flat, torch.zeros_like(flat), adv, torch.ones_like(flat, dtype=torch.bool))
-        c = c.reshape(nodes.shape).numpy()
-        xn = c * sign
-        mean = (xn * w).sum(-1, keepdims=True)
-        second = (xn * xn * w).sum(-1, keepdims=True)
-        dead = ((c == 0) * w).sum(-1, keepdims=True)
-        mean_w, second_w = _lognormal_moments(m, s * s) if obj.name != "pg" else (zeros + 1, zeros + 1)
-        out = {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead,
-               "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
+        out = _token_quadrature(obj, lt, w, sign)
+        mean_w, second_w = lognormal_moments(m, s * s)  # a token objective's weight is the ratio r
+        out.update(mean_weight=mean_w, var_weight=second_w - mean_w**2, ess_fraction=mean_w**2 / second_w)
         return {k: v + zeros for k, v in out.items()}
+    return _geometric_quadrature(obj, lt, w, sign, np.broadcast_to(L, zeros.shape))
+
+
+def _token_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign: int) -> dict[str, np.ndarray]:
+    """Moments of one token's normalised coefficient ``c / A``, the objective evaluated at the nodes ``lt`` (S, n)."""
+    flat = lt.reshape(-1, 1)
+    adv = torch.full((flat.shape[0],), float(sign), dtype=torch.float64)
+    c = obj.coefficient(flat, torch.zeros_like(flat), adv, torch.ones_like(flat, dtype=torch.bool))
+    c = c.reshape(lt.shape).numpy()
+    xn = c * sign
+    mean = (xn * w).sum(-1, keepdims=True)
+    second = (xn * xn * w).sum(-1, keepdims=True)
+    dead = ((c == 0) * w).sum(-1, keepdims=True)
+    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
+
+
+def _geometric_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign: int,
+                          L: np.ndarray) -> dict[str, np.ndarray]:
+    """A geometric mean's moments from its log gate at the nodes ``lt`` (S, n), for lengths ``L`` (S, K)."""
     with torch.no_grad():
         phi, dphi = obj.log_gate(lt, torch.full(lt.shape, sign > 0))
     phi, dphi, w = phi.numpy()[:, None, :], dphi.numpy()[:, None, :], w[:, None, :]  # (S, 1, n)
-    k = (1.0 / np.broadcast_to(L, zeros.shape))[..., None]  # (S, K, 1)
+    k = (1.0 / L)[..., None]  # (S, K, 1)
     e1 = np.exp(k * phi)
     e2 = e1 * e1
-    out = _geometric((e1 * w).sum(-1), (e2 * w).sum(-1), (e1 * dphi * w).sum(-1), (e2 * dphi**2 * w).sum(-1),
-                     np.broadcast_to(L, zeros.shape))
+    out = geometric_moments((e1 * w).sum(-1), (e2 * w).sum(-1), (e1 * dphi * w).sum(-1),
+                            (e2 * dphi**2 * w).sum(-1), L)
+    zeros = np.zeros(L.shape)
     out["dead_fraction"] = ((dphi == 0) * w).sum(-1) + zeros
     return {k_: v + zeros for k_, v in out.items()}
 
@@ -488,7 +417,7 @@ def _grid_settings(name: str, taus: Sequence[float] | None, eps: Sequence[float]
     A gated objective sweeps ``tau`` for its soft gates and ``eps`` for the hard
     clip, never both: the other parameter does not act on that gate.
     """
-    defaults = {} if name not in all_objective_names() or name in ("is-token", "is-seq") else get_spec(name).defaults
+    defaults = get_spec(name, include_references=True).defaults if name in all_objective_names() else {}
     settings: list[dict[str, Any]] = [{}]
     if gates is not None and "gate" in defaults:
         settings = [{"gate": g} for g in gates]
@@ -572,8 +501,7 @@ def sweep(
     _check_method(method)
     taus, eps, gates = (None if v is None else list(v) for v in (taus, eps, gates))
     m_arr = -s_arr**2 / 2 if log_ratio_mean is None else np.full_like(s_arr, float(log_ratio_mean))
-    S, K = s_arr.size, l_arr.size
-    s_col, m_col, L_row = s_arr[:, None], m_arr[:, None], l_arr[None, :]
+    grid = _SweepGrid(m_arr, s_arr, l_arr, rho, n_samples or DEFAULT_N_SAMPLES, seed, quad_nodes)
     blocks: list[dict[str, Any]] = []
     for item in objectives:
         settings = [None] if isinstance(item, Objective) else _grid_settings(item, taus, eps, gates)
@@ -581,38 +509,62 @@ def sweep(
             obj = item if setting is None else resolve_objective(item, **setting)
             probe = LogNormalRatios(float(s_arr[0]), int(l_arr[0]), correlation=rho)
             chosen = _resolve_method(obj, probe, method)
-            for sign in sign_list:
-                if chosen == "monte-carlo":
-                    stats = {k: np.empty((S, K)) for k in STATS}
-                    errs = np.empty((S, K), dtype=object)
-                    for i in range(S):
-                        for j in range(K):
-                            model = LogNormalRatios(float(s_arr[i]), int(l_arr[j]), float(m_arr[i]), rho)
-                            vals, se = _monte_carlo(obj, model, sign, n_samples or DEFAULT_N_SAMPLES, seed)
-                            for k in STATS:
-                                stats[k][i, j] = vals[k]
-                            errs[i, j] = se
-                else:
-                    stats = (_closed_form(obj, m_col, s_col, L_row, sign, rho) if chosen == "closed-form"
-                             else _quadrature(obj, m_col, s_col, L_row, sign, quad_nodes))
-                    errs = np.full((S, K), None, dtype=object)
-                tau, eps_eff = _effective(obj.params, sign)
-                blocks.append({
-                    "objective": np.full(S * K, obj.name, dtype=object),
-                    "log_ratio_mean": np.repeat(m_arr, K),
-                    "log_ratio_std": np.repeat(s_arr, K),
-                    "length": np.tile(l_arr.astype(int), S),
-                    "advantage_sign": np.full(S * K, sign),
-                    **{k: np.asarray(stats[k], dtype=float).reshape(-1) for k in STATS},
-                    "method": np.full(S * K, chosen, dtype=object),
-                    "mc_stderr": errs.reshape(-1),
-                    "gate": np.full(S * K, obj.params.get("gate"), dtype=object),
-                    "tau": np.full(S * K, tau),
-                    "eps": np.full(S * K, eps_eff),
-                    "one_sided": np.full(S * K, obj.params.get("one_sided"), dtype=object),
-                    "params": np.full(S * K, json.dumps(obj.params, sort_keys=True), dtype=object),
-                })
+            blocks += [_sweep_block(obj, sign, chosen, grid) for sign in sign_list]
     if not blocks:
         raise ValueError("objectives: need at least one objective")
     columns = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
     return pd.DataFrame(columns)
+
+
+@dataclass(frozen=True)
+class _SweepGrid:
+    """The points of a sweep: means and stds (S,), lengths (K,), and how to evaluate them."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    length: np.ndarray
+    correlation: float
+    n_samples: int
+    seed: int
+    quad_nodes: int
+
+
+def _grid_stats(obj: Objective, sign: int, method: str, g: _SweepGrid) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every statistic over the (S, K) grid, and the Monte Carlo standard errors (None elsewhere)."""
+    S, K = g.std.size, g.length.size
+    if method != "monte-carlo":
+        m_col, s_col, L_row = g.mean[:, None], g.std[:, None], g.length[None, :]
+        stats = (_closed_form(obj, m_col, s_col, L_row, sign, g.correlation) if method == "closed-form"
+                 else _quadrature(obj, m_col, s_col, L_row, sign, g.quad_nodes))
+        return stats, np.full((S, K), None, dtype=object)
+    stats = {k: np.empty((S, K)) for k in STATS}
+    errs = np.empty((S, K), dtype=object)
+    for i in range(S):
+        for j in range(K):
+            model = LogNormalRatios(float(g.std[i]), int(g.length[j]), float(g.mean[i]), g.correlation)
+            vals, errs[i, j] = _monte_carlo(obj, model, sign, g.n_samples, g.seed)
+            for k in STATS:
+                stats[k][i, j] = vals[k]
+    return stats, errs
+
+
+def _sweep_block(obj: Objective, sign: int, method: str, g: _SweepGrid) -> dict[str, np.ndarray]:
+    """The sweep's columns for one objective setting and sign, one row per (std, length)."""
+    stats, errs = _grid_stats(obj, sign, method, g)
+    n, K = g.std.size * g.length.size, g.length.size
+    tau, eps_eff = _effective(obj.params, sign)
+    return {
+        "objective": np.full(n, obj.name, dtype=object),
+        "log_ratio_mean": np.repeat(g.mean, K),
+        "log_ratio_std": np.repeat(g.std, K),
+        "length": np.tile(g.length.astype(int), g.std.size),
+        "advantage_sign": np.full(n, sign),
+        **{k: np.asarray(stats[k], dtype=float).reshape(-1) for k in STATS},
+        "method": np.full(n, method, dtype=object),
+        "mc_stderr": errs.reshape(-1),
+        "gate": np.full(n, obj.params.get("gate"), dtype=object),
+        "tau": np.full(n, tau),
+        "eps": np.full(n, eps_eff),
+        "one_sided": np.full(n, obj.params.get("one_sided"), dtype=object),
+        "params": np.full(n, json.dumps(obj.params, sort_keys=True), dtype=object),
+    }

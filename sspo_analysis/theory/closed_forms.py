@@ -1,0 +1,191 @@
+"""Closed forms of the coefficient and weight moments under the log-normal model.
+
+Each public function here is a closed-form hook that an objective names at
+registration (``register_objective(..., theory=("closed-form",),
+closed_form="sspo_analysis.theory.closed_forms:ppo_clip")``): it takes the
+objective's parameters, a :class:`LogNormalGrid` and the advantage sign, and
+returns the six statistics of :data:`sspo_analysis.theory.STATS` as arrays
+over the grid. The theory never dispatches on an objective's name.
+
+The building blocks are log-normal partial moments ``E[r^k 1{a < l < b}]``
+(the hard clips), moments of a sum of Gaussians (the sequence ratios, exact
+under AR(1) correlation too) and the factorisation ``E[w^q] = M(q/L)^L`` of a
+geometric mean over independent tokens (GMPO; also used by the quadrature).
+See ``docs/theory.md`` for the notation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import ndtr
+
+from sspo_analysis.theory.models import sum_variance
+
+__all__ = [
+    "LogNormalGrid",
+    "gmpo",
+    "on_policy",
+    "ppo_clip",
+    "sequence_ppo_clip",
+    "sequence_ratio",
+    "token_ratio",
+    "truncated_ratio",
+]
+
+Stats = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LogNormalGrid:
+    """Token log-ratios ``l ~ N(mean, std^2)`` (AR(1) ``correlation``) on a grid of sequence lengths.
+
+    ``mean`` and ``std`` are columns (S, 1), ``length`` a row (1, K); every
+    statistic a hook returns broadcasts to (S, K).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    length: np.ndarray
+    correlation: float = 0.0
+
+    @property
+    def zeros(self) -> np.ndarray:
+        """Zeros of the grid's shape (S, K)."""
+        return np.zeros(np.broadcast_shapes(self.mean.shape, self.length.shape))
+
+    def sum_variance(self) -> np.ndarray:
+        """``Var(sum_t l)`` over a sequence."""
+        return sum_variance(self.std, self.length, self.correlation)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def partial_moment(k: float | np.ndarray, a: float, b: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``E[r^k 1{a < l < b}]`` for ``l ~ N(m, s^2)``, ``r = e^l`` (``a``, ``b`` may be infinite)."""
+    mu = m + k * s * s
+    scale = np.exp(k * m + 0.5 * k * k * s * s)
+    alpha, beta = (a - mu) / s, (b - mu) / s
+    # Difference of the upper tails when the interval sits in the upper half: no cancellation.
+    prob = np.where(alpha > 0, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha))
+    return scale * prob
+
+
+def lognormal_moments(mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``E[X]``, ``E[X^2]`` for ``log X ~ N(mu, var)``."""
+    with np.errstate(over="ignore"):
+        return np.exp(mu + var / 2), np.exp(2 * mu + 2 * var)
+
+
+def geometric_moments(m1: np.ndarray, m2: np.ndarray, c1: np.ndarray, c2: np.ndarray, L: np.ndarray) -> Stats:
+    """Moments of a geometric-mean objective from the one-token factors.
+
+    ``m1 = E[e^{phi/L}]``, ``m2 = E[e^{2 phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
+    ``c2 = E[e^{2 phi/L} phi'^2]``: ``E[w^q] = M(q/L)^L`` and
+    ``E[(w phi'_t)^q] = E[e^{q phi/L} phi'^q] M(q/L)^(L-1)`` for i.i.d. tokens.
+    """
+    with np.errstate(over="ignore", divide="ignore"):
+        lm1, lm2 = np.log(m1), np.log(m2)
+        mean_c = c1 * np.exp((L - 1) * lm1)
+        second_c = c2 * np.exp((L - 1) * lm2)
+        mean_w, second_w = np.exp(L * lm1), np.exp(L * lm2)
+    return {"mean_coefficient": mean_c, "var_coefficient": second_c - mean_c**2,
+            "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
+
+
+def with_weight(out: Stats, mean_w: np.ndarray, second_w: np.ndarray, zeros: np.ndarray) -> Stats:
+    """``out`` completed by the weight's mean, variance and ESS fraction, all broadcast to ``zeros``' shape."""
+    out = {**out, "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
+    return {k: v + zeros for k, v in out.items()}
+
+
+def _ratio_clip(mu: np.ndarray, sd: np.ndarray, sign: int, eps_lo: float, eps_hi: float) -> Stats:
+    """Coefficient moments of ``x 1[kept]``, ``log x ~ N(mu, sd^2)``, PPO's clip on ``x``."""
+    if sign > 0:
+        a, b = -np.inf, math.log1p(eps_hi)
+        dead = ndtr((mu - b) / sd)
+    else:
+        a, b = (math.log1p(-eps_lo) if eps_lo < 1 else -np.inf), np.inf
+        dead = ndtr((a - mu) / sd) if eps_lo < 1 else np.zeros_like(mu)
+    mean = partial_moment(1.0, a, b, mu, sd)
+    second = partial_moment(2.0, a, b, mu, sd)
+    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
+
+
+def _token_weight(out: Stats, grid: LogNormalGrid) -> Stats:
+    """Token objectives: the weight is the ratio ``r`` of one token, log-normal whatever the correlation."""
+    mean_w, second_w = lognormal_moments(grid.mean, grid.std * grid.std)
+    return with_weight(out, mean_w, second_w, grid.zeros)
+
+
+# --------------------------------------------------------------------------- the hooks
+
+
+def on_policy(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``pg``: ``c = A`` and weight 1 whatever the log-ratios."""
+    zeros = grid.zeros
+    return {"mean_coefficient": zeros + 1, "var_coefficient": zeros, "dead_fraction": zeros,
+            "mean_weight": zeros + 1, "var_weight": zeros, "ess_fraction": zeros + 1}
+
+
+def token_ratio(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``is-token``: ``c / A = r``, log-normal."""
+    mean, second = lognormal_moments(grid.mean, grid.std * grid.std)
+    return _token_weight({"mean_coefficient": mean, "var_coefficient": second - mean**2,
+                          "dead_fraction": grid.zeros}, grid)
+
+
+def ppo_clip(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``grpo`` / ``dapo``: ``c / A = r 1[kept]``, PPO's clip of one token's ratio."""
+    return _token_weight(_ratio_clip(grid.mean, grid.std, sign, params["eps_lo"], params["eps_hi"]), grid)
+
+
+def truncated_ratio(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``cispo``: ``c / A = min(r, eps_max)``."""
+    m, s, zeros = grid.mean, grid.std, grid.zeros
+    eps_max = params["eps_max"]
+    b = math.log(eps_max) if eps_max > 0 else -np.inf
+    above = ndtr((m - b) / s)
+    mean = partial_moment(1.0, -np.inf, b, m, s) + eps_max * above
+    second = partial_moment(2.0, -np.inf, b, m, s) + eps_max**2 * above
+    return _token_weight({"mean_coefficient": mean, "var_coefficient": second - mean**2,
+                          "dead_fraction": zeros + (1.0 if eps_max == 0 else 0.0)}, grid)
+
+
+def sequence_ratio(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``is-seq``: ``c T / A = W = exp(sum_t l)``, log-normal with the variance of the sum."""
+    zeros, var_sum = grid.zeros, grid.sum_variance()
+    mean_w, second_w = lognormal_moments(grid.length * grid.mean, var_sum)
+    return {"mean_coefficient": mean_w, "var_coefficient": second_w - mean_w**2, "dead_fraction": zeros,
+            "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": np.exp(-var_sum) + zeros}
+
+
+def sequence_ppo_clip(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``gspo``: PPO's clip of ``s = exp(mean_t l)``, whose log is normal with the variance of the mean."""
+    sd = np.sqrt(grid.sum_variance()) / grid.length  # std of mean_t l
+    out = _ratio_clip(grid.mean, sd, sign, params["eps_lo"], params["eps_hi"])
+    mean_w, second_w = lognormal_moments(grid.mean, sd**2)
+    return with_weight(out, mean_w, second_w, grid.zeros)
+
+
+def gmpo(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
+    """``gmpo``: the geometric mean of the one-sided log-space clip; token factors by partial moments.
+
+    Independent tokens only (the factorisation ``E[w^q] = M(q/L)^L``).
+    """
+    m, s, L, zeros = grid.mean, grid.std, grid.length, grid.zeros
+    k1, k2 = 1.0 / L, 2.0 / L
+    if sign > 0:
+        a, b = -np.inf, params["eps_hi"]
+        tail, edge = ndtr((m - b) / s), b
+    else:
+        a, b = -params["eps_lo"], np.inf
+        tail, edge = ndtr((a - m) / s), a
+    c1, c2 = partial_moment(k1, a, b, m, s), partial_moment(k2, a, b, m, s)
+    out = geometric_moments(c1 + np.exp(k1 * edge) * tail, c2 + np.exp(k2 * edge) * tail, c1, c2, L)
+    out["dead_fraction"] = tail + zeros
+    return {k: v + zeros for k, v in out.items()}
