@@ -184,6 +184,8 @@ def register_objective(
         raise ValueError(f"theory: unknown value {theory!r}; allowed: a tuple of {', '.join(THEORY_METHODS)}")
     if ("closed-form" in theory) != (closed_form is not None):
         raise ValueError("closed_form: give a closed_form hook exactly when theory includes 'closed-form'")
+    if "quadrature" in theory and level == "sequence" and log_gate is None:
+        raise ValueError("theory: 'quadrature' of a sequence objective integrates its log_gate; give log_gate")
 
     def decorator(fn: Callable[..., Terms]) -> Callable[..., Terms]:
         spec = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, tuple(theory), closed_form,

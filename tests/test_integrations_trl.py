@@ -6,6 +6,7 @@ the ones ``_compute_loss`` reads, set from a real ``GRPOConfig``; only the
 policy's forward pass is replaced by fixed log-probs.
 """
 
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.trl
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from sspo_analysis.integrations import trl as st  # noqa: E402
-from sspo_analysis.objectives import compute_metrics, get_objective  # noqa: E402
+from sspo_analysis.objectives import get_objective  # noqa: E402
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -84,15 +85,16 @@ def bare_trainer(args, cls=GRPOTrainer, grad_accum=1, num_processes=1):
     return tr
 
 
-def trl_loss(trainer, lp, old, adv, mask, num_processes=1):
-    """Loss and d loss / d log_prob from ``trainer._compute_loss`` on fixed log-probs."""
+def trl_loss(trainer, lp, old, adv, mask, num_processes=1, entropies=None, **extra):
+    """Loss and d loss / d log_prob from ``trainer._compute_loss`` on fixed log-probs (and entropies)."""
     lp = lp.clone().requires_grad_(True)
     b = lp.shape[0]
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.ones_like(lp), None)
+    entropies = torch.ones_like(lp) if entropies is None else entropies
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, entropies, None)
     inputs = {
         "prompt_ids": torch.zeros(b, 1, dtype=torch.long), "prompt_mask": torch.ones(b, 1, dtype=torch.long),
         "completion_ids": torch.zeros_like(mask), "completion_mask": mask, "advantages": adv,
-        "old_per_token_logps": old, "num_items_in_batch": mask.sum() * num_processes,
+        "old_per_token_logps": old, "num_items_in_batch": mask.sum() * num_processes, **extra,
     }
     loss = trainer._compute_loss(None, inputs)
     (grad,) = torch.autograd.grad(loss, lp)
@@ -208,22 +210,78 @@ def test_trl_loss_types_pass_through(tmp_path):
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("loss_type", ["sspo", "gmpo", "sspo-sigmoid", "soft-erf-one-sided"])
+def token_gate(loss_type, l, a):
+    """By hand, for one token of log-ratio ``l`` in a sequence with advantage ``a``: ``(phi, phi', low, high)``.
+
+    ``phi`` is the token's log-weight inside the sequence's geometric mean (the log-ratio itself for the token
+    objective ``grpo``), ``phi'`` the multiplier of its gradient, ``low`` / ``high`` whether a clip cut it.
+    """
+    if loss_type == "package:grpo":  # PPO's clip of r = e^l at [0.8, 1.2]
+        high, low = a > 0 and math.exp(l) > 1.2, a < 0 and math.exp(l) < 0.8
+        return l, 0.0 if (high or low) else 1.0, low, high
+    if loss_type == "gmpo":  # the one-sided clip of l at [-0.4, 0.4]
+        high, low = a > 0 and l > 0.4, a < 0 and l < -0.4
+        return (0.4 if high else -0.4 if low else l), 0.0 if (high or low) else 1.0, low, high
+    tau = 1.0 if a > 0 else 1.05  # sspo: arctan gate in log space
+    return math.atan(tau * l) / tau, 1.0 / (1.0 + (tau * l) ** 2), False, False
+
+
+def hand_metrics(loss_type, lp, old, adv, mask, entropies, ref):
+    """The logged metrics from the raw tensors, element by element in plain Python."""
+    tokens, seq_weights, entropy, kl = [], [], [], []
+    for i in range(lp.shape[0]):
+        a = float(adv[i])
+        row = [t for t in range(lp.shape[1]) if mask[i, t]]
+        gated = [token_gate(loss_type, float(lp[i, t] - old[i, t]), a) for t in row]
+        if row:
+            seq_weights.append(math.exp(sum(g[0] for g in gated) / len(row)))
+        for t, (_, dphi, low, high) in zip(row, gated):
+            tokens.append((float(lp[i, t] - old[i, t]), dphi, low, high, a))
+            entropy.append(float(entropies[i, t]))
+            d = float(ref[i, t] - lp[i, t])
+            kl.append(math.exp(d) - d - 1)
+    n = len(tokens)
+    signal = [tok for tok in tokens if tok[4] != 0]
+    mean_w = sum(seq_weights) / len(seq_weights)
+    return {
+        "objective/ratio_mean": sum(math.exp(tok[0]) for tok in tokens) / n,
+        "objective/ratio_max": max(math.exp(tok[0]) for tok in tokens),
+        "objective/log_ratio_mean": sum(tok[0] for tok in tokens) / n,
+        "objective/kl_old_k3": sum(math.exp(tok[0]) - 1 - tok[0] for tok in tokens) / n,
+        "objective/clip_frac_low": sum(tok[2] for tok in tokens) / n,
+        "objective/clip_frac_high": sum(tok[3] for tok in tokens) / n,
+        "objective/gate_weight_mean": sum(tok[1] for tok in tokens) / n,
+        "objective/dead_frac": sum(tok[1] == 0 for tok in signal) / len(signal),
+        "objective/seq_weight_mean": mean_w,
+        "objective/seq_weight_var": sum((w - mean_w) ** 2 for w in seq_weights) / len(seq_weights),
+        "objective/ess_frac": sum(seq_weights) ** 2 / (len(seq_weights) * sum(w * w for w in seq_weights)),
+        "objective/n_tokens": n,
+        "entropy": sum(entropy) / n,
+        "kl": sum(kl) / n,
+    }
+
+
+@pytest.mark.parametrize("loss_type", ["package:grpo", "gmpo", "sspo"])
 def test_subclass_logs_the_package_metrics(loss_type, tmp_path):
-    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type=loss_type, tau_pos=None)
+    """The logged metrics against a plain-Python computation from the raw log-probs, not the package's code."""
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type=loss_type, beta=0.1,
+                       **({"eps_lo": 0.2, "eps_hi": 0.2} if loss_type == "package:grpo" else {}))
     tr = bare_trainer(args, cls=st.SSPOTrainer)
     lp, old, adv, mask = batch(seed=8, std=0.8)
-    loss, grad = trl_loss(tr, lp, old, adv, mask)
-    obj = args.package_objective()
-    ref_loss, ref_grad = package_loss(obj, lp, old, adv, mask)
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    torch.testing.assert_close(grad, ref_grad, **TOL)
-    t, lr, a, m = obj.terms(lp, old, adv, mask)
-    expected = compute_metrics(t, lr, a, m, ref_loss)
+    mask[2] = 0  # an empty completion: no tokens, no sequence weight
+    g = torch.Generator().manual_seed(9)
+    entropies = torch.rand(lp.shape, generator=g, dtype=F64) * 3
+    ref = lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=F64)
+    trl_loss(tr, lp, old, adv, mask, entropies=entropies, ref_per_token_logps=ref)
+    expected = hand_metrics(loss_type, lp, old, adv, mask, entropies, ref)
     logged = tr._metrics["train"]
-    for key in ("gate_weight_mean", "dead_frac", "seq_weight_mean", "seq_weight_var", "ess_frac", "clip_frac_high"):
-        assert logged[f"objective/{key}"] == [pytest.approx(expected[key], rel=1e-6, abs=1e-9)]
-    assert "entropy" in logged
+    for key, value in expected.items():
+        assert logged[key] == [pytest.approx(value, rel=2e-6, abs=1e-7)], key
+    # the batch exercises what the metrics measure
+    assert expected["objective/gate_weight_mean"] < 1
+    if loss_type != "sspo":
+        assert 0 < expected["objective/dead_frac"] and expected["objective/clip_frac_low"] > 0
+        assert expected["objective/clip_frac_high"] > 0
 
 
 def test_sspo_parameters_are_config_fields(tmp_path):

@@ -1,17 +1,14 @@
 """Simulators: the bandit's first-order entropy prediction, and the staleness study's bias and variance."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from sspo_analysis.simulation import (
-    TabularPolicy,
-    entropy,
-    entropy_change_first_order,
-    group_advantages,
-    run_bandit,
-    staleness_study,
-)
+from sspo_analysis.primitives import ADVANTAGE_EPS, group_advantages
+from sspo_analysis.primitives import entropy_from_logits as entropy
+from sspo_analysis.simulation import TabularPolicy, entropy_change_first_order, run_bandit, staleness_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -67,10 +64,40 @@ def test_pg_reference_prediction():
     assert gspo.entropy_change_pred_pg.abs().sum() > 2 * gspo.entropy_change_real.abs().sum()
 
 
+def test_bandit_advantages_are_the_primitive_by_hand():
+    """The bandit's first update uses (R - mean) / (std + 1e-4): checked against its pg step, computed by hand.
+
+    With one on-policy ``pg`` update the logit step is ``lr / B * sum_i A_i (e_{a_i} - pi)``; redoing the
+    bandit's sampling with its seed gives the actions, so the recorded ``dz_norm`` pins the advantages,
+    including the epsilon (1e-4, shared with the trainer; the bandit used 1e-6 before).
+    """
+    n_actions, group, lr, seed = 8, 4, 0.5, 3
+    df = run_bandit("pg", steps=1, n_actions=n_actions, group_size=group, updates_per_batch=1, lr=lr, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_actions, generator=gen, dtype=torch.float64)
+    correct = torch.zeros(n_actions, dtype=torch.float64)
+    correct[torch.randperm(n_actions, generator=gen)[: max(1, n_actions // 8)]] = 1.0
+    p = torch.softmax(z, -1)
+    actions = torch.multinomial(p, group, replacement=True, generator=gen)
+    rewards = correct[actions].tolist()
+    mean = sum(rewards) / group
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (group - 1))
+    adv = [(r - mean) / (std + 1e-4) for r in rewards]
+    dz = torch.zeros(n_actions, dtype=torch.float64)
+    for a_i, action in zip(adv, actions.tolist()):
+        onehot = torch.zeros(n_actions, dtype=torch.float64)
+        onehot[action] = 1.0
+        dz += lr / group * a_i * (onehot - p)
+    assert float(df.dz_norm.iloc[0]) == pytest.approx(float(dz.norm()), rel=1e-12)
+    assert ADVANTAGE_EPS == 1e-4
+
+
 def test_group_advantages():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     a = group_advantages(r)
-    torch.testing.assert_close(a.sum(-1), torch.zeros(2))
+    # by hand: mean 0.5, sample std sqrt(1/3), so +-0.5 / (0.57735 + 1e-4)
+    expected = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(a[0], torch.tensor([expected, -expected, -expected, expected]))
     assert (a[1] == 0).all()
     torch.testing.assert_close(group_advantages(r, scale=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import integrate, stats
 
 from sspo_analysis.gates import SOFT_GATES
-from sspo_analysis.objectives import get_objective
+from sspo_analysis.objectives import Terms, get_objective
 from sspo_analysis.theory import (
     REFERENCE_ESTIMATORS,
     RESULT_KEYS,
@@ -401,3 +401,80 @@ def test_sspo_with_a_one_sided_hard_clip_is_gmpo(sign):
     mc = analyse("sspo", model, sign, gate="hard-clip", one_sided=True, n_samples=30_000, seed=5)
     exact = analyse("gmpo", model, sign, eps=0.2)
     assert_agrees_with_monte_carlo(exact, mc, 30_000)
+
+
+# --------------------------------------------------------------------------- registration-time theory declarations
+
+
+@pytest.fixture
+def scratch_objectives():
+    """Register throw-away objectives; removed again after the test."""
+    from sspo_analysis import objectives
+
+    before = set(objectives._REGISTRY)
+    yield objectives.register_objective
+    for name in set(objectives._REGISTRY) - before:
+        del objectives._REGISTRY[name]
+
+
+def _scaled_is(log_ratio, adv, mask, *, beta):
+    r = log_ratio.exp()
+    return Terms(beta * r * adv, (beta * adv * r).detach(), r)
+
+
+def lognormal_scaled_ratio(params, grid, sign):
+    """``c / A = beta r`` with ``r`` log-normal: the moments by hand (an independent closed form)."""
+    s2 = grid.std**2
+    mean_r, second_r = np.exp(grid.mean + s2 / 2), np.exp(2 * grid.mean + 2 * s2)
+    beta, zeros = params["beta"], grid.zeros
+    return {"mean_coefficient": beta * mean_r + zeros, "var_coefficient": beta**2 * (second_r - mean_r**2) + zeros,
+            "dead_fraction": zeros, "mean_weight": mean_r + zeros, "var_weight": second_r - mean_r**2 + zeros,
+            "ess_fraction": mean_r**2 / second_r + zeros}
+
+
+def test_a_new_objective_declares_its_theory_in_one_place(scratch_objectives):
+    """No declaration: Monte Carlo only. ``theory=("quadrature",)``: the quadrature runs the objective's own
+    code. A closed-form hook (a callable, or its "module:function" path) is what ``closed-form`` evaluates."""
+    model = LogNormalRatios(0.3)
+    scratch_objectives("t-plain", level="token", agg="token-mean", defaults={"beta": 2.0})(_scaled_is)
+    scratch_objectives("t-quad", level="token", agg="token-mean", defaults={"beta": 2.0},
+                       theory=("quadrature",))(_scaled_is)
+    scratch_objectives("t-closed", level="token", agg="token-mean", defaults={"beta": 2.0},
+                       theory=("closed-form",), closed_form=lognormal_scaled_ratio)(_scaled_is)
+    scratch_objectives("t-path", level="token", agg="token-mean", defaults={"beta": 2.0}, theory=("closed-form",),
+                       closed_form="tests.test_theory:lognormal_scaled_ratio")(_scaled_is)
+    assert available_methods("t-plain", model) == ("monte-carlo",)
+    assert available_methods("t-quad", model) == ("quadrature", "monte-carlo")
+    assert available_methods("t-closed", model) == ("closed-form", "monte-carlo")
+    # beta r, r log-normal with E[r] = 1: E[c / A] = beta, Var = beta^2 (e^{s^2} - 1)
+    for name in ("t-quad", "t-closed", "t-path"):
+        r = analyse(name, model, beta=3.0)
+        assert r.mean_coefficient == pytest.approx(3.0, rel=1e-10)
+        assert r.var_coefficient == pytest.approx(9.0 * math.expm1(0.09), rel=1e-8)
+    mc = analyse("t-plain", model, beta=3.0, n_samples=20_000)
+    assert_agrees_with_monte_carlo(analyse("t-closed", model, beta=3.0), mc, 20_000)
+
+
+def test_theory_declarations_are_checked_at_registration(scratch_objectives):
+    with pytest.raises(ValueError, match="theory: unknown value"):
+        scratch_objectives("t-bad", level="token", agg="token-mean", theory=("exact",))
+    with pytest.raises(ValueError, match="closed_form"):
+        scratch_objectives("t-bad", level="token", agg="token-mean", theory=("closed-form",))
+    with pytest.raises(ValueError, match="closed_form"):
+        scratch_objectives("t-bad", level="token", agg="token-mean", closed_form=lognormal_scaled_ratio)
+    with pytest.raises(ValueError, match="log_gate"):
+        scratch_objectives("t-bad", level="sequence", agg="seq-mean-token-mean", theory=("quadrature",))
+    scratch_objectives("t-missing", level="token", agg="token-mean", defaults={"beta": 1.0}, theory=("closed-form",),
+                       closed_form="tests.test_theory:no_such_function")(_scaled_is)
+    with pytest.raises(ValueError, match="closed_form 'tests.test_theory:no_such_function' cannot be imported"):
+        analyse("t-missing", LogNormalRatios(0.3), beta=1.0)
+
+
+def test_reference_estimators_are_objectives_but_not_training_objectives():
+    from sspo_analysis.objectives import get_objective, objective_names
+
+    assert "is-seq" not in objective_names() and "is-token" not in objective_names()
+    assert all_objective_names() == (*objective_names(), "is-token", "is-seq")
+    with pytest.raises(ValueError, match="objective: unknown name 'is-seq'; allowed values: pg, grpo"):
+        get_objective("is-seq")
+    assert resolve_objective("is-seq").level == "sequence" and resolve_objective("is-token").level == "token"

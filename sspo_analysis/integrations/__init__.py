@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from sspo_analysis import gates
+from sspo_analysis.primitives import geometric_mean_weight
 
 Tensor = torch.Tensor
 
@@ -59,10 +60,7 @@ def sequence_is_weight(is_weights: Tensor, mask: Tensor) -> Tensor:
         return is_weights
     if is_weights.shape[-1] == 1:
         return is_weights[:, 0]
-    m = mask.bool()
-    n = m.sum(-1).clamp(min=1).to(is_weights.dtype)
-    log_w = torch.where(m, is_weights.clamp(min=1e-30).log(), 0.0)
-    return (log_w.sum(-1) / n).exp()
+    return geometric_mean_weight(is_weights.clamp(min=1e-30).log(), mask.bool())
 
 
 def weighted_surrogate(surrogate: Tensor, is_weights: Tensor | None, mask: Tensor) -> Tensor:

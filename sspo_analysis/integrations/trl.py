@@ -36,6 +36,7 @@ import torch
 
 from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, weighted_surrogate
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
+from sspo_analysis.primitives import k3_kl, masked_sum
 
 TRL_MIN, TRL_MAX = "1.16", "1.17"
 """Tested TRL range: ``>= 1.16, < 1.17`` (``_compute_loss`` is private and moves between minors)."""
@@ -257,7 +258,7 @@ class SSPOTrainer(GRPOTrainer):
         loss = policy_loss
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            per_token_kl = k3_kl(ref - per_token_logps)
             loss = loss + self.beta * objective.aggregate(per_token_kl.to(policy_loss.dtype), m)
 
         mode = "train" if self.model.training else "eval"
@@ -274,20 +275,23 @@ class SSPOTrainer(GRPOTrainer):
                 self.current_gradient_accumulation_steps if mode == "train" else 1.0)
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_objective_metrics(mode, t, log_ratio, adv, m, policy_loss, entropies, mask)
+        self._log_objective_metrics(mode, t, log_ratio, adv, m, policy_loss)
+        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies, m))
         if self.beta != 0.0:
-            kl_sums = torch.stack([(per_token_kl * mask).sum(), mask.sum().to(per_token_kl.dtype)])
-            totals = self.accelerator.reduce(kl_sums, reduction="sum")
-            self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+            self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, m))
         return loss
 
-    def _log_objective_metrics(self, mode, t, log_ratio, adv, m, policy_loss, entropies, mask) -> None:
+    def _log_objective_metrics(self, mode, t, log_ratio, adv, m, policy_loss) -> None:
         values = compute_metrics(t, log_ratio, adv, m, policy_loss)
         device = log_ratio.device
         local = torch.tensor(list(values.values()), dtype=torch.float32, device=device)
         per_process = self.accelerator.gather(local[None])  # (num_processes, n_metrics)
         for key, value in zip(values, per_process.reshape(-1, len(values)).mean(0).tolist()):
             self._metrics[mode][f"objective/{key}"].append(value)
-        ent = torch.stack([(entropies * mask).sum(), mask.sum().to(entropies.dtype)])
-        totals = self.accelerator.reduce(ent, reduction="sum")
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+    def _global_masked_mean(self, x: torch.Tensor, m: torch.Tensor) -> float:
+        """Mean of ``x`` over the unmasked tokens of every process (sums reduced, then divided)."""
+        total = masked_sum(x.detach(), m)
+        sums = torch.stack([total, m.sum().to(total.dtype)])
+        totals = self.accelerator.reduce(sums, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
