@@ -140,7 +140,7 @@ def test_staleness_separates_the_estimators():
     assert stale.bias_raw**2 < 2.0 * stale.mean_stderr**2
     # ... PPO clipping does not: far beyond the noise once the policy has moved
     assert grpo.iloc[-1].bias > 10 * grpo.iloc[-1].mean_stderr and grpo.iloc[-1].dead_frac > 0.1
-    # sspo-sigmoid at tau = 1 has half the on-policy gradient (SPEC: tau / 2)
+    # sspo-sigmoid at tau = 1 has half the on-policy gradient (its on-policy coefficient is tau / 2 times GSPO's)
     assert abs(sig.iloc[0].scale - 0.5) < 4 * sig.iloc[0].mean_stderr
 
 

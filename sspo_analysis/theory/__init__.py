@@ -12,10 +12,11 @@ re-exported here.
 
 Example::
 
+    >>> import math
     >>> from sspo_analysis.theory import LogNormalRatios, analyse
-    >>> r = analyse("sspo", LogNormalRatios(0.3, length=16), advantage_sign=-1)
-    >>> round(r.mean_coefficient, 4), r.method
-    (0.8849, 'quadrature')
+    >>> r = analyse("is-seq", LogNormalRatios(0.3, length=16))  # W = exp(sum_t l): Var[W] = e^(L s^2) - 1
+    >>> r.method, round(r.var_coefficient, 4), round(math.expm1(16 * 0.3**2), 4)
+    ('closed-form', 3.2207, 3.2207)
 """
 
 from sspo_analysis.objectives import REFERENCE_ESTIMATORS, all_objective_names, resolve_objective

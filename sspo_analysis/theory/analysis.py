@@ -1,7 +1,7 @@
 """The distribution of each objective's gradient coefficient: closed forms, quadrature, Monte Carlo.
 
 For an objective, an advantage sign and a model of the token log-ratio ``l``,
-:func:`analyse` reports (``SPEC.md``, "Analytic model"):
+:func:`analyse` reports (notation: ``docs/theory.md``):
 
 - ``mean_coefficient``: ``E[c / A]`` (token objectives) or ``E[c T / A]``
   (sequence objectives), over tokens; 1 on-policy, so ``mean_coefficient - 1``
@@ -13,11 +13,14 @@ For an objective, an advantage sign and a model of the token log-ratio ``l``,
   ``is-seq``, 1 for ``pg``);
 - ``ess_fraction``: ``E[w]^2 / E[w^2]``, the effective sample size per sample.
 
-Three methods, one answer:
+Three methods, one answer. Each objective declares at registration which of
+the two analytic ones hold for it (``register_objective(..., theory=...)``);
+this module never dispatches on an objective's name:
 
-- ``closed-form``: log-normal partial moments ``E[r^k 1{a < l < b}]`` for the
-  hard clips (``grpo``, ``dapo``, ``cispo``, ``gspo``), the products
-  (``is-token``, ``is-seq``) and GMPO's ``E[w^q] = M(q/L)^L``;
+- ``closed-form``: the objective's closed-form hook (:mod:`.closed_forms`):
+  log-normal partial moments ``E[r^k 1{a < l < b}]`` for the hard clips
+  (``grpo``, ``dapo``, ``cispo``, ``gspo``), the products (``is-token``,
+  ``is-seq``) and GMPO's ``E[w^q] = M(q/L)^L``;
 - ``quadrature``: composite Gauss-Legendre against the normal density in ``l``
   (refined around ``l = 0`` at the gate's width, :func:`normal_nodes`) for the soft gates, evaluated by the
   objective's own code (``objective.coefficient`` on the nodes for token
@@ -379,9 +382,12 @@ def analyse(
 
     Example::
 
+        GRPO's dead fraction for ``A > 0`` is ``P(r > 1 + eps)``, a log-normal tail:
+
         >>> r = analyse("grpo", LogNormalRatios(0.3), advantage_sign=+1)
-        >>> round(r.mean_coefficient, 4), round(r.dead_fraction, 4)
-        (0.6764, 0.2243)
+        >>> s, m = 0.3, -0.3**2 / 2
+        >>> round(r.dead_fraction, 4), round(0.5 * math.erfc((math.log(1.2) - m) / (s * math.sqrt(2))), 4)
+        (0.2243, 0.2243)
     """
     obj = resolve_objective(objective, **params)
     if not isinstance(model, (LogNormalRatios, EmpiricalRatios)):
