@@ -24,9 +24,8 @@ Adding an objective is one function and one decorator::
         return Terms(surrogate=beta * r * adv, coefficient=beta * r.detach() * adv, weight=r)
 
 The objective also declares there which analytic methods the theory may use
-for it (``theory=("quadrature",)``, or ``theory=("closed-form",)`` with a
-``closed_form`` hook); see :func:`register_objective`. Monte Carlo needs no
-declaration.
+for it (``theory=("quadrature",)``, or ``theory={"closed-form": hook}``); see
+:func:`register_objective`. Monte Carlo needs no declaration.
 """
 
 from __future__ import annotations
@@ -104,11 +103,12 @@ LogGate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``(l, positive_advantage) -> (phi(l), phi'(l))`` of a geometric-mean objective."""
 
 
-THEORY_METHODS: tuple[str, ...] = ("closed-form", "quadrature")
-"""The analytic methods an objective may declare for the theory (Monte Carlo needs no declaration)."""
+THEORY_METHODS: tuple[str, ...] = ("closed-form", "quadrature", "monte-carlo")
+"""The methods an objective may declare for the theory (Monte Carlo is available without a declaration)."""
 
-ClosedForm = Callable[..., dict[str, Any]] | str
-"""A closed-form hook: ``fn(params, grid, sign) -> {stat: array}``, or its ``"module:function"`` path."""
+TheoryHook = Callable[..., Any] | str
+"""A theory method's implementation for one objective: a function, or its ``"module:function"`` path."""
+
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,7 @@ class ObjectiveSpec:
     agg: str
     defaults: dict[str, Any]
     make_log_gate: Callable[..., LogGate] | None = None
-    theory: tuple[str, ...] = ()
-    closed_form: ClosedForm | None = None
+    theory: dict[str, TheoryHook | None] = field(default_factory=dict)
     reference: bool = False
 
 
@@ -137,8 +136,7 @@ def register_objective(
     agg: str,
     defaults: dict[str, Any] | None = None,
     log_gate: Callable[..., LogGate] | None = None,
-    theory: tuple[str, ...] = (),
-    closed_form: ClosedForm | None = None,
+    theory: tuple[str, ...] | dict[str, TheoryHook | None] = (),
     reference: bool = False,
 ) -> Callable[[Callable[..., Terms]], Callable[..., Terms]]:
     """Register ``fn(log_ratio, adv, mask, **params) -> Terms`` under ``name``.
@@ -150,50 +148,67 @@ def register_objective(
         defaults: every parameter the function takes, with its default.
         log_gate: for geometric-mean objectives, a factory ``(**params) -> LogGate``
             so that the theory can integrate the per-token gate directly.
-        theory: the analytic methods of :mod:`sspo_analysis.theory` that hold for
-            this objective under the log-normal model, in order of preference
-            (a subset of :data:`THEORY_METHODS`); ``auto`` takes the first that
-            applies, else Monte Carlo, which every objective has.
-            ``"quadrature"`` evaluates the objective's own code on quadrature
-            nodes: the coefficient of one token (token objectives, any
-            correlation; the weight is taken to be the ratio ``r``) or the
-            ``log_gate`` (geometric means, independent tokens only). It is used
-            only while the ``gate`` parameter, if any, is smooth (not
-            ``hard-clip``). ``"closed-form"`` needs ``closed_form``.
-        closed_form: ``fn(params, grid, sign) -> dict`` with the six statistics
-            of ``sspo_analysis.theory.STATS`` as arrays over the grid, where
-            ``grid`` is a :class:`sspo_analysis.theory.closed_forms.LogNormalGrid`
-            and ``sign`` is +1 or -1; or the hook's ``"module:function"`` path,
-            imported by the theory when first used (so a closed form written
-            in the theory layer needs no import here). An objective with a
-            ``log_gate`` gets it under independent tokens only.
+        theory: the methods of :mod:`sspo_analysis.theory` that hold for this
+            objective under the log-normal model, in order of preference: a
+            tuple of :data:`THEORY_METHODS` (the generic implementation of each)
+            or a dict ``{method: hook}`` (``None`` for the generic one). A hook
+            is a function or its ``"module:function"`` path, imported by the
+            theory on first use (so a hook written in the theory layer needs no
+            import here). ``auto`` takes the first analytic method that applies,
+            else Monte Carlo, which every objective has.
+
+            - ``"closed-form"`` (a hook is required):
+              ``hook(params, grid, sign) -> {stat: array}``, the six statistics of
+              ``sspo_analysis.theory.STATS`` over a
+              :class:`sspo_analysis.theory.closed_forms.LogNormalGrid`
+              (``grid.correlation`` may be non-zero), ``sign`` +1 or -1.
+            - ``"quadrature"``: generic, the objective's own code on the nodes of
+              one token (token objectives, any correlation; the weight is taken
+              to be the ratio ``r``) or its ``log_gate`` (geometric means), used
+              while the ``gate`` parameter, if any, is smooth; or
+              ``hook(objective, grid, sign, quad_nodes) -> {stat: array}``.
+            - ``"monte-carlo"``: only to replace the generic sampler,
+              ``hook(objective, model, sign, n_samples, seed) -> (stats, stderr)``.
+
+            An objective with a ``log_gate``, and a quadrature hook, are used
+            under independent tokens only (Monte Carlo otherwise).
         reference: a yardstick for the theory and the simulators
             (:func:`resolve_objective`), not a training objective: left out of
             :func:`objective_names` and :func:`get_objective`.
 
     Example: ``theory=("quadrature",)`` for a smooth token objective;
-    ``theory=("closed-form",), closed_form="my_pkg.theory:my_moments"`` for one
-    with a known closed form.
+    ``theory={"closed-form": "my_pkg.theory:my_moments"}`` for one with a known
+    closed form.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level: unknown value {level!r}; allowed values: token, sequence")
     if agg not in AGG_MODES:
         raise ValueError(f"agg: unknown value {agg!r}; allowed values: {', '.join(AGG_MODES)}")
-    unknown = [m for m in theory if m not in THEORY_METHODS]
-    if unknown or isinstance(theory, str):
-        raise ValueError(f"theory: unknown value {theory!r}; allowed: a tuple of {', '.join(THEORY_METHODS)}")
-    if ("closed-form" in theory) != (closed_form is not None):
-        raise ValueError("closed_form: give a closed_form hook exactly when theory includes 'closed-form'")
-    if "quadrature" in theory and level == "sequence" and log_gate is None:
-        raise ValueError("theory: 'quadrature' of a sequence objective integrates its log_gate; give log_gate")
+    methods = _check_theory(theory, level, log_gate is not None)
 
     def decorator(fn: Callable[..., Terms]) -> Callable[..., Terms]:
-        spec = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, tuple(theory), closed_form,
-                             reference)
+        spec = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, methods, reference)
         (_REFERENCES if reference else _REGISTRY)[name] = spec
         return fn
 
     return decorator
+
+
+def _check_theory(theory: Any, level: str, has_log_gate: bool) -> dict[str, TheoryHook | None]:
+    """The ``theory`` declaration as ``{method: hook or None}``, or a ValueError naming what is wrong."""
+    if isinstance(theory, str) or not isinstance(theory, (tuple, list, dict)):
+        raise ValueError(f"theory: expected a tuple or a dict of {', '.join(THEORY_METHODS)}, got {theory!r}")
+    methods = dict(theory) if isinstance(theory, dict) else dict.fromkeys(theory)
+    unknown = [m for m in methods if m not in THEORY_METHODS]
+    if unknown:
+        raise ValueError(f"theory: unknown method(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed values: {', '.join(THEORY_METHODS)}")
+    if "closed-form" in methods and methods["closed-form"] is None:
+        raise ValueError("theory: 'closed-form' needs its hook, e.g. {'closed-form': 'my_pkg.theory:moments'}")
+    if methods.get("quadrature", "hook") is None and level == "sequence" and not has_log_gate:
+        raise ValueError("theory: the generic 'quadrature' of a sequence objective integrates its log_gate; "
+                         "give log_gate or a quadrature hook")
+    return methods
 
 
 def objective_names() -> tuple[str, ...]:
@@ -256,8 +271,12 @@ def _geometric_mean(log_ratio: Tensor, adv: Tensor, mask: Tensor, log_gate: LogG
 # --------------------------------------------------------------------------- objectives
 
 
-@register_objective("pg", level="token", agg="seq-mean-token-mean", theory=("closed-form",),
-                    closed_form="sspo_analysis.theory.closed_forms:on_policy")
+@register_objective(
+    "pg",
+    level="token",
+    agg="seq-mean-token-mean",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:on_policy"},
+)
 def pg(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     """On-policy policy gradient, ``A * l`` with ``pi_old = sg[pi_theta]``: ``c = A``.
 
@@ -272,8 +291,7 @@ def pg(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     level="token",
     agg="seq-mean-token-mean",
     defaults={"eps_lo": 0.2, "eps_hi": 0.2},
-    theory=("closed-form",),
-    closed_form="sspo_analysis.theory.closed_forms:ppo_clip",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:ppo_clip"},
 )
 def grpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """PPO-clip per token: ``c = A r 1[kept]``."""
@@ -285,16 +303,20 @@ def grpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi:
     level="token",
     agg="token-mean",
     defaults={"eps_lo": 0.2, "eps_hi": 0.28},
-    theory=("closed-form",),
-    closed_form="sspo_analysis.theory.closed_forms:ppo_clip",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:ppo_clip"},
 )
 def dapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """GRPO with clip-higher (``eps_hi = 0.28``) and token-mean aggregation."""
     return _ppo_clip(log_ratio.exp(), adv, eps_lo, eps_hi)
 
 
-@register_objective("cispo", level="token", agg="token-mean", defaults={"eps_max": 5.0}, theory=("closed-form",),
-                    closed_form="sspo_analysis.theory.closed_forms:truncated_ratio")
+@register_objective(
+    "cispo",
+    level="token",
+    agg="token-mean",
+    defaults={"eps_max": 5.0},
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:truncated_ratio"},
+)
 def cispo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_max: float) -> Terms:
     """Clipped IS-weight policy optimisation: ``sg[min(r, eps_max)] A l``; ``c = A min(r, eps_max)``."""
     ratio = log_ratio.exp()
@@ -341,8 +363,7 @@ def sapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, gate: str, tau_pos: fl
     level="sequence",
     agg="seq-mean-token-mean",
     defaults={"eps_lo": 3e-4, "eps_hi": 4e-4},
-    theory=("closed-form",),
-    closed_form="sspo_analysis.theory.closed_forms:sequence_ppo_clip",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:sequence_ppo_clip"},
 )
 def gspo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """Sequence-level PPO-clip on ``s_i = exp(mean_t l)``; ``c = A s_i 1[kept_i] / T_i``."""
@@ -371,8 +392,7 @@ def _gmpo_log_gate(eps_lo: float, eps_hi: float) -> LogGate:
     agg="seq-mean-token-mean",
     defaults={"eps_lo": 0.4, "eps_hi": 0.4},
     log_gate=_gmpo_log_gate,
-    theory=("closed-form",),
-    closed_form="sspo_analysis.theory.closed_forms:gmpo",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:gmpo"},
 )
 def gmpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """Geometric mean of token ratios, hard-clipped in log space on the side set by ``sign(A)``."""
@@ -459,16 +479,26 @@ SEQ_LOG_WEIGHT_CLAMP = 4.0 * LOG_RATIO_CLAMP
 """``is-seq`` clamps ``sum_t l`` to ``[-80, 80]`` before ``exp``; a token clamp would be meaningless for a sum."""
 
 
-@register_objective("is-token", level="token", agg="seq-mean-token-mean", theory=("closed-form",),
-                    closed_form="sspo_analysis.theory.closed_forms:token_ratio", reference=True)
+@register_objective(
+    "is-token",
+    level="token",
+    agg="seq-mean-token-mean",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:token_ratio"},
+    reference=True,
+)
 def is_token(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     """Token importance sampling ``r A``: ``c = A r``."""
     r = log_ratio.exp()
     return Terms(r * adv, (adv * r).detach(), r)
 
 
-@register_objective("is-seq", level="sequence", agg="seq-mean-token-mean", theory=("closed-form",),
-                    closed_form="sspo_analysis.theory.closed_forms:sequence_ratio", reference=True)
+@register_objective(
+    "is-seq",
+    level="sequence",
+    agg="seq-mean-token-mean",
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:sequence_ratio"},
+    reference=True,
+)
 def is_seq(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     """Sequence importance sampling ``W A / T`` with ``W = exp(sum_t l)``: ``c = A W / T``.
 

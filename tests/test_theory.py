@@ -440,9 +440,9 @@ def test_a_new_objective_declares_its_theory_in_one_place(scratch_objectives):
     scratch_objectives("t-quad", level="token", agg="token-mean", defaults={"beta": 2.0},
                        theory=("quadrature",))(_scaled_is)
     scratch_objectives("t-closed", level="token", agg="token-mean", defaults={"beta": 2.0},
-                       theory=("closed-form",), closed_form=lognormal_scaled_ratio)(_scaled_is)
-    scratch_objectives("t-path", level="token", agg="token-mean", defaults={"beta": 2.0}, theory=("closed-form",),
-                       closed_form="tests.test_theory:lognormal_scaled_ratio")(_scaled_is)
+                       theory={"closed-form": lognormal_scaled_ratio})(_scaled_is)
+    scratch_objectives("t-path", level="token", agg="token-mean", defaults={"beta": 2.0},
+                       theory={"closed-form": "tests.test_theory:lognormal_scaled_ratio"})(_scaled_is)
     assert available_methods("t-plain", model) == ("monte-carlo",)
     assert available_methods("t-quad", model) == ("quadrature", "monte-carlo")
     assert available_methods("t-closed", model) == ("closed-form", "monte-carlo")
@@ -455,18 +455,53 @@ def test_a_new_objective_declares_its_theory_in_one_place(scratch_objectives):
     assert_agrees_with_monte_carlo(analyse("t-closed", model, beta=3.0), mc, 20_000)
 
 
+def sequence_ratio_quadrature(objective, grid, sign, quad_nodes):
+    """A quadrature hook: ``is-seq``'s ``W = exp(sum_t l)`` integrated in ``log W ~ N(L m, L s^2)`` by Gauss-Hermite."""
+    x, w = np.polynomial.hermite_e.hermegauss(64)
+    w = w / w.sum()
+    log_w = grid.length * grid.mean + np.sqrt(grid.length) * grid.std * x[:, None, None]  # (n, S, K)
+    mean, second = (np.exp(log_w) * w[:, None, None]).sum(0), (np.exp(2 * log_w) * w[:, None, None]).sum(0)
+    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": grid.zeros,
+            "mean_weight": mean, "var_weight": second - mean**2, "ess_fraction": mean**2 / second}
+
+
+def counting_monte_carlo(objective, model, sign, n_samples, seed):
+    """A Monte Carlo hook that returns a marker, to see that it replaced the generic sampler."""
+    stats = dict.fromkeys(STATS, float(seed))
+    return stats, dict.fromkeys(STATS, 0.0)
+
+
+def test_quadrature_and_monte_carlo_hooks_replace_the_generic_ones(scratch_objectives):
+    from sspo_analysis.objectives import get_spec
+
+    is_seq = resolve_objective("is-seq").spec.fn
+    scratch_objectives("t-seq", level="sequence", agg="seq-mean-token-mean",
+                       theory={"quadrature": sequence_ratio_quadrature,
+                               "monte-carlo": "tests.test_theory:counting_monte_carlo"})(is_seq)
+    assert get_spec("t-seq").theory["quadrature"] is sequence_ratio_quadrature
+    model = LogNormalRatios(0.3, 8)
+    assert available_methods("t-seq", model) == ("quadrature", "monte-carlo")
+    # a quadrature hook is taken to assume independent tokens
+    assert available_methods("t-seq", LogNormalRatios(0.3, 8, correlation=0.5)) == ("monte-carlo",)
+    quad, exact = analyse("t-seq", model), analyse("is-seq", model)
+    assert quad.method == "quadrature" and exact.method == "closed-form"
+    for key in STATS:
+        assert getattr(quad, key) == pytest.approx(getattr(exact, key), rel=1e-9, abs=1e-12), key
+    assert analyse("t-seq", model, method="monte-carlo", seed=7).mean_coefficient == 7.0
+
+
 def test_theory_declarations_are_checked_at_registration(scratch_objectives):
-    with pytest.raises(ValueError, match="theory: unknown value"):
+    with pytest.raises(ValueError, match=r"theory: unknown method\(s\) 'exact'"):
         scratch_objectives("t-bad", level="token", agg="token-mean", theory=("exact",))
-    with pytest.raises(ValueError, match="closed_form"):
+    with pytest.raises(ValueError, match="theory: expected a tuple or a dict"):
+        scratch_objectives("t-bad", level="token", agg="token-mean", theory="quadrature")
+    with pytest.raises(ValueError, match="'closed-form' needs its hook"):
         scratch_objectives("t-bad", level="token", agg="token-mean", theory=("closed-form",))
-    with pytest.raises(ValueError, match="closed_form"):
-        scratch_objectives("t-bad", level="token", agg="token-mean", closed_form=lognormal_scaled_ratio)
     with pytest.raises(ValueError, match="log_gate"):
         scratch_objectives("t-bad", level="sequence", agg="seq-mean-token-mean", theory=("quadrature",))
-    scratch_objectives("t-missing", level="token", agg="token-mean", defaults={"beta": 1.0}, theory=("closed-form",),
-                       closed_form="tests.test_theory:no_such_function")(_scaled_is)
-    with pytest.raises(ValueError, match="closed_form 'tests.test_theory:no_such_function' cannot be imported"):
+    scratch_objectives("t-missing", level="token", agg="token-mean", defaults={"beta": 1.0},
+                       theory={"closed-form": "tests.test_theory:no_such_function"})(_scaled_is)
+    with pytest.raises(ValueError, match="hook 'tests.test_theory:no_such_function' cannot be imported"):
         analyse("t-missing", LogNormalRatios(0.3), beta=1.0)
 
 

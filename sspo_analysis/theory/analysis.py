@@ -142,15 +142,22 @@ def _analytic_methods(obj: Objective, iid: bool) -> tuple[str, ...]:
     """The analytic methods the objective declared at registration that hold for this model, in its order.
 
     A geometric mean (an objective with a ``log_gate``) factorises over
-    independent tokens only; the quadrature needs a smooth gate (a kink inside a
-    panel would cost it its accuracy). Everything else is the objective's own
-    declaration (``register_objective(..., theory=...)``).
+    independent tokens only, and a quadrature hook is taken to assume them; the
+    generic quadrature needs a smooth gate (a kink inside a panel would cost it
+    its accuracy). Everything else is the objective's own declaration
+    (``register_objective(..., theory=...)``).
     """
     spec = obj.spec
-    if spec.make_log_gate is not None and not iid:
-        return ()
     smooth = obj.params.get("gate", "identity") in _SMOOTH_GATES
-    return tuple(m for m in spec.theory if m != "quadrature" or smooth)
+    out = []
+    for method, hook in spec.theory.items():
+        generic_quadrature = method == "quadrature" and hook is None
+        if method == "monte-carlo" or (generic_quadrature and not smooth):
+            continue
+        if not iid and (spec.make_log_gate is not None or (method == "quadrature" and hook is not None)):
+            continue
+        out.append(method)
+    return tuple(out)
 
 
 def available_methods(objective: str | Objective, model: LogNormalRatios | EmpiricalRatios | None = None,
@@ -165,9 +172,9 @@ def available_methods(objective: str | Objective, model: LogNormalRatios | Empir
 # --------------------------------------------------------------------------- closed forms
 
 
-def closed_form_hook(spec: ObjectiveSpec) -> Any:
-    """The objective's closed-form function, importing a ``"module:function"`` path on first use."""
-    hook = spec.closed_form
+def theory_hook(spec: ObjectiveSpec, method: str) -> Any:
+    """The objective's own implementation of ``method`` (None: the generic one), importing a path on first use."""
+    hook = spec.theory.get(method)
     return _import_hook(spec.name, hook) if isinstance(hook, str) else hook
 
 
@@ -177,13 +184,13 @@ def _import_hook(name: str, path: str) -> Any:
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"objective {name!r}: closed_form {path!r} cannot be imported ({err})") from None
+        raise ValueError(f"objective {name!r}: theory hook {path!r} cannot be imported ({err})") from None
 
 
 def _closed_form(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sign: int,
                  rho: float) -> dict[str, np.ndarray]:
     """The objective's closed-form hook; ``m``, ``s`` (S, 1) and ``L`` (1, K) broadcast to (S, K)."""
-    return closed_form_hook(obj.spec)(dict(obj.params), LogNormalGrid(m, s, L, rho), sign)
+    return theory_hook(obj.spec, "closed-form")(dict(obj.params), LogNormalGrid(m, s, L, rho), sign)
 
 
 # --------------------------------------------------------------------------- quadrature
@@ -233,7 +240,10 @@ def _gate_scale(obj: Objective) -> float:
 
 def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sign: int,
                 quad_nodes: int) -> dict[str, np.ndarray]:
-    """Quadrature in ``l`` through the objective's own code; ``m``, ``s`` (S, 1), ``L`` (1, K)."""
+    """Quadrature in ``l`` through the objective's own code (or its hook); ``m``, ``s`` (S, 1), ``L`` (1, K)."""
+    hook = theory_hook(obj.spec, "quadrature")
+    if hook is not None:
+        return hook(obj, LogNormalGrid(m, s, L), sign, quad_nodes)
     nodes, w = normal_nodes(m, s, _gate_scale(obj), quad_nodes)  # (S, n)
     zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
     lt = torch.from_numpy(np.ascontiguousarray(nodes, dtype=np.float64))
@@ -305,7 +315,10 @@ def _moment_stats(s1: np.ndarray, s2: np.ndarray, den: np.ndarray) -> dict[str, 
 
 def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
                  seed: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Sample log-ratios, evaluate ``objective.terms`` on them; return (stats, standard errors)."""
+    """Sample log-ratios, evaluate ``objective.terms`` on them (or the objective's hook); (stats, standard errors)."""
+    hook = theory_hook(obj.spec, "monte-carlo")
+    if hook is not None:
+        return hook(obj, model, sign, n_samples, seed)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("T", "S1", "S2", "D", "W1", "W2", "WN")}
     for values, mask in model.chunks(n_samples, rng, MC_CHUNK_TOKENS):
