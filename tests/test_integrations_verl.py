@@ -102,6 +102,21 @@ def test_registered_loss_returns_package_values(loss_mode, mode):
     assert metrics["actor/ppo_kl"] == pytest.approx(-ref_metrics["log_ratio_mean"], rel=1e-6, abs=1e-9)
 
 
+def test_gmpo_clip_fractions_by_hand():
+    """verl's pg_clipfrac / pg_clipfrac_lower / ppo_kl for gmpo, counted token by token from the raw tensors."""
+    lp, old, adv, mask = batch(seed=3, std=0.8)
+    cfg = actor_config(clip_ratio_low=0.3, clip_ratio_high=0.25, loss_agg_mode="seq-mean-token-mean")
+    _, _, metrics = run(get_policy_loss_fn("gmpo"), lp, old, adv, mask, "seq-mean-token-mean", cfg)
+    tokens = [(float(lp[i, t] - old[i, t]), float(adv[i, t])) for i in range(lp.shape[0])
+              for t in range(lp.shape[1]) if mask[i, t]]
+    high = sum(a > 0 and x > 0.25 for x, a in tokens) / len(tokens)
+    low = sum(a < 0 and x < -0.3 for x, a in tokens) / len(tokens)
+    assert high > 0 and low > 0  # the batch exercises both sides
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(high, rel=1e-6)
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(low, rel=1e-6)
+    assert metrics["actor/ppo_kl"] == pytest.approx(-sum(x for x, _ in tokens) / len(tokens), rel=1e-5)
+
+
 def test_temperatures_come_from_the_actor_config():
     lp, old, adv, mask = batch(seed=2, std=1.0)
     fn = get_policy_loss_fn("sspo")
