@@ -50,7 +50,8 @@ def entropy_change_first_order(logits: torch.Tensor, dz: torch.Tensor) -> torch.
     return -(p * centred * (dz - (p * dz).sum(-1, keepdim=True))).sum(-1)
 
 
-def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
+def check_int(value: int, name: str, minimum: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
     return value
@@ -103,13 +104,13 @@ def run_bandit(
     import pandas as pd
 
     obj = resolve_objective(objective, **params)
-    steps = _check_positive_int(steps, "steps")
-    n_actions = _check_positive_int(n_actions, "n_actions", 2)
+    steps = check_int(steps, "steps")
+    n_actions = check_int(n_actions, "n_actions", 2)
     setup = _Setup(
         steps=steps,
-        group_size=_check_positive_int(group_size, "group_size", 2),
-        updates_per_batch=_check_positive_int(updates_per_batch, "updates_per_batch"),
-        n_groups=_check_positive_int(n_groups, "n_groups"),
+        group_size=check_int(group_size, "group_size", 2),
+        updates_per_batch=check_int(updates_per_batch, "updates_per_batch"),
+        n_groups=check_int(n_groups, "n_groups"),
         lr=_check_lr(lr),
         scale_advantages=scale_advantages,
     )

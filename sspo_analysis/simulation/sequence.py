@@ -25,6 +25,7 @@ import torch
 
 from sspo_analysis.objectives import Objective, resolve_objective
 from sspo_analysis.primitives import group_advantages
+from sspo_analysis.simulation.bandit import check_int
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -141,8 +142,7 @@ def staleness_study(
         raise ValueError(f"staleness: need integers >= 0, got {list(staleness)!r}")
     for name, value, low in (("group_size", group_size, 2), ("n_batches", n_batches, 2),
                              ("groups_per_batch", groups_per_batch, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        check_int(value, name, low)
     if not (path_lr >= 0 and math.isfinite(path_lr)):
         raise ValueError(f"path_lr: must be a finite number >= 0, got {path_lr!r}")
     space = TabularPolicy(length, vocab)
