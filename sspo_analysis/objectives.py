@@ -110,7 +110,6 @@ TheoryHook = Callable[..., Any] | str
 """A theory method's implementation for one objective: a function, or its ``"module:function"`` path."""
 
 
-
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """A registry entry: the function and its metadata (see :func:`register_objective`)."""
