@@ -144,7 +144,7 @@ def _analytic_method(obj: Objective, iid: bool) -> str | None:
     theory cannot know whether their coefficient is smooth enough for quadrature.
     """
     name, smooth = obj.name, obj.params.get("gate", "identity") in _SMOOTH_GATES
-    if name in ("grpo", "dapo", "cispo", "gspo", "pg", "is-token", "is-seq"):
+    if name in ("grpo", "dapo", "cispo", "gspo", "luspo", "pg", "is-token", "is-seq"):  # issue 16: luspo is gspo
         return "closed-form"  # token marginals and sums of Gaussians: exact also under AR(1)
     if name == "sapo":
         return "quadrature" if smooth else None  # a token marginal: correlation does not matter
@@ -152,6 +152,8 @@ def _analytic_method(obj: Objective, iid: bool) -> str | None:
         return None  # the geometric means factorise over independent tokens only
     if name == "gmpo":
         return "closed-form"
+    if name == "vespo":  # issue 16 hook: a 1-D integral in log W (theory/sequence_ratio.py)
+        return "quadrature"
     if name in ("sspo", "sspo-sigmoid") and smooth:
         return "quadrature"
     return None
@@ -229,7 +231,7 @@ def _closed_form(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, si
         mean_w, second_w = _lognormal_moments(L * m, var_sum)
         return {"mean_coefficient": mean_w, "var_coefficient": second_w - mean_w**2, "dead_fraction": zeros,
                 "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": np.exp(-var_sum) + zeros}
-    if name == "gspo":
+    if name in ("gspo", "luspo"):  # issue 16: luspo's normalised coefficient is gspo's
         sd = np.sqrt(sum_variance(s, L, rho)) / L  # std of mean_t l
         out = _ratio_clip(m, sd, sign, p["eps_lo"], p["eps_hi"])
         mean_w, second_w = _lognormal_moments(m, sd**2)
@@ -314,6 +316,9 @@ def _gate_scale(obj: Objective) -> float:
 def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sign: int,
                 quad_nodes: int) -> dict[str, np.ndarray]:
     """Quadrature in ``l`` through the objective's own code; ``m``, ``s`` (S, 1), ``L`` (1, K)."""
+    if obj.name == "vespo":  # issue 16 hook (theory/sequence_ratio.py imports this module)
+        from sspo_analysis.theory.sequence_ratio import vespo_quadrature
+        return vespo_quadrature(obj, m, s, L, sign, functools.partial(normal_nodes, order=quad_nodes))
     nodes, w = normal_nodes(m, s, _gate_scale(obj), quad_nodes)  # (S, n)
     zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
     lt = torch.from_numpy(np.ascontiguousarray(nodes, dtype=np.float64))
@@ -374,6 +379,9 @@ def _moment_stats(s1: np.ndarray, s2: np.ndarray, den: np.ndarray) -> dict[str, 
 def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
                  seed: int) -> tuple[dict[str, float], dict[str, float]]:
     """Sample log-ratios, evaluate ``objective.terms`` on them; return (stats, standard errors)."""
+    if obj.name in ("clip-cov", "kl-cov"):  # issue 16 hook: batch Monte Carlo (theory/sequence_ratio.py)
+        from sspo_analysis.theory.sequence_ratio import batch_monte_carlo
+        return batch_monte_carlo(obj, model, sign, n_samples, seed)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("T", "S1", "S2", "D", "W1", "W2", "WN")}
     for values, mask in model.chunks(n_samples, rng, MC_CHUNK_TOKENS):
