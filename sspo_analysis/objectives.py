@@ -730,7 +730,7 @@ def kl_cov(
     chosen = _top_covariance(_token_covariance(adv, log_prob, mask).detach(), mask, kl_cov_ratio)
     penalty = torch.where(chosen, ppo_kl_coef * log_ratio.abs(), 0.0)
     coefficient = adv * ratio - torch.where(chosen, ppo_kl_coef * log_ratio.sign(), 0.0)
-    return Terms(ratio * adv - penalty, coefficient.detach(), ratio, None, None, chosen)
+    return Terms(ratio * adv - penalty, coefficient.detach(), ratio)
 
 
 def _validate_field_params(name: str, p: dict[str, Any]) -> None:
