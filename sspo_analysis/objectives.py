@@ -46,6 +46,7 @@ from sspo_analysis.primitives import (
     geometric_mean_weight,
     k3_kl,
     masked_mean,
+    masked_sum,
     masked_var,
     reduce_dtype,
     sequence_mean,
@@ -122,6 +123,7 @@ class ObjectiveSpec:
     make_log_gate: Callable[..., LogGate] | None = None
     theory: dict[str, TheoryHook | None] = field(default_factory=dict)
     reference: bool = False
+    needs_log_prob: bool = False  # the function also takes ``log_prob=`` (clip-cov, kl-cov)
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
@@ -137,6 +139,7 @@ def register_objective(
     log_gate: Callable[..., LogGate] | None = None,
     theory: tuple[str, ...] | dict[str, TheoryHook | None] = (),
     reference: bool = False,
+    needs_log_prob: bool = False,
 ) -> Callable[[Callable[..., Terms]], Callable[..., Terms]]:
     """Register ``fn(log_ratio, adv, mask, **params) -> Terms`` under ``name``.
 
@@ -147,6 +150,9 @@ def register_objective(
         defaults: every parameter the function takes, with its default.
         log_gate: for geometric-mean objectives, a factory ``(**params) -> LogGate``
             so that the theory can integrate the per-token gate directly.
+        needs_log_prob: the function also takes ``log_prob`` (the current
+            log-probabilities, detached, zero where masked), for objectives that
+            rank tokens by them (``clip-cov``, ``kl-cov``).
         theory: the methods of :mod:`sspo_analysis.theory` that hold for this
             objective under the log-normal model, in order of preference: a
             tuple of :data:`THEORY_METHODS` (the generic implementation of each)
@@ -186,7 +192,7 @@ def register_objective(
     methods = _check_theory(theory, level, log_gate is not None)
 
     def decorator(fn: Callable[..., Terms]) -> Callable[..., Terms]:
-        spec = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, methods, reference)
+        spec = ObjectiveSpec(name, fn, level, agg, dict(defaults or {}), log_gate, methods, reference, needs_log_prob)
         (_REFERENCES if reference else _REGISTRY)[name] = spec
         return fn
 
@@ -569,7 +575,8 @@ class Objective:
         adv = torch.where(mask, _as_token_advantages(advantages, log_prob.shape).to(dtype), 0.0)
         if self.level == "sequence":
             adv = sequence_mean(adv, mask)
-        t = self.spec.fn(log_ratio, adv, mask, **self.params)
+        extra = {"log_prob": torch.where(mask, log_prob.detach().to(dtype), 0.0)} if self.spec.needs_log_prob else {}
+        t = self.spec.fn(log_ratio, adv, mask, **self.params, **extra)
         zero = torch.zeros((), dtype=dtype)
         t = t._replace(coefficient=torch.where(mask, t.coefficient, zero))
         return t, log_ratio, adv, mask
@@ -764,7 +771,7 @@ def _build(spec: ObjectiveSpec, agg: str | None, horizon: int | None, params: di
     agg = agg or spec.agg
     if agg not in AGG_MODES:
         raise ValueError(f"agg: unknown value {agg!r}; allowed values: {', '.join(AGG_MODES)}")
-    if spec.level == "sequence" and agg in TOKEN_SUM_MODES:
+    if spec.level == "sequence" and agg in TOKEN_SUM_MODES and agg != spec.agg:  # luspo weights by length on purpose
         warnings.warn(
             f"objective {name!r} is sequence-level: agg={agg!r} weights each sequence by its length, "
             "so long responses count more",
@@ -787,3 +794,183 @@ def _validate_params(name: str, p: dict[str, Any]) -> None:
         if g not in allowed:
             raise ValueError(f"objective {name!r}: gate {p['gate']!r} unknown; allowed values: {', '.join(allowed)}")
         p["gate"] = g
+    _validate_field_params(name, p)
+
+
+# --------------------------------------------------------------------------- the field's other objectives
+# VESPO and LUSPO as TRL 1.16 ships them, Clip-Cov and KL-Cov as verl 0.9.1 ships them; parameters
+# carry the engines' names. Where the package and the engine differ, the README's engine table says so.
+
+VESPO_LOG_W_MIN = math.log(1e-8)
+"""TRL's lower clamp of VESPO's sequence log-ratio ``log W`` (the upper one is :data:`LOG_RATIO_CLAMP`)."""
+VESPO_LAMBDA_MIN = 1e-4
+"""TRL floors VESPO's ``lambda`` here, so that ``phi`` decays for large ``W``."""
+
+
+def vespo_log_phi(log_w: Tensor, k: Tensor | float, lam: Tensor | float) -> Tensor:
+    """``log phi(W) = lambda + k log W - lambda W``: the log of VESPO's gamma weight, ``phi(1) = 1``."""
+    return lam + k * log_w - lam * log_w.exp()
+
+
+def _by_sign(nonneg: Tensor, pos: float, neg: float, like: Tensor) -> Tensor:
+    """``pos`` where ``nonneg`` else ``neg``, in ``like``'s dtype (VESPO splits at ``A >= 0``, as TRL)."""
+    return torch.where(nonneg, torch.full_like(like, pos), torch.full_like(like, neg))
+
+
+@register_objective(
+    "vespo",
+    level="token",
+    agg="token-mean",
+    defaults={"k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0},
+    theory={"quadrature": "sspo_analysis.theory.sequence_ratio:vespo_quadrature"},
+)
+def vespo(
+    log_ratio: Tensor, adv: Tensor, mask: Tensor, *, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float
+) -> Terms:
+    """VESPO: ``sg[phi(W)] A l`` with ``phi(W) = e^lambda W^k e^(-lambda W)`` of the product ratio; ``c = A phi(W)``.
+
+    ``W = exp(sum_t l_t)`` is the sequence's product ratio, ``log W`` clamped to
+    ``[log 1e-8, 20]``; ``(k, lambda)`` is ``(k_pos, lambda_pos)`` for ``A >= 0``,
+    ``(k_neg, lambda_neg)`` for ``A < 0`` (TRL's ``vespo_*`` fields; ``lambda`` floored
+    at ``1e-4``). ``phi(1) = 1``, so on-policy ``c = A``. The weight reported is
+    ``phi(W)`` per token; ``gate_weight`` is ``phi(W) / W``, the factor against plain
+    sequence importance sampling.
+    """
+    log_w = masked_sum(log_ratio, mask, dim=-1).clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)[:, None]
+    nonneg = adv >= 0
+    k = _by_sign(nonneg, k_pos, k_neg, log_ratio)
+    lam = _by_sign(nonneg, max(lambda_pos, VESPO_LAMBDA_MIN), max(lambda_neg, VESPO_LAMBDA_MIN), log_ratio)
+    log_phi = vespo_log_phi(log_w, k, lam).detach()
+    phi = log_phi.exp()
+    return Terms(phi * adv * log_ratio, (phi * adv).detach(), phi, (log_phi - log_w).exp().detach())
+
+
+@register_objective(
+    "luspo",
+    level="sequence",
+    agg="seq-mean-token-sum",
+    defaults={"eps_lo": 3e-4, "eps_hi": 4e-4},
+    theory={"closed-form": "sspo_analysis.theory.closed_forms:sequence_ppo_clip"},  # gspo's normalised coefficient
+)
+def luspo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
+    """LUSPO: GSPO's sequence clip, each sequence's surrogate counted ``T_i`` times (seq-mean-token-sum).
+
+    The same ``J_i`` and ``c = A s 1[kept] / T_i`` as :func:`gspo`; only the
+    aggregation differs, so each token's gradient is ``T_i`` times GSPO's and long
+    answers are not down-weighted. ``eps_lo`` / ``eps_hi`` are TRL's ``epsilon`` /
+    ``epsilon_high`` (GSPO's defaults here; TRL's own default is 0.2).
+    """
+    return gspo(log_ratio, adv, mask, eps_lo=eps_lo, eps_hi=eps_hi)
+
+
+def _token_covariance(adv: Tensor, log_prob: Tensor, mask: Tensor) -> Tensor:
+    """``(A - mean A)(log pi - mean log pi)`` per token, the means over the batch's unmasked tokens."""
+    return (adv - masked_mean(adv, mask)) * (log_prob - masked_mean(log_prob, mask))
+
+
+def _random_subset(candidates: Tensor, count: int, seed: int | None) -> Tensor:
+    """``count`` of the ``True`` entries of ``candidates`` drawn uniformly (row-major order, then a permutation).
+
+    ``seed=None`` draws from torch's global generator, as verl does (so ``torch.manual_seed(s)``
+    before the call reproduces verl's choice); an integer seeds a private generator afresh
+    on every call, so the same tensors always give the same selection.
+    """
+    idx = torch.nonzero(candidates)
+    chosen = torch.zeros_like(candidates)
+    if len(idx) > 0:
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        idx = idx[torch.randperm(len(idx), generator=generator)[:count]]
+        chosen[idx[:, 0], idx[:, 1]] = True
+    return chosen
+
+
+@register_objective(
+    "clip-cov",
+    level="token",
+    agg="token-mean",
+    defaults={"eps_lo": 0.2, "eps_hi": 0.2, "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "seed": 0},
+    needs_log_prob=True,
+    theory={"monte-carlo": "sspo_analysis.theory.sequence_ratio:batch_monte_carlo"},
+)
+def clip_cov(
+    log_ratio: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    *,
+    log_prob: Tensor,
+    eps_lo: float,
+    eps_hi: float,
+    clip_cov_ratio: float,
+    clip_cov_lb: float,
+    clip_cov_ub: float,
+    seed: int | None,
+) -> Terms:
+    """Clip-Cov: PPO-clip with a random few high-covariance tokens detached; ``c = A r 1[kept] 1[not chosen]``.
+
+    Candidates are the unmasked tokens PPO did not clip whose covariance
+    ``(A - mean A)(log pi - mean log pi)`` lies in ``(clip_cov_lb, clip_cov_ub)``;
+    ``max(int(clip_cov_ratio * N), 1)`` of them (``N`` unmasked tokens) are chosen
+    uniformly at random and contribute neither value nor gradient, even on-policy.
+    The choice is deterministic given ``seed`` (see :func:`_random_subset`); given the
+    choice, ``c`` is per token. ``eps_lo`` / ``eps_hi`` are verl's ``clip_ratio_low`` / ``_high``.
+    """
+    t = _ppo_clip(log_ratio.exp(), adv, eps_lo, eps_hi)
+    cov = _token_covariance(adv, log_prob, mask)
+    candidates = mask & ~(t.clipped_low | t.clipped_high) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+    chosen = _random_subset(candidates, max(int(clip_cov_ratio * int(mask.sum())), 1), seed)
+    return t._replace(
+        surrogate=torch.where(chosen, 0.0, t.surrogate),
+        coefficient=torch.where(chosen, 0.0, t.coefficient),
+        gate_weight=torch.where(chosen, 0.0, t.gate_weight),
+    )
+
+
+def _top_covariance(cov: Tensor, mask: Tensor, ratio: float) -> Tensor:
+    """The ``max(1, int(ratio * N))`` unmasked tokens of largest ``cov`` (none when ``N = 0``)."""
+    chosen = torch.zeros_like(mask)
+    n = int(mask.sum())
+    if n > 0:
+        flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+        top = flat[torch.topk(cov[mask], max(1, int(n * ratio))).indices]
+        chosen.view(-1)[top] = True
+    return chosen
+
+
+@register_objective(
+    "kl-cov",
+    level="token",
+    agg="token-mean",
+    defaults={"kl_cov_ratio": 2e-4, "ppo_kl_coef": 0.1},
+    needs_log_prob=True,
+    theory={"monte-carlo": "sspo_analysis.theory.sequence_ratio:batch_monte_carlo"},
+)
+def kl_cov(
+    log_ratio: Tensor, adv: Tensor, mask: Tensor, *, log_prob: Tensor, kl_cov_ratio: float, ppo_kl_coef: float
+) -> Terms:
+    """KL-Cov: ``r A``, minus ``ppo_kl_coef |l|`` on the top-covariance tokens; ``c = A r - coef sign(l) 1[chosen]``.
+
+    The ``max(1, int(kl_cov_ratio * N))`` unmasked tokens of largest covariance
+    ``(A - mean A)(log pi - mean log pi)`` are chosen deterministically (``topk``).
+    No ratio is clipped. On-policy ``sign(0) = 0``, so ``c = A``.
+    """
+    ratio = log_ratio.exp()
+    chosen = _top_covariance(_token_covariance(adv, log_prob, mask).detach(), mask, kl_cov_ratio)
+    penalty = torch.where(chosen, ppo_kl_coef * log_ratio.abs(), 0.0)
+    coefficient = adv * ratio - torch.where(chosen, ppo_kl_coef * log_ratio.sign(), 0.0)
+    return Terms(ratio * adv - penalty, coefficient.detach(), ratio)
+
+
+def _validate_field_params(name: str, p: dict[str, Any]) -> None:
+    """The parameters of vespo, luspo, clip-cov and kl-cov (called from :func:`_validate_params`)."""
+    for key in ("k_pos", "k_neg", "ppo_kl_coef"):
+        if key in p and not (isinstance(p[key], (int, float)) and p[key] >= 0 and math.isfinite(p[key])):
+            raise ValueError(f"objective {name!r}: {key} must be a finite number >= 0, got {p[key]!r}")
+    for key in ("lambda_pos", "lambda_neg", "clip_cov_ratio", "kl_cov_ratio"):
+        if key in p and not (isinstance(p[key], (int, float)) and p[key] > 0 and math.isfinite(p[key])):
+            raise ValueError(f"objective {name!r}: {key} must be a finite number > 0, got {p[key]!r}")
+    if "clip_cov_lb" in p:
+        lb, ub = p["clip_cov_lb"], p["clip_cov_ub"]
+        if not (isinstance(lb, (int, float)) and isinstance(ub, (int, float)) and lb < ub):
+            raise ValueError(f"objective {name!r}: clip_cov_lb must be a number below clip_cov_ub, got {lb!r}, {ub!r}")
+    if "seed" in p and p["seed"] is not None and (isinstance(p["seed"], bool) or not isinstance(p["seed"], int)):
+        raise ValueError(f"objective {name!r}: seed must be an integer or None, got {p['seed']!r}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sspo_analysis import cli
-from sspo_analysis.theory import RESULT_KEYS, LogNormalRatios, analyse
+from sspo_analysis.theory import RESULT_KEYS, LogNormalRatios, all_objective_names, analyse
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +84,7 @@ def test_grid_csv_and_markdown(capsys, tmp_path):
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].startswith("| objective |") and "L = 1 / 16 / 256" in lines[2]
-    assert len(lines) == 3 + 11 * 2  # every objective and reference estimator, both signs
+    assert len(lines) == 3 + len(all_objective_names()) * 2  # every objective and reference estimator, both signs
 
 
 def test_simulate_writes_csv(capsys, tmp_path):
