@@ -291,3 +291,6 @@ class SSPOTrainer(GRPOTrainer):
         ent = torch.stack([(entropies * mask).sum(), mask.sum().to(entropies.dtype)])
         totals = self.accelerator.reduce(ent, reduction="sum")
         self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+
+from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: E402,F401  (re-export)
