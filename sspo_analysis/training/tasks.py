@@ -367,7 +367,7 @@ _EXPRESSION_CHARS = set("0123456789x+-*() ")
 
 @dataclass
 class Synthesis(SandboxTask):
-    """``"f(0)=3 f(1)=5 f(2)=7:"`` -> an expression in ``x`` such as ``"2*x+3"``: synthesise a hidden function.
+    """``"f(0)=3,f(1)=5,f(2)=7:"`` -> an expression in ``x`` such as ``"2*x+3"``: synthesise a hidden function.
 
     Hidden functions are ``a*x+b`` (``a`` in 1..``max_slope``, ``b`` in
     0..``max_offset``) and, with ``squares``, ``x*x+b``, drawn uniformly; the
@@ -397,7 +397,8 @@ class Synthesis(SandboxTask):
         for k in rng.integers(0, n_functions, size=n):
             a, b = divmod(int(k), offsets)
             expr = ("x*x" if a == self.max_slope else ("x" if a == 0 else f"{a + 1}*x")) + (f"+{b}" if b else "")
-            prompts.append(" ".join(f"f({x})={self._value(expr, x)}" for x in self.shown) + ":")
+            # no spaces: a character tokenizer saved and reloaded by transformers drops them
+            prompts.append(",".join(f"f({x})={self._value(expr, x)}" for x in self.shown) + ":")
             answers.append(expr)
         return prompts, answers
 
