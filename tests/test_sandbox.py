@@ -335,6 +335,16 @@ def test_a_raising_grader_gives_zero_and_is_counted(monkeypatch):
     assert task.reward_failures >= 2
 
 
+def test_repeated_completions_are_graded_once(monkeypatch):
+    task, calls = Synthesis(), []
+    real = sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda program, tests, **kw: calls.append(program) or
+                        real(program, tests, **kw))
+    assert task.rewards(["x+1", "x+1", "x+2"], ["x+1", "x+1", "x+1"]) == [1.0, 1.0, 0.0]
+    assert task.reward("x+1", "x+1") == 1.0 and task.reward("x+2", "x+1") == 0.0
+    assert len(calls) == 2  # "x+1" and "x+2" against the tests of x+1, once each
+
+
 def test_trainer_keeps_going_when_rewards_raise(tmp_path, monkeypatch, one_thread):
     from sspo_analysis.training import read_metrics, train
 

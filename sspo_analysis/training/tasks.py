@@ -266,7 +266,8 @@ class SandboxTask(Task):
                 continue
             if job is not None:
                 jobs.setdefault(job, []).append(i)
-        todo = [job for job in jobs if job not in self._cache]
+        known = {job: self._cache.get(job) for job in jobs}
+        todo = [job for job, result in known.items() if result is None]
         try:
             results = sandbox.grade_many([j[0] for j in todo], [j[1] for j in todo], workers=workers,
                                          entry_points=[j[2] for j in todo], timeout_s=self.timeout_s,
@@ -274,13 +275,13 @@ class SandboxTask(Task):
         except Exception as err:  # noqa: BLE001 - the pool itself failed: this batch earns 0
             self._failed(err)
             return out
-        fresh = dict(zip(todo, results))
-        for job, where in jobs.items():
-            result = self._cache.get(job) or fresh[job]
-            if job in fresh:
-                self._remember(job, result)
+        for job, result in zip(todo, results):
+            known[job] = result
+            self._remember(job, result)
             if result.message.startswith("grader error"):
                 self._failed(RuntimeError(result.message))
+        for job, where in jobs.items():
+            result = known[job]
             for i in where:
                 out[i] = result.fraction if self.grader == "tests-fraction" else float(result.status == "ok")
         return out
