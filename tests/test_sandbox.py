@@ -399,6 +399,22 @@ def test_verl_compute_score():
         assert compute_score("code", solution, {"no": "tests"}) == 0.0
 
 
+def test_verl_loads_compute_score_by_path_without_verl():
+    import subprocess
+    import sys
+
+    import sspo_analysis.integrations.rewards as rewards
+
+    # what verl's custom_reward_function does: load the file by path, take the function by name
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('custom_module', {rewards.__file__!r})\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "score = module.compute_score('d', 'def f():\\n    return 1', 'assert f() == 1')\n"
+            "print(score, 'verl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1.0", "False"], out.stderr[-2000:]
+
+
 def test_trl_code_reward_direct_call():
     trl = pytest.importorskip("sspo_analysis.integrations.trl")
 
