@@ -6,6 +6,7 @@ survival is read from ``/proc`` (pid plus start time, so a reused pid does not
 count), and stray files from a listing of the system temporary directory.
 """
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -434,10 +435,14 @@ def test_trl_code_reward_in_a_three_step_grpo_run(tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
     from sspo_analysis.integrations.trl import code_reward
-    from tests.test_integrations_trl_e2e import load_example
 
+    # the model of the project's TRL end-to-end test (examples/trl_sspo_tiny.py): the micro preset, saved
+    example = Path(__file__).resolve().parents[1] / "examples" / "trl_sspo_tiny.py"
+    spec = importlib.util.spec_from_file_location("trl_sspo_tiny", example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     model_dir = str(tmp_path / "model")
-    load_example().build_model(model_dir)
+    module.build_model(model_dir)
     seen = []
 
     def recorded(prompts, completions, **kwargs):
