@@ -295,3 +295,6 @@ class SSPOTrainer(GRPOTrainer):
         sums = torch.stack([total, m.sum().to(total.dtype)])
         totals = self.accelerator.reduce(sums, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: E402,F401  (re-export)

@@ -37,15 +37,19 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "addition"  # addition | countdown | reversal | jsonl
+    name: str = "addition"  # addition | countdown | reversal | jsonl | code | synthesis
     digits: int = 2  # addition
     length: int = 5  # reversal
     numbers: int = 3  # countdown
     max_value: int = 9  # countdown
-    path: str = ""  # jsonl
-    grader: str = "exact"  # jsonl: exact | number | math
-    prompt_key: str = "prompt"  # jsonl
+    path: str = ""  # jsonl, code
+    grader: str = ""  # jsonl: exact | number | math; code, synthesis: tests-fraction | tests-all; "": the default
+    prompt_key: str = "prompt"  # jsonl, code
     answer_key: str = "answer"  # jsonl
+    tests_key: str = "tests"  # code
+    entry_point_key: str = "entry_point"  # code
+    sandbox_timeout_s: float = 5.0  # code, synthesis: wall-clock limit per program
+    sandbox_memory_mb: int = 512  # code, synthesis: address-space limit per process
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
 
 
@@ -141,7 +145,7 @@ class TrainConfig:
         """Check every field; raise ``ValueError`` naming the field and its allowed values."""
         from sspo_analysis.objectives import AGG_MODES
         from sspo_analysis.training.models import PRESETS
-        from sspo_analysis.training.tasks import GRADERS, TASKS
+        from sspo_analysis.training.tasks import GRADERS, TASK_GRADERS, TASKS
 
         def choice(name: str, value: Any, allowed) -> None:
             if value not in allowed:
@@ -182,9 +186,12 @@ class TrainConfig:
         number("task.length", t.length, 1, 64, integer=True)
         number("task.numbers", t.numbers, 2, 6, integer=True)
         number("task.max_value", t.max_value, 1, 9999, integer=True)
-        choice("task.grader", t.grader, GRADERS)
-        if t.name == "jsonl" and not Path(t.path).is_file():
-            raise ValueError(f"task.path: {t.path!r} is not a file; task.name = 'jsonl' needs a local JSONL file")
+        if t.grader:
+            choice("task.grader", t.grader, TASK_GRADERS.get(t.name, GRADERS))
+        if t.name in ("jsonl", "code") and not Path(t.path).is_file():
+            raise ValueError(f"task.path: {t.path!r} is not a file; task.name = {t.name!r} needs a local JSONL file")
+        number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
+        number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
         w = self.warm_start
         number("warm_start.target_success", w.target_success, 0.0, 1.0, lo_open=True)
         for key in ("max_steps", "batch_size", "eval_every", "eval_prompts"):

@@ -4,19 +4,29 @@ Built in: n-digit ``addition``, ``countdown`` (reach a target from given numbers
 with + - *), sequence ``reversal``; and ``jsonl``: local ``{prompt, answer}``
 records (GSM8K's ``{question, answer: "... #### 42"}`` too) graded by exact
 match, by the last number in the completion, or by ``math-verify`` (the
-``math`` extra, imported only when used).
+``math`` extra, imported only when used); ``code``: local ``{prompt, tests,
+entry_point?}`` records graded by running the completion's code against the
+tests in :mod:`sspo_analysis.training.sandbox`; ``synthesis``: write an
+expression in ``x`` for a hidden function shown by input/output pairs, graded in
+the sandbox on held-out inputs.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 GRADERS = ("exact", "number", "math")
+"""Graders of the ``jsonl`` task."""
+TEST_GRADERS = ("tests-fraction", "tests-all")
+"""Graders of the ``code`` and ``synthesis`` tasks: the fraction of tests passed, or 1 only when all pass."""
+TASK_GRADERS = {"jsonl": GRADERS, "code": TEST_GRADERS, "synthesis": TEST_GRADERS}
+"""Allowed ``task.grader`` values per task (an empty ``task.grader`` means the task's default, listed first)."""
 
 
 class Task:
@@ -198,13 +208,230 @@ class JsonlTask(Task):
         return float(bool(mv.verify(mv.parse(answer), mv.parse(completion))))
 
 
-TASKS = ("addition", "countdown", "reversal", "jsonl")
+def parse_tests_answer(answer) -> tuple[str, str | None]:
+    """``(tests, entry_point)`` from a code task's reference: a dict or JSON object with ``tests`` (and
+    optionally ``entry_point``), or a plain string of test source."""
+    if isinstance(answer, str):
+        text = answer.lstrip()
+        if not text.startswith("{"):
+            return answer, None
+        answer = json.loads(text)
+    if not isinstance(answer, dict) or not isinstance(answer.get("tests"), str):
+        raise ValueError("tests: expected test source, or an object with a 'tests' string and an optional "
+                         "'entry_point'")
+    return answer["tests"], answer.get("entry_point") or None
+
+
+@dataclass
+class SandboxTask(Task):
+    """A task graded by running code in :mod:`~sspo_analysis.training.sandbox`.
+
+    ``reward`` never raises: a grader error (an unreadable reference, a failed
+    start) gives reward 0 and is counted in ``reward_failures`` (the first one is
+    also a warning), so one bad record cannot stop training. Results of
+    deterministic outcomes (``ok``, ``failed``, ``syntax``) are cached by program
+    and tests, so repeated completions are graded once. ``rewards`` grades a
+    batch in parallel with ``sandbox.grade_many``.
+    """
+
+    grader: str = "tests-fraction"
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+    reward_failures: int = field(default=0, init=False, repr=False)
+    cache_size = 65536
+
+    def __post_init__(self) -> None:
+        if self.grader not in TEST_GRADERS:
+            raise ValueError(f"task.grader: unknown value {self.grader!r} for task {self.name!r}; "
+                             f"allowed values: {', '.join(TEST_GRADERS)}")
+        self._cache: dict[tuple, object] = {}
+
+    def program(self, completion: str, answer: str) -> tuple[str, str, str | None] | None:
+        """``(program, tests, entry_point)`` to run, or None when the completion earns 0 without running."""
+        raise NotImplementedError
+
+    def reward(self, completion: str, answer: str) -> float:
+        return self.rewards([completion], [answer])[0]
+
+    def rewards(self, completions: list[str], answers: list[str], workers: int | None = None) -> list[float]:
+        """Rewards of many completions, graded in parallel; failures count as 0 (see the class docstring)."""
+        from sspo_analysis.training import sandbox
+
+        jobs, out = {}, [0.0] * len(completions)
+        for i, (completion, answer) in enumerate(zip(completions, answers)):
+            try:
+                job = self.program(completion, answer)
+            except Exception as err:  # noqa: BLE001 - a bad reference gives 0, not a crash
+                self._failed(err)
+                continue
+            if job is not None:
+                jobs.setdefault(job, []).append(i)
+        known = {job: self._cache.get(job) for job in jobs}
+        todo = [job for job, result in known.items() if result is None]
+        try:
+            results = sandbox.grade_many([j[0] for j in todo], [j[1] for j in todo], workers=workers,
+                                         entry_points=[j[2] for j in todo], timeout_s=self.timeout_s,
+                                         memory_mb=self.memory_mb) if todo else []
+        except Exception as err:  # noqa: BLE001 - the pool itself failed: this batch earns 0
+            self._failed(err)
+            return out
+        for job, result in zip(todo, results):
+            known[job] = result
+            self._remember(job, result)
+            if result.message.startswith("grader error"):
+                self._failed(RuntimeError(result.message))
+        for job, where in jobs.items():
+            result = known[job]
+            for i in where:
+                out[i] = result.fraction if self.grader == "tests-fraction" else float(result.status == "ok")
+        return out
+
+    def _remember(self, job: tuple, result) -> None:
+        if result.status in ("ok", "failed", "syntax"):
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[job] = result
+
+    def _failed(self, err: Exception) -> None:
+        self.reward_failures += 1
+        if self.reward_failures == 1:
+            warnings.warn(f"task {self.name!r}: grading failed ({err}); the completion gets reward 0 "
+                          "(further failures are counted in reward_failures)", RuntimeWarning, stacklevel=3)
+
+
+@dataclass
+class CodeTask(SandboxTask):
+    """Records ``{prompt, tests, entry_point?}`` from a local JSONL file, graded by running tests in the sandbox.
+
+    ``tests`` is Python source: top-level ``assert`` lines, ``test_*``
+    functions, or HumanEval's ``check(candidate)`` with ``entry_point``. The
+    program is the completion's last fenced code block, or the whole completion
+    when it has none. ``grader``: ``tests-fraction`` (fraction of tests passed)
+    or ``tests-all`` (1 only when every test passes). The reference answer
+    passed around is the JSON object ``{"tests", "entry_point"}``.
+    """
+
+    path: str = ""
+    prompt_key: str = "prompt"
+    tests_key: str = "tests"
+    entry_point_key: str = "entry_point"
+    name = "code"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        path = Path(self.path)
+        if not path.is_file():
+            raise ValueError(f"task.path: {self.path!r} is not a file (a local JSONL of {{prompt, tests}} records)")
+        self.prompts, self.answers = [], []
+        with path.open() as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    prompt, answer = self._record(line, f"task.path: {path}:{lineno}")
+                    self.prompts.append(prompt)
+                    self.answers.append(answer)
+        if not self.prompts:
+            raise ValueError(f"task.path: {path} has no records")
+
+    def _record(self, line: str, where: str) -> tuple[str, str]:
+        from sspo_analysis.training.sandbox import split_tests
+
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not a JSON object ({err.msg})") from None
+        prompt, tests, entry = (rec.get(k) if isinstance(rec, dict) else None
+                                for k in (self.prompt_key, self.tests_key, self.entry_point_key))
+        if not isinstance(prompt, str) or not isinstance(tests, str):
+            raise ValueError(f"{where}: needs string fields {self.prompt_key!r} and {self.tests_key!r}")
+        if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
+            raise ValueError(f"{where}: {self.entry_point_key!r} must be a Python identifier, got {entry!r}")
+        try:
+            split_tests(tests, entry)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        return prompt, json.dumps({"tests": tests, "entry_point": entry})
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+        idx = rng.integers(0, len(self.prompts), size=n)
+        return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
+
+    def program(self, completion: str, answer: str) -> tuple[str, str, str | None]:
+        from sspo_analysis.training.sandbox import extract_code
+
+        tests, entry = parse_tests_answer(answer)
+        return extract_code(completion), tests, entry
+
+
+_REFERENCE = re.compile(r"(?:(\d)\*)?x(\*x)?(?:\+(\d))?")
+_EXPRESSION_CHARS = set("0123456789x+-*() ")
+
+
+@dataclass
+class Synthesis(SandboxTask):
+    """``"f(0)=3,f(1)=5,f(2)=7:"`` -> an expression in ``x`` such as ``"2*x+3"``: synthesise a hidden function.
+
+    Hidden functions are ``a*x+b`` (``a`` in 1..``max_slope``, ``b`` in
+    0..``max_offset``) and, with ``squares``, ``x*x+b``, drawn uniformly; the
+    prompt shows their values at ``shown``. The completion becomes
+    ``def f(x): return <completion>`` and is graded in the sandbox on the
+    ``held_out`` inputs (the reference values come from the known parameters,
+    nothing is evaluated in this process). Completions with characters other
+    than digits, ``x``, ``+ - * ( )`` and spaces earn 0 without running.
+    Default grader: ``tests-all``. The reference answer is the shortest
+    expression (at most 5 characters with the defaults).
+    """
+
+    grader: str = "tests-all"
+    timeout_s: float = 2.0
+    memory_mb: int = 256
+    max_slope: int = 5
+    max_offset: int = 9
+    squares: bool = True
+    shown: tuple[int, ...] = (0, 1, 2)
+    held_out: tuple[int, ...] = (3, 5, 8, -4)
+    name = "synthesis"
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+        offsets = self.max_offset + 1
+        n_functions = (self.max_slope + int(self.squares)) * offsets
+        prompts, answers = [], []
+        for k in rng.integers(0, n_functions, size=n):
+            a, b = divmod(int(k), offsets)
+            expr = ("x*x" if a == self.max_slope else ("x" if a == 0 else f"{a + 1}*x")) + (f"+{b}" if b else "")
+            # no spaces: a character tokenizer saved and reloaded by transformers drops them
+            prompts.append(",".join(f"f({x})={self._value(expr, x)}" for x in self.shown) + ":")
+            answers.append(expr)
+        return prompts, answers
+
+    @staticmethod
+    def _value(reference: str, x: int) -> int:
+        """The reference function at ``x``, from its parameters (a trusted parse, never ``eval``)."""
+        match = _REFERENCE.fullmatch(reference)
+        if match is None:
+            raise ValueError(f"synthesis: {reference!r} is not a reference expression a*x+b or x*x+b")
+        slope, square, offset = match.groups()
+        return (x * x if square else int(slope or 1) * x) + int(offset or 0)
+
+    def program(self, completion: str, answer: str) -> tuple[str, str, None] | None:
+        expr = completion.strip()
+        if not expr or len(expr) > 64 or not set(expr) <= _EXPRESSION_CHARS:
+            return None
+        tests = "\n".join(f"assert f({x}) == {self._value(answer, x)}" for x in self.held_out)
+        return f"def f(x):\n    return ({expr})\n", tests, None
+
+
+TASKS = ("addition", "countdown", "reversal", "jsonl", "code", "synthesis")
 
 
 def make_task(name: str, **params) -> Task:
     """Build a task by name: ``addition`` (digits), ``countdown`` (numbers, max_value),
-    ``reversal`` (length), ``jsonl`` (path, grader, prompt_key, answer_key)."""
-    classes = {"addition": Addition, "countdown": Countdown, "reversal": Reversal, "jsonl": JsonlTask}
+    ``reversal`` (length), ``jsonl`` (path, grader, prompt_key, answer_key), ``code`` (path, grader,
+    prompt_key, tests_key, entry_point_key, timeout_s, memory_mb), ``synthesis`` (grader, timeout_s,
+    memory_mb). An empty ``grader`` means the task's default."""
+    classes = {"addition": Addition, "countdown": Countdown, "reversal": Reversal, "jsonl": JsonlTask,
+               "code": CodeTask, "synthesis": Synthesis}
     if name not in classes:
         raise ValueError(f"task.name: unknown value {name!r}; allowed values: {', '.join(TASKS)}")
+    if params.get("grader") == "":
+        params.pop("grader")
     return classes[name](**params)

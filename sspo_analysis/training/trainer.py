@@ -87,15 +87,22 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def make_task_from(cfg: TrainConfig) -> Task:
     t = cfg.task
+    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb)
     params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length),
               "countdown": dict(numbers=t.numbers, max_value=t.max_value),
-              "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key)}
+              "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key),
+              "code": dict(path=t.path, prompt_key=t.prompt_key, tests_key=t.tests_key,
+                           entry_point_key=t.entry_point_key, **sandbox),
+              "synthesis": sandbox}
     return make_task(t.name, **params[t.name])
 
 
 def check_room(cfg: TrainConfig, task: Task, tokenizer) -> None:
     """Fail early when a built-in task's answers (plus ``<eos>``) cannot fit in ``rollout.max_new_tokens``."""
-    if cfg.task.name == "jsonl":
+    if cfg.task.name == "code" and cfg.model.warm_start:
+        raise ValueError("model.warm_start: task 'code' has no reference solutions to warm-start from; "
+                         "set model.path (a checkpoint that writes code) or model.warm_start = false")
+    if cfg.task.name in ("jsonl", "code"):
         return
     _, answers = task.sample(np.random.default_rng(12345), 256)
     need = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 1
