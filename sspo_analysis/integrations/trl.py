@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, weighted_surrogate
+from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: F401  (re-exported for reward_funcs)
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
 from sspo_analysis.primitives import k3_kl, masked_sum
 
@@ -296,5 +297,3 @@ class SSPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(sums, reduction="sum")
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-
-from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: E402,F401  (re-export)
