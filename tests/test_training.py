@@ -254,20 +254,20 @@ def _run_killed(cfg: TrainConfig, run, kill_after_step: int) -> None:
     """Run ``cfg`` in ``run`` and raise out of the loop after ``kill_after_step`` metric lines."""
     import sspo_analysis.training.trainer as trainer
 
-    original = trainer._rl_step
+    original = trainer.rl_step
 
     def step(*args, **kwargs):
         line = original(*args, **kwargs)
-        if line[0]["step"] > kill_after_step:
+        if line["step"] > kill_after_step:
             raise KeyboardInterrupt
         return line
 
-    trainer._rl_step = step
+    trainer.rl_step = step
     try:
         with pytest.raises(KeyboardInterrupt):
             trainer.train(cfg, run)
     finally:
-        trainer._rl_step = original
+        trainer.rl_step = original
 
 
 def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
