@@ -89,7 +89,7 @@ def measure_before(state: RunState, roll: Rollout) -> PolicyBefore:
     else:  # on-policy sampling already measured the policy on this batch
         logp, entropy = roll.old_logp, roll.old_entropy
     mean_entropy = masked_mean(entropy, roll.mask)
-    before = PolicyBefore(logp.detach(), float(mean_entropy))
+    before = PolicyBefore(logp.detach(), float(mean_entropy.detach()))
     if taylor:
         params = params_of(state.policy)
         before.grad_entropy = torch.autograd.grad(mean_entropy, params, allow_unused=True)

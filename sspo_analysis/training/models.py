@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sspo_analysis.primitives import entropy_from_logits
+
 Tensor = torch.Tensor
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -99,6 +101,8 @@ def _chunk_logprob_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targe
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
     probs = torch.softmax(logits, dim=-1)
+    # H = logZ - E_pi[logit]: the same entropy as primitives.entropy_from_logits, reusing logZ so the
+    # chunk's (n, V) logits pass through one softmax instead of a second log-softmax
     entropy = logz - (probs * logits).sum(-1)
     return logp, entropy
 
@@ -217,7 +221,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
         toks.append(tok)
         logps.append(torch.where(done, 0.0, logp_all.gather(-1, tok[:, None]).squeeze(-1)))
         if return_entropy:
-            ents.append(torch.where(done, 0.0, -(logp_all.exp() * logp_all).sum(-1)))
+            ents.append(torch.where(done, 0.0, entropy_from_logits(logits)))
         done = done | torch.isin(tok, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
