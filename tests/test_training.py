@@ -494,3 +494,14 @@ def test_entropy_cov_is_the_population_covariance_over_unmasked_tokens():
     one = torch.zeros_like(mask)
     one[0, 0] = True
     assert token_covariance(logp, coef, one) == 0.0
+
+
+def test_update_metrics_reduce_as_declared():
+    from sspo_analysis.training.measure import reduce_updates
+
+    per_update = [{"ratio_min": 0.9, "ratio_max": 1.2, "n_tokens": 10.0, "loss": 1.0, "grad_norm": math.nan},
+                  {"ratio_min": 0.7, "ratio_max": 1.1, "n_tokens": 6.0, "loss": 3.0, "grad_norm": 2.0}]
+    assert reduce_updates(per_update) == {"ratio_min": 0.7, "ratio_max": 1.2, "n_tokens": 16.0, "loss": 2.0,
+                                          "grad_norm": 2.0}
+    with pytest.raises(ValueError, match=r"metrics \['ratio_p90'\]: no reduction declared"):
+        reduce_updates([{"ratio_p90": 1.0}])
