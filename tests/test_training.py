@@ -12,7 +12,14 @@ import torch
 
 from sspo_analysis.objectives import objective_names
 from sspo_analysis.training import TrainConfig, load_config, read_log_ratios, read_metrics, sweep, train
-from sspo_analysis.training.models import char_tokenizer, generate, load_model, sequence_logprobs, token_logprobs
+from sspo_analysis.training.models import (
+    Sampling,
+    char_tokenizer,
+    generate,
+    load_model,
+    sequence_logprobs,
+    token_logprobs,
+)
 from sspo_analysis.training.tasks import Addition, Countdown, JsonlTask, Reversal, evaluate_expression, make_task
 from sspo_analysis.training.trainer import TIMING_KEYS
 
@@ -129,9 +136,8 @@ def test_sampler_logprobs_match_forward(prompts):
     model, tok = load_model("micro", seed=0)
     enc = tok(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
     gen = torch.Generator().manual_seed(0)
-    tokens, logp, mask, ent_gen = generate(model, enc.input_ids, enc.attention_mask, max_new_tokens=5,
-                                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen,
-                                           return_entropy=True)
+    tokens, logp, mask, ent_gen = generate(model, enc.input_ids, enc.attention_mask, Sampling(max_new_tokens=5),
+                                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, generator=gen)
     ids = torch.cat([enc.input_ids, tokens], 1)
     attn = torch.cat([enc.attention_mask, mask.long()], 1)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sspo_analysis.primitives import group_advantages
-from sspo_analysis.training.models import generate, sequence_logprobs
+from sspo_analysis.training.models import Sampling, generate, sequence_logprobs
 from sspo_analysis.training.state import RunState
 
 Tensor = torch.Tensor
@@ -71,9 +71,8 @@ def _sample(state: RunState, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[T
     was_training = sampler.training
     sampler.eval()
     with state.autocast():
-        out = generate(sampler, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens, eos_id=state.eos_ids,
-                       pad_id=state.tok.pad_token_id, temperature=r.temperature, top_p=r.top_p,
-                       generator=state.gen, return_entropy=True)
+        out = generate(sampler, prompt_ids, prompt_mask, Sampling(r.max_new_tokens, r.temperature, r.top_p),
+                       eos_id=state.eos_ids, pad_id=state.tok.pad_token_id, generator=state.gen)
     sampler.train(was_training)
     return out
 

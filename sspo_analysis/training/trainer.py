@@ -44,7 +44,7 @@ from sspo_analysis.training.measure import (
     rollout_metrics,
     update_metrics,
 )
-from sspo_analysis.training.models import generate, load_model
+from sspo_analysis.training.models import Sampling, generate, load_model
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.state import RunState, autocast, params_of
 from sspo_analysis.training.tasks import Task, make_task
@@ -236,17 +236,16 @@ def pretrain(config: TrainConfig | str | Path | None = None, out_dir: str | Path
 def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: int = 0,
              generator: torch.Generator | None = None, temperature: float | None = None) -> float:
     """Mean reward of one sampled completion on ``n`` fresh prompts."""
-    device = next(model.parameters()).device
+    device, r = next(model.parameters()).device, cfg.rollout
     prompts, answers = task.sample(np.random.default_rng(seed), n)
     enc = tok(format_prompts(tok, prompts, cfg.task.chat_template), padding=True, add_special_tokens=False,
               return_tensors="pt")
     was_training = model.training
     model.eval()
     with autocast(cfg, device):
-        tokens, _, _ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device),
-                                max_new_tokens=cfg.rollout.max_new_tokens, eos_id=eos_ids(model, tok),
-                                pad_id=tok.pad_token_id, temperature=temperature or cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, generator=generator)
+        sampling = Sampling(r.max_new_tokens, temperature or r.temperature, r.top_p)
+        tokens, *_ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device), sampling,
+                              eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator)
     model.train(was_training)
     completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
     return float(np.mean([task.reward(c, a) for c, a in zip(completions, answers)]))
@@ -420,6 +419,22 @@ def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None
     (the traceback) and the sweep goes on. Returns the finished run directories.
     All configs are validated before the first run starts.
     """
+    configs = _sweep_configs(objectives, seeds, base_config, overrides)
+    finished = []
+    for (name, seed), cfg in configs.items():
+        run = Path(out_dir) / f"{name}_seed{seed}{'_' + tag if tag else ''}"
+        try:
+            _finish_run(cfg, run, progress)
+            finished.append(run)
+        except Exception:  # a crashed run must not stop the others
+            run.mkdir(parents=True, exist_ok=True)
+            write_text(run / "FAILED", traceback.format_exc())
+            print(f"sweep: run {run} failed; see {run / 'FAILED'}")
+    return finished
+
+
+def _sweep_configs(objectives, seeds, base_config, overrides) -> dict[tuple[str, int], TrainConfig]:
+    """The validated config of every ``(objective, seed)`` (comma-separated strings or lists)."""
     if isinstance(objectives, str):
         objectives = [x for x in objectives.split(",") if x]
     if isinstance(seeds, (str, int)):
@@ -431,32 +446,24 @@ def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None
     configs = {}
     for name in objectives:
         for seed in seeds:
-            over = base_over + [f'objective.name="{name}"', f"seed={int(seed)}"]
-            cfg = load_config(base_config, over)
+            cfg = load_config(base_config, base_over + [f'objective.name="{name}"', f"seed={int(seed)}"])
             if cfg.objective.name != name:  # objective params of another objective would not apply
                 raise ValueError(f"objective.name: {name!r} did not apply")
             configs[(name, seed)] = cfg
-    out = Path(out_dir)
-    finished = []
-    for (name, seed), cfg in configs.items():
-        run = out / f"{name}_seed{seed}{'_' + tag if tag else ''}"
-        if (run / "DONE").exists():
-            finished.append(run)
-            continue
-        try:
-            if (run / "checkpoint" / "state.pt").exists():
-                train(None, run, resume=True, progress=progress)
-            else:
-                if run.exists():
-                    shutil.rmtree(run)
-                train(cfg, run, progress=progress)
-            (run / "FAILED").unlink(missing_ok=True)
-            finished.append(run)
-        except Exception:  # a crashed run must not stop the others
-            run.mkdir(parents=True, exist_ok=True)
-            write_text(run / "FAILED", traceback.format_exc())
-            print(f"sweep: run {run} failed; see {run / 'FAILED'}")
-    return finished
+    return configs
+
+
+def _finish_run(cfg: TrainConfig, run: Path, progress: bool | None) -> None:
+    """Leave a finished run in ``run``: skip it when done, resume it from a checkpoint, else start afresh."""
+    if (run / "DONE").exists():
+        return
+    if (run / "checkpoint" / "state.pt").exists():
+        train(None, run, resume=True, progress=progress)
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        train(cfg, run, progress=progress)
+    (run / "FAILED").unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: str | Path):
