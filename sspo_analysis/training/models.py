@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import inspect
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from sspo_analysis.primitives import entropy_from_logits
 
 Tensor = torch.Tensor
 
@@ -99,6 +102,8 @@ def _chunk_logprob_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targe
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
     probs = torch.softmax(logits, dim=-1)
+    # H = logZ - E_pi[logit]: the same entropy as primitives.entropy_from_logits, reusing logZ so the
+    # chunk's (n, V) logits pass through one softmax instead of a second log-softmax
     entropy = logz - (probs * logits).sum(-1)
     return logp, entropy
 
@@ -176,20 +181,28 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How :func:`generate` samples: at most ``max_new_tokens``, softmax temperature (0: greedy), top-p."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
 @torch.no_grad()
-def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_id: int | list[int],
-             pad_id: int, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             return_entropy: bool = False) -> tuple[Tensor, ...]:
+def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, *, eos_id: int | list[int],
+             pad_id: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sample completions for left-padded prompts with a KV cache.
 
-    Returns ``(tokens, log_probs, mask)``, each (B, T<=max_new_tokens): the
+    Returns ``(tokens, log_probs, mask, entropy)``, each (B, T<=max_new_tokens): the
     sampled tokens (``pad_id`` after ``<eos>``), the behaviour log-probs
     ``log softmax(logits / temperature)`` of the sampled tokens (top-p is a
     sampling filter and is not in the recorded log-prob, as in TRL and verl),
-    and the completion mask (tokens up to and including ``<eos>``; ``eos_id`` may be a list).
-    With ``return_entropy`` also the exact entropy of ``softmax(logits / temperature)``
-    at each position (B, T), 0 after ``<eos>``.
+    the completion mask (tokens up to and including ``<eos>``; ``eos_id`` may be a list),
+    and the exact entropy of ``softmax(logits / temperature)`` at each position, 0 after ``<eos>``.
     """
+    max_new_tokens, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
     B = prompt_ids.shape[0]
     eos = torch.as_tensor(eos_id, device=prompt_ids.device).reshape(-1)
     attn = prompt_mask.long()
@@ -216,8 +229,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks.append(tok)
         logps.append(torch.where(done, 0.0, logp_all.gather(-1, tok[:, None]).squeeze(-1)))
-        if return_entropy:
-            ents.append(torch.where(done, 0.0, -(logp_all.exp() * logp_all).sum(-1)))
+        ents.append(torch.where(done, 0.0, entropy_from_logits(logits)))
         done = done | torch.isin(tok, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
@@ -225,5 +237,4 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: 
         pos = pos + 1
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
         past, logits = _cache_of(out), out.logits[:, -1]
-    out = (torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1))
-    return out + (torch.stack(ents, 1),) if return_entropy else out
+    return torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1), torch.stack(ents, 1)

@@ -1,40 +1,23 @@
-"""The RL loop: sample, grade, update, measure. One file, read top to bottom.
+"""The RL loop: rollout, update, measure. Read :func:`train` and :func:`rl_step` first.
 
-Each step of :func:`train`:
+Each step (:func:`rl_step`):
 
-1. draw P prompts, sample G completions each from the behaviour policy (the
-   policy ``algo.staleness`` optimiser updates old), recording behaviour log-probs;
-2. grade them, form group-normalised advantages (Dr.GRPO: no std);
-3. measure the policy on the rollout batch before the updates (entropy, KL to
-   the reference, and ``grad H`` for the Taylor prediction);
-4. ``algo.updates_per_batch`` minibatch AdamW updates with the configured
-   objective (``sspo_analysis.objectives``), gradient clipping and the LR schedule;
+1. :func:`~sspo_analysis.training.rollout.rollout`: draw P prompts, sample G completions
+   each from the behaviour policy (the policy ``algo.staleness`` optimiser updates old),
+   grade them, form group-normalised advantages (Dr.GRPO: no std);
+2. :func:`~sspo_analysis.training.measure.measure_before`: the policy's entropy on the
+   batch before the updates (and ``grad H`` for the Taylor prediction);
+3. :func:`~sspo_analysis.training.update.update`: ``algo.updates_per_batch`` minibatch AdamW
+   updates with the configured objective, gradient clipping and the LR schedule; a
    non-finite loss or gradient norm skips the update (counted, logged);
-5. measure the entropy again, append one line to ``RUN/metrics.jsonl``, every N
-   steps write the token log-ratios and an atomic checkpoint.
-
-Entropy-change metrics (per step, mean token entropy of the rollout batch):
-
-- ``entropy_change_real``: ``H(after) - H(before)`` on the same rollout batch.
-- ``entropy_change_pred``: the first-order change of a softmax policy with one
-  free logit vector per visited state under SGD with the step's learning rate
-  (Cui et al. 2505.22617): the update moves state ``s_t``'s logits by
-  ``lr n_t c_t (e_{y_t} - pi)``, which changes its entropy by
-  ``-lr n_t c_t pi(y_t) (log pi(y_t) + H_t)`` -- a one-sample estimate of
-  ``-Cov_{a~pi}(log pi(a), dz_a)``. Summed over the step's updates, divided by
-  the number of tokens. It uses the objective's analytic coefficient ``c`` and
-  normalisation ``n``, so it is the theory's prediction; its absolute scale
-  assumes SGD (the trainer uses AdamW), so compare signs and objectives, not units.
-- ``entropy_change_taylor``: ``grad_theta H(before) . (theta_after - theta_before)``,
-  the network's own first-order prediction for the realised update (``log.entropy_taylor``).
-- ``entropy_cov``: Cui et al.'s batch covariance ``Cov_t(log pi(y_t), c_t)`` over
-  the sampled tokens (their Clip-Cov quantity), averaged over the updates.
+4. :mod:`~sspo_analysis.training.measure`: the objective's metrics per minibatch, the
+   entropy after the updates and its predictions, KLs; one line to ``RUN/metrics.jsonl``,
+   every N steps the token log-ratios, and an atomic checkpoint.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import hashlib
 import json
@@ -52,8 +35,24 @@ import torch
 
 from sspo_analysis.io import atomic_path, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
-from sspo_analysis.training.models import generate, load_model, sequence_logprobs
+from sspo_analysis.training.measure import (
+    dump_log_ratios,
+    entropy_change_metrics,
+    kl_metrics,
+    measure_before,
+    reduce_updates,
+    rollout_metrics,
+    update_metrics,
+)
+from sspo_analysis.training.models import Sampling, generate, load_model
+from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
+from sspo_analysis.training.state import RunState, autocast, params_of
 from sspo_analysis.training.tasks import Task, make_task
+from sspo_analysis.training.update import lr_lambda, update
+
+__all__ = ["TIMING_KEYS", "train", "pretrain", "evaluate", "sweep", "read_metrics", "read_log_ratios", "load_config",
+           "ensure_warm_start", "build_policy", "cache_root", "warm_start_key", "make_task_from", "check_room",
+           "format_prompts", "params_of", "rl_step"]
 
 TIMING_KEYS = ("wall_time", "step_time", "tokens_per_s", "sequences_per_s")
 """Metric keys that measure time: they differ between a straight and a resumed run."""
@@ -77,12 +76,6 @@ def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' requested but no CUDA device is available; allowed here: cpu, auto")
     return torch.device(cfg.device)
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.model.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def make_task_from(cfg: TrainConfig) -> Task:
@@ -109,21 +102,6 @@ def check_room(cfg: TrainConfig, task: Task, tokenizer) -> None:
     if need > cfg.rollout.max_new_tokens:
         raise ValueError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} is too small for task "
                          f"{cfg.task.name!r} (answers need up to {need} tokens with <eos>); allowed: >= {need}")
-
-
-def format_prompts(tokenizer, prompts: list[str], chat: bool) -> list[str]:
-    """Prompts as model input text: the chat template, or the BOS token (if any) then the prompt."""
-    if chat:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              tokenize=False) for p in prompts]
-    return [(tokenizer.bos_token or "") + p for p in prompts]
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -156,24 +134,21 @@ def ensure_warm_start(cfg: TrainConfig, progress: bool | None = None) -> Path:
 
 
 def build_policy(cfg: TrainConfig, device: torch.device, progress: bool | None = None):
-    """``(model, tokenizer, init_path)``: from ``model.path``, the warm start, or a random preset."""
+    """``(model, tokenizer)``: from ``model.path``, the warm start, or a random preset."""
     if cfg.model.path:
         model, tok = load_model(path=cfg.model.path)
-        init = cfg.model.path
     elif cfg.model.warm_start:
-        init = str(ensure_warm_start(cfg, progress))
-        model, tok = load_model(path=init)
+        model, tok = load_model(path=str(ensure_warm_start(cfg, progress)))
     else:
         model, tok = load_model(cfg.model.preset, seed=cfg.seed)
-        init = ""
     model.to(device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tok, init
+    return model, tok
 
 
-def _progress(enabled: bool, total: int, description: str):
+def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -187,6 +162,36 @@ def _seed_all(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- warm start
+
+
+def _sft_batch(tok, texts: list[str], answers: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(ids, attention, labels)`` for cross-entropy on ``answer<eos>`` after each prompt text (prompt: -100)."""
+    full = [t + a + tok.eos_token for t, a in zip(texts, answers)]
+    n_prompt = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    enc = tok(full, padding=True, add_special_tokens=False, return_tensors="pt")
+    ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
+    labels = ids.clone()
+    pad_left = (attn == 0).sum(-1)
+    pos = torch.arange(ids.shape[1], device=device)[None]
+    is_prompt = pos < (pad_left + torch.tensor(n_prompt, device=device))[:, None]
+    labels[is_prompt | (attn == 0)] = -100
+    return ids, attn, labels
+
+
+def _sft_step(model, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...], cfg: TrainConfig,
+              device: torch.device) -> float:
+    """One clipped AdamW step on the batch's cross-entropy; returns the loss."""
+    ids, attn, labels = batch
+    with autocast(cfg, device):
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
 
 
 def pretrain(config: TrainConfig | str | Path | None = None, out_dir: str | Path | None = None, *,
@@ -209,47 +214,27 @@ def pretrain(config: TrainConfig | str | Path | None = None, out_dir: str | Path
     check_room(cfg, task, tok)
     model.to(device)
     rng = np.random.default_rng(w.seed)
-    eval_rng_seed = w.seed + 10_000
     gen = torch.Generator(device=device).manual_seed(w.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    show = cfg.log.progress if progress is None else progress
     start, history, success = time.time(), [], 0.0
-    with _progress(show, w.max_steps, "warm start") as bar:
+    with _progress(cfg.log.progress if progress is None else progress) as bar:
         task_id = bar.add_task("warm start", total=w.max_steps, info="")
         for step in range(1, w.max_steps + 1):
             prompts, answers = task.sample(rng, w.batch_size)
-            texts = format_prompts(tok, prompts, cfg.task.chat_template)
-            full = [t + a + tok.eos_token for t, a in zip(texts, answers)]
-            n_prompt = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
-            enc = tok(full, padding=True, add_special_tokens=False, return_tensors="pt")
-            ids, attn = enc.input_ids.to(device), enc.attention_mask.to(device)
-            labels = ids.clone()
-            pad_left = (attn == 0).sum(-1)
-            pos = torch.arange(ids.shape[1], device=device)[None]
-            is_prompt = pos < (pad_left + torch.tensor(n_prompt, device=device))[:, None]
-            labels[is_prompt | (attn == 0)] = -100
-            with _autocast(cfg, device):
-                position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            batch = _sft_batch(tok, format_prompts(tok, prompts, cfg.task.chat_template), answers, device)
+            loss = _sft_step(model, opt, batch, cfg, device)
             if step % w.eval_every == 0 or step == w.max_steps:
-                success = evaluate(model, tok, task, cfg, n=w.eval_prompts, seed=eval_rng_seed, generator=gen)
-                history.append({"step": step, "loss": loss.item(), "success": success})
-                bar.update(task_id, completed=step, info=f"loss {loss.item():.3f} success {success:.2f}")
+                success = evaluate(model, tok, task, cfg, n=w.eval_prompts, seed=w.seed + 10_000, generator=gen)
+                history.append({"step": step, "loss": loss, "success": success})
+                bar.update(task_id, completed=step, info=f"loss {loss:.3f} success {success:.2f}")
                 if success >= w.target_success:
                     break
             else:
                 bar.update(task_id, completed=step)
-    seconds = time.time() - start
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    write_json(out / "warm_start.json", {"success": success, "steps": step, "seconds": seconds,
+    write_json(out / "warm_start.json", {"success": success, "steps": step, "seconds": time.time() - start,
                                          "history": history, "config": cfg.to_dict()})
     return out
 
@@ -258,17 +243,16 @@ def pretrain(config: TrainConfig | str | Path | None = None, out_dir: str | Path
 def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: int = 0,
              generator: torch.Generator | None = None, temperature: float | None = None) -> float:
     """Mean reward of one sampled completion on ``n`` fresh prompts."""
-    device = next(model.parameters()).device
+    device, r = next(model.parameters()).device, cfg.rollout
     prompts, answers = task.sample(np.random.default_rng(seed), n)
     enc = tok(format_prompts(tok, prompts, cfg.task.chat_template), padding=True, add_special_tokens=False,
               return_tensors="pt")
     was_training = model.training
     model.eval()
-    with _autocast(cfg, device):
-        tokens, _, _ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device),
-                                max_new_tokens=cfg.rollout.max_new_tokens, eos_id=_eos_ids(model, tok),
-                                pad_id=tok.pad_token_id, temperature=temperature or cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, generator=generator)
+    with autocast(cfg, device):
+        sampling = Sampling(r.max_new_tokens, temperature or r.temperature, r.top_p)
+        tokens, *_ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device), sampling,
+                              eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator)
     model.train(was_training)
     completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
     return float(np.mean([task.reward(c, a) for c, a in zip(completions, answers)]))
@@ -277,61 +261,22 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: in
 # --------------------------------------------------------------------------- the RL loop
 
 
-def _lr_lambda(cfg: TrainConfig):
-    total = cfg.steps * cfg.algo.updates_per_batch
-    o = cfg.optim
-
-    def f(update: int) -> float:
-        if update < o.warmup_updates:
-            return (update + 1) / (o.warmup_updates + 1)
-        frac = (update - o.warmup_updates) / max(1, total - o.warmup_updates)
-        if o.schedule == "linear":
-            return 1.0 - (1.0 - o.min_lr_ratio) * frac
-        if o.schedule == "cosine":
-            return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
-        return 1.0
-
-    return f
-
-
-def _micro_batches(idx: torch.Tensor, seq_len: int, budget: int) -> list[torch.Tensor]:
-    if budget <= 0:
-        return [idx]
-    per = max(1, budget // seq_len)
-    return list(idx.split(per))
-
-
-def _micro_weight(objective, mask_micro: torch.Tensor, mask_mini: torch.Tensor) -> float:
-    """Share of a micro-batch in the minibatch loss under the objective's aggregation."""
-    if objective.agg == "token-mean":
-        return float(mask_micro.sum()) / max(1.0, float(mask_mini.sum()))
-    if objective.agg == "seq-mean-token-sum-norm":
-        return mask_micro.shape[0] / mask_mini.shape[0]
-    return float(mask_micro.any(-1).sum()) / max(1.0, float(mask_mini.any(-1).sum()))
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float(torch.where(mask, x.float(), 0.0).sum() / mask.sum().clamp(min=1))
-
-
-def _params_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _rng_state(gen: torch.Generator, np_rng: np.random.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "sampler": gen.get_state(), "tasks": np_rng.bit_generator.state,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator, np_rng: np.random.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    gen.set_state(state["sampler"])
-    np_rng.bit_generator.state = state["tasks"]
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def rl_step(state: RunState, step: int, run: Path) -> dict[str, Any]:
+    """One RL step: rollout, measure the policy, update it, measure again. Returns the metrics line."""
+    log, t0 = state.cfg.log, time.time()
+    roll = rollout(state)
+    before = measure_before(state, roll)
+    updates = update(state, roll)
+    line: dict[str, Any] = {"step": step, **rollout_metrics(roll), "entropy": before.entropy}
+    line.update(reduce_updates([update_metrics(state, roll, u) for u in updates]))
+    line.update(kl_metrics(roll, before))
+    line.update(entropy_change_metrics(state, roll, before))
+    dt = time.time() - t0
+    line.update(step_time=dt, generation_time=roll.generation_time, tokens_per_s=float(roll.mask.sum()) / dt,
+                sequences_per_s=roll.size / dt)
+    if log.log_ratios_every and step % log.log_ratios_every == 0:
+        dump_log_ratios(run / "log_ratios" / f"step_{step:06d}.npz", roll, updates)
+    return line
 
 
 def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | None = None, *,
@@ -346,90 +291,110 @@ def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | 
             (a finished run, with ``DONE``, is returned as is).
         progress: show the progress bar (default ``log.progress``).
     """
+    cfg, run = _open_run(config, out_dir, overrides, resume)
+    if resume and (run / "DONE").exists():
+        return run
+    show = cfg.log.progress if progress is None else progress
+    # the resolved config, including overrides given on resume (e.g. more steps)
+    state = _setup(cfg, run, show, write_config=not resume or bool(overrides))
+    ckpt_path, metrics_path = run / "checkpoint" / "state.pt", run / "metrics.jsonl"
+    counters = {"step": 0, "elapsed": 0.0, "metrics_lines": 0, "skipped_total": 0}
+    if resume and ckpt_path.exists():
+        counters = _load_checkpoint(state, ckpt_path)
+    _keep_lines(metrics_path, counters["metrics_lines"])  # drop lines written after the checkpoint
+    if cfg.algo.staleness and not state.snapshots:
+        state.snapshot()
+    t_run = time.time() - counters["elapsed"]
+    state.policy.train()
+    with _progress(show) as bar, metrics_path.open("a") as metrics_file:
+        task_id = bar.add_task("train", total=cfg.steps, completed=counters["step"], info="")
+        for step in range(counters["step"] + 1, cfg.steps + 1):
+            line = rl_step(state, step, run)
+            counters["skipped_total"] += line["skipped_updates"]
+            line.update(skipped_updates_total=counters["skipped_total"], wall_time=time.time() - t_run)
+            metrics_file.write(json.dumps(_finite_or_none(line)) + "\n")
+            metrics_file.flush()
+            counters.update(step=step, metrics_lines=counters["metrics_lines"] + 1)
+            bar.update(task_id, completed=step, info=f"reward {line['reward_mean']:.3f} "
+                       f"entropy {line['entropy']:.3f} lr {line['lr']:.1e}")
+            if step % cfg.log.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(state, ckpt_path, dict(counters, elapsed=time.time() - t_run))
+    write_text(run / "DONE", f"finished {cfg.steps} steps\n")
+    return run
+
+
+def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig, Path]:
+    """The config and run directory: a new one, or the recorded config of the run to resume."""
     if resume:
         if out_dir is None or not (Path(out_dir) / "config.toml").exists():
             raise ValueError(f"--resume: {out_dir!r} is not a run directory (no config.toml)")
         run = Path(out_dir)
-        if (run / "DONE").exists():
-            return run
-        cfg = load_config(run / "config.toml", list(overrides or ()))
-    else:
-        cfg = _resolve(config, overrides)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run = Path(out_dir) if out_dir else Path("runs") / f"{cfg.objective.name}_seed{cfg.seed}_{stamp}"
-        if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
-            raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
+        return load_config(run / "config.toml", list(overrides or ())), run
+    cfg = _resolve(config, overrides)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = Path(out_dir) if out_dir else Path("runs") / f"{cfg.objective.name}_seed{cfg.seed}_{stamp}"
+    if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
+        raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
+    return cfg, run
+
+
+def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunState:
+    """Build the policy (making the warm start if needed), seed everything, and return the run's state."""
     objective = cfg.build_objective()
     device = _device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    show = cfg.log.progress if progress is None else progress
     task = make_task_from(cfg)
     if not cfg.model.path:  # the character tokenizer: check before the warm start is made
         from sspo_analysis.training.models import char_tokenizer
 
         check_room(cfg, task, char_tokenizer())
-    policy, tok, _ = build_policy(cfg, device, progress=show)
+    policy, tok = build_policy(cfg, device, progress=show)
     run.mkdir(parents=True, exist_ok=True)
-    if not resume or overrides:  # the resolved config, including overrides given on resume (e.g. more steps)
+    if write_config:
         write_text(run / "config.toml", cfg.to_toml())
     _seed_all(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # sampling and minibatch order
-    np_rng = np.random.default_rng(cfg.seed)
     a, o = cfg.algo, cfg.optim
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    opt = torch.optim.AdamW(params_of(policy), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay)
     reference = None
     if a.kl_coef > 0 or a.track_kl_ref:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    # staleness: the behaviour policy is the one k optimiser updates old
-    snapshots: collections.deque = collections.deque(maxlen=a.staleness + 1)
+    # staleness: the behaviour policy is the one `staleness` optimiser updates old
     sampler = copy.deepcopy(policy).eval().requires_grad_(False) if a.staleness else policy
-    start_step, elapsed, n_lines, skipped_total = 0, 0.0, 0, 0
-    ckpt_path = run / "checkpoint" / "state.pt"
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
-        policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        snapshots.extend(state["snapshots"])
-        _set_rng_state(state["rng"], gen, np_rng)
-        start_step, elapsed, n_lines = state["step"], state["elapsed"], state["metrics_lines"]
-        skipped_total = state["skipped_total"]
-    metrics_path = run / "metrics.jsonl"
-    lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
-    with atomic_path(metrics_path) as tmp:  # drop lines written after the checkpoint
+    return RunState(cfg=cfg, objective=objective, policy=policy, sampler=sampler, reference=reference,
+                    snapshots=collections.deque(maxlen=a.staleness + 1), opt=opt,
+                    sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)), tok=tok, task=task,
+                    gen=torch.Generator(device=device).manual_seed(cfg.seed),  # sampling and minibatch order
+                    np_rng=np.random.default_rng(cfg.seed), device=device, eos_ids=eos_ids(policy, tok))
+
+
+def _save_checkpoint(state: RunState, path: Path, counters: dict[str, Any]) -> None:
+    """Everything :func:`_load_checkpoint` needs to continue exactly, written atomically."""
+    if not all(bool(torch.isfinite(p).all()) for p in state.policy.parameters()):
+        raise RuntimeError(f"step {counters['step']}: non-finite parameters; not checkpointing")
+    with atomic_path(path) as tmp:
+        torch.save({"model": state.policy.state_dict(), "optimizer": state.opt.state_dict(),
+                    "scheduler": state.sched.state_dict(), "snapshots": list(state.snapshots),
+                    "rng": state.rng_state(), **counters}, tmp)
+
+
+def _load_checkpoint(state: RunState, path: Path) -> dict[str, Any]:
+    """Restore ``state`` from ``path``; returns the loop's counters (step, elapsed, metrics_lines, skipped_total)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
+    state.policy.load_state_dict(ckpt["model"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.sched.load_state_dict(ckpt["scheduler"])
+    state.snapshots.extend(ckpt["snapshots"])
+    state.set_rng_state(ckpt["rng"])
+    return {k: ckpt[k] for k in ("step", "elapsed", "metrics_lines", "skipped_total")}
+
+
+def _keep_lines(path: Path, n_lines: int) -> None:
+    """Keep the first ``n_lines`` lines of ``path`` (creating it empty if missing)."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    with atomic_path(path) as tmp:
         tmp.write_text("".join(lines[:n_lines]))
-    if a.staleness and not snapshots:
-        snapshots.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
-    eos_ids, pad_id = _eos_ids(policy, tok), tok.pad_token_id
-    t_run = time.time() - elapsed
-    policy.train()
-    with _progress(show, cfg.steps, f"{cfg.objective.name} seed {cfg.seed}") as bar, \
-            metrics_path.open("a") as metrics_file:
-        task_id = bar.add_task("train", total=cfg.steps, completed=start_step, info="")
-        for step in range(start_step + 1, cfg.steps + 1):
-            line, batch_lr = _rl_step(cfg, objective, policy, sampler, reference, snapshots, opt, sched, tok, task,
-                                      gen, np_rng, device, eos_ids, pad_id, step, run)
-            skipped_total += line["skipped_updates"]
-            line["skipped_updates_total"] = skipped_total
-            line["wall_time"] = time.time() - t_run
-            metrics_file.write(json.dumps(_finite_or_none(line)) + "\n")
-            metrics_file.flush()
-            n_lines += 1
-            bar.update(task_id, completed=step,
-                       info=f"reward {line['reward_mean']:.3f} entropy {line['entropy']:.3f} lr {batch_lr:.1e}")
-            if step % cfg.log.checkpoint_every == 0 or step == cfg.steps:
-                if not _params_finite(policy):
-                    raise RuntimeError(f"step {step}: non-finite parameters; not checkpointing")
-                with atomic_path(ckpt_path) as tmp:
-                    torch.save({"model": policy.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(), "snapshots": list(snapshots),
-                                "rng": _rng_state(gen, np_rng), "step": step, "elapsed": time.time() - t_run,
-                                "metrics_lines": n_lines, "skipped_total": skipped_total}, tmp)
-    write_text(run / "DONE", f"finished {cfg.steps} steps\n")
-    return run
 
 
 def _flatten_overrides(cfg: TrainConfig) -> list[str]:
@@ -449,170 +414,6 @@ def _finite_or_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _rl_step(cfg, objective, policy, sampler, reference, snapshots, opt, sched, tok, task, gen, np_rng, device,
-             eos_ids, pad_id, step, run) -> tuple[dict[str, Any], float]:
-    a, r, o = cfg.algo, cfg.rollout, cfg.optim
-    t0 = time.time()
-    ac = _autocast(cfg, device)
-    # 1. rollouts from the behaviour policy
-    prompts, answers = task.sample(np_rng, r.prompts)
-    enc = tok(format_prompts(tok, prompts, cfg.task.chat_template), padding=True, add_special_tokens=False,
-              return_tensors="pt")
-    prompt_ids = enc.input_ids.repeat_interleave(r.group_size, 0).to(device)
-    prompt_mask = enc.attention_mask.repeat_interleave(r.group_size, 0).to(device)
-    if a.staleness:
-        sampler.load_state_dict(snapshots[0])
-    was_training = sampler.training
-    sampler.eval()
-    with ac:
-        tokens, old_logp, cmask, gen_ent = generate(
-            sampler, prompt_ids, prompt_mask, max_new_tokens=r.max_new_tokens, eos_id=eos_ids, pad_id=pad_id,
-            temperature=r.temperature, top_p=r.top_p, generator=gen, return_entropy=True)
-    sampler.train(was_training)
-    t_gen = time.time() - t0
-    # 2. rewards and group-normalised advantages
-    completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
-    answers_rep = [ans for ans in answers for _ in range(r.group_size)]
-    rewards = torch.tensor([task.reward(c, ans) for c, ans in zip(completions, answers_rep)], dtype=torch.float32)
-    grouped = rewards.view(r.prompts, r.group_size)
-    adv = grouped - grouped.mean(-1, keepdim=True)
-    if a.advantage == "grpo":
-        adv = adv / (grouped.std(-1, keepdim=True) + 1e-4)
-    adv = adv.reshape(-1).to(device)
-    ids = torch.cat([prompt_ids, tokens], 1)
-    attn = torch.cat([prompt_mask, cmask.long()], 1)
-    n_prompt = prompt_ids.shape[1]
-    B, n_tok = ids.shape[0], cmask.sum().clamp(min=1)
-    lp_kw = dict(temperature=r.temperature, chunk_tokens=o.logprob_chunk)
-    # 3. the policy before the updates
-    taylor = cfg.log.entropy_taylor
-    if taylor or a.staleness:  # the sampler is not the policy, or grad H is needed: one more forward
-        with torch.set_grad_enabled(taylor), ac:
-            logp_before, ent_before = sequence_logprobs(policy, ids, attn, n_prompt, cmask, **lp_kw)
-    else:  # on-policy sampling already measured the policy on this batch
-        logp_before, ent_before = old_logp, gen_ent
-    h_before = torch.where(cmask, ent_before, 0.0).sum() / n_tok
-    if taylor:
-        grad_h = torch.autograd.grad(h_before, [p for p in policy.parameters() if p.requires_grad], allow_unused=True)
-        theta_before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
-        logp_before, ent_before, h_before = logp_before.detach(), ent_before.detach(), h_before.detach()
-    ref_logp = None
-    if reference is not None:
-        with torch.no_grad(), ac:
-            ref_logp, _ = sequence_logprobs(reference, ids, attn, n_prompt, cmask, **lp_kw)
-    # 4. minibatch updates
-    perm = torch.randperm(B, generator=gen, device=gen.device)
-    obj_metrics: list[dict[str, float]] = []
-    grad_norms, lrs, skipped = [], [], 0
-    pred, cov = 0.0, []
-    ratio_chunks, len_chunks, adv_chunks, upd_chunks = [], [], [], []
-    lr_min, lr_max = math.inf, -math.inf
-    for u, mb in enumerate(perm.chunk(a.updates_per_batch)):
-        opt.zero_grad(set_to_none=True)
-        lr_now = sched.get_last_lr()[0]
-        lrs.append(lr_now)
-        mask_mb = cmask[mb]
-        finite = True
-        for micro in _micro_batches(mb, ids.shape[1], o.token_budget):
-            m_mask = cmask[micro]
-            weight = _micro_weight(objective, m_mask, mask_mb)
-            with ac:
-                logp, ent = sequence_logprobs(policy, ids[micro], attn[micro], n_prompt, m_mask, **lp_kw)
-            loss, met, terms = objective.evaluate(logp, old_logp[micro], adv[micro], m_mask)
-            if reference is not None and a.kl_coef > 0:
-                d = torch.where(m_mask, ref_logp[micro] - logp, 0.0).clamp(-20, 20)
-                k3 = torch.expm1(d) - d
-                loss = loss + a.kl_coef * (k3 * objective.token_weights(m_mask)).sum()
-            finite = finite and bool(torch.isfinite(loss))
-            if finite:
-                (loss * weight).backward()
-            # first-order entropy prediction from the objective's analytic coefficient (see module docstring)
-            with torch.no_grad():
-                lp_d, ent_d = logp.detach(), ent.detach()
-                c = terms.coefficient.float()  # analytic, already detached and zero on masked tokens
-                n = objective.normalisation(m_mask).float() * weight
-                term = n * c * lp_d.exp() * (lp_d + ent_d)
-                pred -= lr_now * float(torch.where(m_mask, term, 0.0).sum()) / float(n_tok)
-                x, y = lp_d[m_mask], c[m_mask]
-                cov.append(float(((x - x.mean()) * (y - y.mean())).mean()) if x.numel() > 1 else 0.0)
-                lr_tok = (lp_d - old_logp[micro]).clamp(-20, 20)
-                lr_sel = lr_tok[m_mask]
-                if lr_sel.numel():
-                    lr_min, lr_max = min(lr_min, float(lr_sel.min())), max(lr_max, float(lr_sel.max()))
-                ratio_chunks.append(lr_sel.float().cpu())
-                len_chunks.append(m_mask.sum(-1).cpu())
-                adv_chunks.append(adv[micro].float().cpu())
-                upd_chunks.append(torch.full((len(micro),), u, dtype=torch.int16))
-            obj_metrics.append(met)
-        gn = torch.nn.utils.clip_grad_norm_(params_of(policy), o.grad_clip) if finite else torch.tensor(math.nan)
-        if finite and bool(torch.isfinite(gn)):
-            opt.step()
-        else:
-            skipped += 1
-            opt.zero_grad(set_to_none=True)
-        grad_norms.append(float(gn))
-        sched.step()
-        if a.staleness:
-            snapshots.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
-    # 5. the policy after the updates
-    h_after = math.nan
-    if cfg.log.entropy_change:
-        with torch.no_grad(), ac:
-            _, ent_after = sequence_logprobs(policy, ids, attn, n_prompt, cmask, **lp_kw)
-        h_after = float(torch.where(cmask, ent_after, 0.0).sum() / n_tok)
-    line: dict[str, Any] = {"step": step}
-    n_seq_tok = cmask.sum(-1).float()
-    line.update({
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-        "accuracy": float((rewards >= 1.0).float().mean()),
-        "zero_std_frac": float((grouped.std(-1) == 0).float().mean()),
-        "response_length": float(n_seq_tok.mean()), "entropy": float(h_before),
-    })
-    for key in obj_metrics[0]:
-        vals = [m[key] for m in obj_metrics]
-        line[key] = min(vals) if key.endswith("_min") else max(vals) if key.endswith("_max") else (
-            sum(vals) if key == "n_tokens" else float(np.mean(vals)))
-    line["log_ratio_min"] = lr_min if math.isfinite(lr_min) else 0.0
-    line["log_ratio_max"] = lr_max if math.isfinite(lr_max) else 0.0
-    line["grad_norm"] = float(np.nanmean(grad_norms)) if np.isfinite(grad_norms).any() else math.nan
-    if ref_logp is not None:
-        d = torch.where(cmask, ref_logp - logp_before, 0.0).clamp(-20, 20)
-        line["kl_ref"] = _masked_mean(torch.expm1(d) - d, cmask)
-    else:
-        line["kl_ref"] = math.nan
-    line["kl_before_old"] = _masked_mean(torch.expm1(old_logp - logp_before) - (old_logp - logp_before), cmask)
-    line["skipped_updates"] = skipped
-    line["lr"] = float(np.mean(lrs))
-    line["entropy_after"] = h_after
-    line["entropy_change_real"] = h_after - float(h_before)
-    line["entropy_change_pred"] = pred
-    line["entropy_cov"] = float(np.mean(cov)) if cov else 0.0
-    if taylor:
-        dot = 0.0
-        for g, p0, p in zip(grad_h, theta_before, params_of(policy)):
-            if g is not None:
-                dot += float((g.float() * (p.detach() - p0).float()).sum())
-        line["entropy_change_taylor"] = dot
-    dt = time.time() - t0
-    line["step_time"] = dt
-    line["generation_time"] = t_gen
-    line["tokens_per_s"] = float(cmask.sum()) / dt
-    line["sequences_per_s"] = B / dt
-    every = cfg.log.log_ratios_every
-    if every and step % every == 0:
-        with atomic_path(run / "log_ratios" / f"step_{step:06d}.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, log_ratios=torch.cat(ratio_chunks).numpy().astype(np.float32),
-                         lengths=torch.cat(len_chunks).numpy().astype(np.int32),
-                         advantages=torch.cat(adv_chunks).numpy().astype(np.float32),
-                         update=torch.cat(upd_chunks).numpy())
-    return line, float(np.mean(lrs))
-
-
-def params_of(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 # --------------------------------------------------------------------------- sweeps and reading runs
 
 
@@ -625,6 +426,22 @@ def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None
     (the traceback) and the sweep goes on. Returns the finished run directories.
     All configs are validated before the first run starts.
     """
+    configs = _sweep_configs(objectives, seeds, base_config, overrides)
+    finished = []
+    for (name, seed), cfg in configs.items():
+        run = Path(out_dir) / f"{name}_seed{seed}{'_' + tag if tag else ''}"
+        try:
+            _finish_run(cfg, run, progress)
+            finished.append(run)
+        except Exception:  # a crashed run must not stop the others
+            run.mkdir(parents=True, exist_ok=True)
+            write_text(run / "FAILED", traceback.format_exc())
+            print(f"sweep: run {run} failed; see {run / 'FAILED'}")
+    return finished
+
+
+def _sweep_configs(objectives, seeds, base_config, overrides) -> dict[tuple[str, int], TrainConfig]:
+    """The validated config of every ``(objective, seed)`` (comma-separated strings or lists)."""
     if isinstance(objectives, str):
         objectives = [x for x in objectives.split(",") if x]
     if isinstance(seeds, (str, int)):
@@ -636,32 +453,24 @@ def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None
     configs = {}
     for name in objectives:
         for seed in seeds:
-            over = base_over + [f'objective.name="{name}"', f"seed={int(seed)}"]
-            cfg = load_config(base_config, over)
+            cfg = load_config(base_config, base_over + [f'objective.name="{name}"', f"seed={int(seed)}"])
             if cfg.objective.name != name:  # objective params of another objective would not apply
                 raise ValueError(f"objective.name: {name!r} did not apply")
             configs[(name, seed)] = cfg
-    out = Path(out_dir)
-    finished = []
-    for (name, seed), cfg in configs.items():
-        run = out / f"{name}_seed{seed}{'_' + tag if tag else ''}"
-        if (run / "DONE").exists():
-            finished.append(run)
-            continue
-        try:
-            if (run / "checkpoint" / "state.pt").exists():
-                train(None, run, resume=True, progress=progress)
-            else:
-                if run.exists():
-                    shutil.rmtree(run)
-                train(cfg, run, progress=progress)
-            (run / "FAILED").unlink(missing_ok=True)
-            finished.append(run)
-        except Exception:  # a crashed run must not stop the others
-            run.mkdir(parents=True, exist_ok=True)
-            write_text(run / "FAILED", traceback.format_exc())
-            print(f"sweep: run {run} failed; see {run / 'FAILED'}")
-    return finished
+    return configs
+
+
+def _finish_run(cfg: TrainConfig, run: Path, progress: bool | None) -> None:
+    """Leave a finished run in ``run``: skip it when done, resume it from a checkpoint, else start afresh."""
+    if (run / "DONE").exists():
+        return
+    if (run / "checkpoint" / "state.pt").exists():
+        train(None, run, resume=True, progress=progress)
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        train(cfg, run, progress=progress)
+    (run / "FAILED").unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: str | Path):
