@@ -57,6 +57,26 @@ def char_tokenizer(chars: str = CHARS):
                                    unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
 
 
+def load_tokenizer(path: Path):
+    """The tokenizer saved in ``path``; the character tokenizer when there is none.
+
+    A tokenizer saved as a plain ``tokenizers`` backend (the character tokenizer)
+    is loaded as such: ``AutoTokenizer`` would pick the model type's tokenizer
+    class (``Qwen2Tokenizer`` for the tiny presets), whose pre-tokenizer drops spaces.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    if not config.exists() and not (path / "tokenizer.json").exists():
+        return char_tokenizer()
+    saved_class = json.loads(config.read_text()).get("tokenizer_class", "") if config.exists() else ""
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: int = 0, tokenizer=None,
                dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)``.
@@ -65,7 +85,7 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
     and its tokenizer (the character tokenizer when the directory has none).
     Otherwise the named preset, randomly initialised with ``seed``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if path:
         path = Path(path)
@@ -73,8 +93,7 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
             raise ValueError(f"model.path: {str(path)!r} is not a local directory (nothing is downloaded)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         if tokenizer is None:
-            has_tok = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tok else char_tokenizer()
+            tokenizer = load_tokenizer(path)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -91,7 +91,7 @@ def rollout(state: RunState) -> Rollout:
     generation_time = time.time() - t0
     completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
     answers = [ans for ans in answers for _ in range(r.group_size)]
-    rewards = torch.tensor([state.task.reward(c, ans) for c, ans in zip(completions, answers)], dtype=torch.float32)
+    rewards = torch.tensor(state.task.rewards(completions, answers), dtype=torch.float32)
     adv = group_advantages(rewards.view(r.prompts, r.group_size), scale=cfg.algo.advantage == "grpo")
     roll = Rollout(ids=torch.cat([prompt_ids, tokens], 1), attn=torch.cat([prompt_mask, mask.long()], 1),
                    n_prompt=prompt_ids.shape[1], mask=mask, old_logp=old_logp, old_entropy=old_entropy,

@@ -45,6 +45,10 @@ class Task:
     def reward(self, completion: str, answer: str) -> float:
         return float(completion.strip() == answer.strip())
 
+    def rewards(self, completions: list[str], answers: list[str]) -> list[float]:
+        """Rewards of a batch (the trainer's entry point; sandboxed tasks grade it in parallel)."""
+        return [self.reward(c, a) for c, a in zip(completions, answers)]
+
 
 @dataclass
 class Addition(Task):
