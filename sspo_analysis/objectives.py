@@ -561,9 +561,8 @@ def _validate_params(name: str, p: dict[str, Any]) -> None:
     for key in ("tau_pos", "tau_neg"):
         if key in p and not (isinstance(p[key], (int, float)) and p[key] > 0 and math.isfinite(p[key])):
             raise ValueError(f"objective {name!r}: {key} must be a finite number > 0, got {p[key]!r}")
-    if "gate" in p:
-        g = gates._ALIASES.get(p["gate"], p["gate"])
-        allowed = gates.GATES
-        if g not in allowed:
-            raise ValueError(f"objective {name!r}: gate {p['gate']!r} unknown; allowed values: {', '.join(allowed)}")
-        p["gate"] = g
+    if "gate" in p:  # a registered name, an alias or an import path package.module:function
+        try:
+            p["gate"] = gates.resolve_gate_name(p["gate"])
+        except ValueError as err:
+            raise ValueError(f"objective {name!r}: {err}") from None

@@ -76,7 +76,6 @@ MC_CHUNK_TOKENS = 1 << 19
 """Monte Carlo evaluates the objective on at most this many tokens at a time."""
 
 _CLOSED_FORM = ("pg", "is-token", "is-seq", "grpo", "dapo", "cispo", "gspo", "gmpo")
-_SMOOTH_GATES = (*gates_mod.SOFT_GATES, "identity")
 _SIGNS = {"+": 1, "-": -1, "+1": 1, "-1": -1, "1": 1, "pos": 1, "neg": -1, "positive": 1, "negative": -1}
 
 
@@ -137,13 +136,21 @@ def _check_method(method: str) -> str:
     return method
 
 
+def _zero_by_definition(obj: Objective) -> bool:
+    """Whether a zero coefficient is a dead token: a hard clip's flat region, not a soft gate's
+    weight underflowing to 0.0 in float64 (which the gate never is)."""
+    if "gate" in obj.params:
+        return gates_mod.gate_family(obj.params["gate"]).dead_zone
+    return obj.name != "sspo-sigmoid"  # the only gated objective without a gate parameter: soft
+
+
 def _analytic_method(obj: Objective, iid: bool) -> str | None:
     """``closed-form`` or ``quadrature`` when the objective has one under a log-normal model, else None.
 
     Objectives registered elsewhere get Monte Carlo through their own code: the
     theory cannot know whether their coefficient is smooth enough for quadrature.
     """
-    name, smooth = obj.name, obj.params.get("gate", "identity") in _SMOOTH_GATES
+    name, smooth = obj.name, not gates_mod.gate_family(obj.params.get("gate", "identity")).dead_zone
     if name in ("grpo", "dapo", "cispo", "gspo", "pg", "is-token", "is-seq"):
         return "closed-form"  # token marginals and sums of Gaussians: exact also under AR(1)
     if name == "sapo":
@@ -325,7 +332,7 @@ def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sig
         xn = c * sign
         mean = (xn * w).sum(-1, keepdims=True)
         second = (xn * xn * w).sum(-1, keepdims=True)
-        dead = ((c == 0) * w).sum(-1, keepdims=True)
+        dead = ((c == 0) * w).sum(-1, keepdims=True) * _zero_by_definition(obj)
         mean_w, second_w = _lognormal_moments(m, s * s) if obj.name != "pg" else (zeros + 1, zeros + 1)
         out = {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead,
                "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
@@ -338,7 +345,7 @@ def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sig
     e2 = e1 * e1
     out = _geometric((e1 * w).sum(-1), (e2 * w).sum(-1), (e1 * dphi * w).sum(-1), (e2 * dphi**2 * w).sum(-1),
                      np.broadcast_to(L, zeros.shape))
-    out["dead_fraction"] = ((dphi == 0) * w).sum(-1) + zeros
+    out["dead_fraction"] = ((dphi == 0) * w).sum(-1) * _zero_by_definition(obj) + zeros
     return {k_: v + zeros for k_, v in out.items()}
 
 
@@ -392,7 +399,7 @@ def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign:
             w = torch.where(mt, w, 0.0)
             w1, w2, wn = w.sum(-1), (w * w).sum(-1), n_tok
         for key, val in (("T", n_tok), ("S1", x.sum(-1)), ("S2", (x * x).sum(-1)),
-                         ("D", (mt & (c == 0)).sum(-1)), ("W1", w1), ("W2", w2), ("WN", wn)):
+                         ("D", (mt & (c == 0)).sum(-1) * _zero_by_definition(obj)), ("W1", w1), ("W2", w2), ("WN", wn)):
             parts[key].append(val.to(torch.float64).numpy())
     a = {k: np.concatenate(v) for k, v in parts.items()}
     coef = _moment_stats(a["S1"], a["S2"], a["T"])
