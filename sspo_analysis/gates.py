@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -268,18 +268,23 @@ def _register_builtins() -> None:
 _register_builtins()
 
 
+ADMISSIBILITY: tuple[str, ...] = ("c1", "max_at_origin", "monotone", "vanishing_tails")
+
+
 @dataclass(frozen=True)
 class Admissibility:
     """Which of the four admissibility properties a gate's weight has.
 
     Each property is checked numerically on a dense grid; see
-    :meth:`Gate.check_admissible`.
+    :meth:`Gate.check_admissible`. ``witnesses`` holds, for each property that
+    fails, where on the grid it fails (``"weight(0.7071) = 1.213 > 1"``).
     """
 
     c1: bool
     max_at_origin: bool
     monotone: bool
     vanishing_tails: bool
+    witnesses: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def admissible(self) -> bool:
@@ -287,7 +292,59 @@ class Admissibility:
 
     def failures(self) -> list[str]:
         """Names of the properties that do not hold."""
-        return [k for k in ("c1", "max_at_origin", "monotone", "vanishing_tails") if not getattr(self, k)]
+        return [k for k in ADMISSIBILITY if not getattr(self, k)]
+
+
+Check = tuple[bool, str]
+"""A grid check's verdict and, when it fails, where."""
+
+
+def _continuity(gate: Gate, scale: float) -> Check:
+    """The weight is continuous and is the derivative of the value (central differences)."""
+
+    def jumps(n: int) -> Tensor:
+        # Weight changes between neighbours in a window of fixed width around the
+        # origin, sampled at n points: the largest shrinks with n iff continuous.
+        grid = torch.linspace(-3 * scale, 3 * scale, n, dtype=torch.float64)
+        return gate.weight(grid).diff().abs()
+
+    coarse, fine = jumps(2_001), jumps(20_001)
+    if not (float(fine.max()) < 0.5 * float(coarse.max()) or float(fine.max()) < 1e-6):
+        at = float(torch.linspace(-3 * scale, 3 * scale, 20_001, dtype=torch.float64)[int(fine.argmax())])
+        return False, f"weight jumps by {float(fine.max()):.4g} at u = {at:.6g}"
+    grid = torch.linspace(-3 * scale, 3 * scale, 6_001, dtype=torch.float64)
+    h = 1e-6 * scale
+    error = ((gate(grid + h) - gate(grid - h)) / (2 * h) - gate.weight(grid)).abs()
+    if not float(error.max()) <= 1e-4:
+        i = int(error.argmax())
+        return False, f"weight({float(grid[i]):.6g}) differs from the value's slope by {float(error[i]):.4g}"
+    return True, ""
+
+
+def _max_at_origin(u: Tensor, w: Tensor, w0: float) -> Check:
+    if abs(w0 - 1.0) >= 1e-12:
+        return False, f"weight(0) = {w0:.6g}, not 1"
+    if not bool((w <= 1.0 + 1e-12).all()):
+        i = int(w.argmax())
+        return False, f"weight({float(u[i]):.6g}) = {float(w[i]):.6g} > weight(0) = 1"
+    return True, ""
+
+
+def _monotone(u: Tensor, w: Tensor) -> Check:
+    mid, tol = u.numel() // 2, 1e-12
+    rises = torch.cat([(w[mid:].diff() > tol), (w[: mid + 1].diff() < -tol)])  # growth away from 0
+    if bool(rises.any()):
+        j = int(rises.nonzero()[0])
+        i = mid + j + 1 if j < u.numel() - mid - 1 else j - (u.numel() - mid - 1)
+        return False, f"weight grows with |u| at u = {float(u[i]):.6g} (weight {float(w[i]):.12g})"
+    return True, ""
+
+
+def _tails(u: Tensor, w: Tensor) -> Check:
+    if not bool(w[0] < 1e-3 and w[-1] < 1e-3):
+        i = 0 if w[0] >= 1e-3 else -1
+        return False, f"weight({float(u[i]):.6g}) = {float(w[i]):.6g} >= 1e-3"
+    return True, ""
 
 
 @dataclass(frozen=True)
@@ -357,33 +414,11 @@ class Gate:
         )
         u = torch.cat([-pos.flip(0)[:-1], pos])
         w = self.weight(u)
-
-        def max_jump(n: int) -> float:
-            # Largest weight change across a window of fixed width around the
-            # origin region, sampled at n points: shrinks with n iff continuous.
-            grid = torch.linspace(-3 * scale, 3 * scale, n, dtype=torch.float64)
-            return float(self.weight(grid).diff().abs().max())
-
-        coarse, fine = max_jump(2_001), max_jump(20_001)
-        continuous = fine < 0.5 * coarse or fine < 1e-6
-        # Derivative consistency on a moderate grid (central differences).
-        grid = torch.linspace(-3 * scale, 3 * scale, 6_001, dtype=torch.float64)
-        h = 1e-6 * scale
-        fd = (self(grid + h) - self(grid - h)) / (2 * h)
-        consistent = bool(torch.allclose(fd, self.weight(grid), atol=1e-4))
-
         w0 = float(self.weight(torch.zeros(1, dtype=torch.float64)))
-        origin = abs(w0 - 1.0) < 1e-12 and bool((w <= 1.0 + 1e-12).all())
-
-        mid = u.numel() // 2
-        right, left = w[mid:], w[: mid + 1]
-        tol = 1e-12
-        monotone = bool((right.diff() <= tol).all() and (left.diff() >= -tol).all())
-
-        tails = bool(w[0] < 1e-3 and w[-1] < 1e-3)
-        return Admissibility(
-            c1=continuous and consistent, max_at_origin=origin, monotone=monotone, vanishing_tails=tails
-        )
+        checks = {"c1": _continuity(self, scale), "max_at_origin": _max_at_origin(u, w, w0),
+                  "monotone": _monotone(u, w), "vanishing_tails": _tails(u, w)}
+        return Admissibility(**{k: ok for k, (ok, _) in checks.items()},
+                             witnesses={k: why for k, (ok, why) in checks.items() if not ok})
 
 
 def get_gate(

@@ -483,7 +483,7 @@ def compute_metrics(
         w_ok = torch.where(seq_ok, seq_w, 0.0)
         ess = w_ok.sum() ** 2 / ((w_ok**2).sum() * seq_ok.sum().clamp(min=1)).clamp(min=1e-30)
         tok_adv = adv if adv.dim() == 2 else adv[:, None].expand_as(m)
-        signal = m & (tok_adv != 0)
+        signal = m & (tok_adv.to(f32) != 0)  # in f32: an advantage that underflows there would divide 0 by 0
         dead = masked_mean((t.coefficient == 0).to(f32), signal)
         # c normalised so that on-policy it is 1: c / A (token), c T_i / A_i (sequence).
         scale = n_seq_tok[:, None] if t.weight.dim() == 1 else torch.ones_like(lr)
