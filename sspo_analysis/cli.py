@@ -17,6 +17,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.theory.cli": ("theory", "simulate"),
     "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "plot"),
     "sspo_analysis.figures_cli": ("figures",),
+    "sspo_analysis.check_cli": ("check",),
 }
 
 

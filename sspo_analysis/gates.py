@@ -195,7 +195,8 @@ def _import_gate(path: str) -> GateFamily:
                              symmetric=target.symmetric, dead_zone=target.dead_zone)
     if not callable(target):
         raise ValueError(f"gate: {path!r} is not a function (u, tau) -> Tensor")
-    return register_gate(path, target, doc=f"{path} (imported)")
+    doc = (target.__doc__ or "").strip().splitlines()
+    return register_gate(path, target, doc=doc[0] if doc else f"{path} (imported)")
 
 
 def resolve_gate_name(name: str) -> str:
