@@ -134,6 +134,11 @@ def register_gate(
     return family
 
 
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of the package's own gate families (or an alias of one)."""
+    return _ALIASES.get(name, name) in _BUILTIN
+
+
 def unregister_gate(name: str) -> None:
     """Remove a user gate from the registry (built-ins stay)."""
     if name in _BUILTIN:

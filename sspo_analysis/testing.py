@@ -150,8 +150,8 @@ def batches(max_rows: int = 4, max_cols: int = 6, max_abs_log_ratio: float = 3.0
     def draw_batch(draw: Callable) -> Batch:
         rows, cols = draw(st.integers(1, max_rows)), draw(st.integers(1, max_cols))
         lr = [[0.0] * cols] * rows if on_policy else draw(log_ratios(rows, cols, max_abs_log_ratio, extremes))
-        old = draw(st.lists(st.lists(st.floats(-8.0, 0.0), min_size=cols, max_size=cols),
-                            min_size=rows, max_size=rows))
+        # The objectives see only log_prob - old_log_prob: one old log-prob level per batch keeps the data small.
+        old = [[draw(st.floats(-8.0, 0.0))] * cols] * rows
         poison = extremes and draw(st.booleans())
         return _make_batch(lr, old, draw(masks(rows, cols)), draw(advantages(rows, cols, level)),
                            draw(dtypes(dtype_choices)), poison)
@@ -307,6 +307,16 @@ def _admissibility_results(instances: list[gates.Gate]) -> list[PropertyResult]:
     return out
 
 
+def _origin_value_result(instances: list[gates.Gate]) -> PropertyResult:
+    """``g(0) = 0``: the on-policy point is a fixed point (one-sided gates rely on it)."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    for g in instances:
+        value = float(g(zero))
+        if not abs(value) <= 1e-12 * _scale(g):
+            return PropertyResult("zero_at_origin", False, "g(0) = 0", f"{_label(g)} g(0) = {value:.6g}")
+    return PropertyResult("zero_at_origin", True, "g(0) = 0")
+
+
 def _value_and_weight(gate: gates.Gate, u: float, dtype: torch.dtype = torch.float64) -> tuple[float, float]:
     x = torch.tensor([u], dtype=torch.float64).to(dtype)
     return float(gate(x).double()), float(gate.weight(x).double())
@@ -395,6 +405,7 @@ def check_gate(gate_or_name: Any, taus: Sequence[float] = DEFAULT_TAUS, *, eps: 
 
     Properties: ``c1``, ``max_at_origin``, ``monotone``, ``vanishing_tails`` (grid checks
     of :meth:`~sspo_analysis.gates.Gate.check_admissible`, with where each fails);
+    ``zero_at_origin`` (``g(0) = 0``);
     ``finite`` (value and weight finite for any ``|u| <= 1e30`` in every dtype);
     ``derivative`` (the weight is the slope of the value, bounded ``|tau u|``);
     ``symmetry`` (odd value, even weight; only where the family claims it).
@@ -405,8 +416,8 @@ def check_gate(gate_or_name: Any, taus: Sequence[float] = DEFAULT_TAUS, *, eps: 
         raise ValueError(f"taus: need one or more finite numbers > 0, got {taus!r}")
     instances = _instances(family, taus, eps)
     results = _admissibility_results(instances)
-    results += [_finite_property(instances, max_examples), _derivative_property(instances, max_examples),
-                _symmetry_property(family, instances, max_examples)]
+    results += [_origin_value_result(instances), _finite_property(instances, max_examples),
+                _derivative_property(instances, max_examples), _symmetry_property(family, instances, max_examples)]
     report = GateReport(f"gate {family.name}", results, {"doc": family.doc} if family.doc else {})
     report.seconds = time.perf_counter() - start
     return report

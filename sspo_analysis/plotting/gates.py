@@ -69,6 +69,16 @@ def gate_curves(tau: float = 1.0, eps: float = 0.2, points: int = 801) -> dict[s
     return out
 
 
+def _line_style(name: str) -> dict[str, object]:
+    """Colour and dash of a gate's curves: the built-ins' own; user gates grey, told apart by their dashes."""
+    from sspo_analysis.plotting import style
+
+    if gates.is_builtin(name):
+        return {"color": style.color(name), "ls": "--" if name == "hard-clip" else "-"}
+    user = [n for n in families() if not gates.is_builtin(n)]
+    return {"color": style.color(name), "ls": (":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))[user.index(name) % 4]}
+
+
 def write_csv(columns: dict[str, np.ndarray], path: str | Path) -> Path:
     """Write named equal-length columns to ``path`` as CSV, atomically."""
     path = Path(path)
@@ -96,7 +106,7 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
     for row, (space, x, xlabel) in enumerate((("ratio", r, "ratio r"), ("log", l, "log-ratio l = log r"))):
         u = "r - 1" if space == "ratio" else "l"
         for name in families():
-            kw = {"color": style.color(name), "label": name, "ls": "--" if name == "hard-clip" else "-"}
+            kw = {**_line_style(name), "label": name}
             axes[row, 0].plot(x, data[f"{name}_{space}_value"], **kw)
             axes[row, 1].plot(x, data[f"{name}_{space}_weight"], **kw)
         axes[row, 0].set(xlabel=xlabel, ylabel=f"gate g({u})", title=f"{space} space: value")
@@ -107,7 +117,7 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
         ax.set_xlim(0.0, 4.0)
     # In ratio space the token coefficient is r g'(r - 1): the extra r skews it upward.
     for name in families():
-        axes[0, 2].plot(l, data[f"{name}_ratio_coef"], color=style.color(name), ls="--" if name == "hard-clip" else "-")
+        axes[0, 2].plot(l, data[f"{name}_ratio_coef"], **_line_style(name))
     axes[0, 2].set(
         xlabel="log-ratio l", ylabel="token coefficient c / A", title="ratio-space gate: c / A = r g'(r - 1)"
     )
