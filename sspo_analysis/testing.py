@@ -24,6 +24,7 @@ hypothesis is an optional dependency of this module: ``pip install hypothesis``
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 import warnings
@@ -216,9 +217,9 @@ class Report:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=140, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
-        console.print(self.table())
-        return console.export_text()
+        buffer = io.StringIO()
+        Console(file=buffer, width=140, force_jupyter=False, color_system=None).print(self.table())
+        return buffer.getvalue()
 
 
 class GateReport(Report):
