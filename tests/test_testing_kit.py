@@ -102,6 +102,24 @@ def test_trl_loss_type_takes_a_user_gate(user_gates):
         resolve_loss_type("soft-hard-clip")
 
 
+@pytest.mark.trl
+def test_trl_trains_three_steps_with_a_user_gate(user_gates, tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from importlib.util import module_from_spec, spec_from_file_location
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "trl_sspo_tiny.py"
+    spec = spec_from_file_location("trl_sspo_tiny", path)
+    example = module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(["--loss-type", "soft-user_gates_mod:cauchy2", "--steps", "3", "--out", str(tmp_path / "h")])
+    logged = [h for h in history if "objective/gate_weight_mean" in h]
+    assert len(logged) == 3
+    moved = [h for h in logged if h["objective/log_ratio_std"] > 0]  # num_iterations=2: one off-policy pass
+    assert moved and all(h["objective/gate_weight_mean"] < 1.0 for h in moved)
+
+
 def test_a_registered_family_with_a_wrong_weight_fails_the_derivative_check(user_gates):
     user_gates.family = gates.register_gate("test-wrong", user_gates.wrong_weight, lambda u, tau: 1 / (1 + tau * u * u))
     report = testing.check_gate("user_gates_mod:family", taus=(2.0,), max_examples=50)
