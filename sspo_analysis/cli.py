@@ -18,6 +18,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.simulation.cli": ("simulate",),
     "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "plot"),
     "sspo_analysis.figures_cli": ("figures",),
+    "sspo_analysis.check_cli": ("check",),
 }
 
 

@@ -698,7 +698,7 @@ def _sequence_weight_metrics(t: Terms, lr: Tensor, m: Tensor) -> dict[str, Tenso
 def _coefficient_metrics(t: Terms, adv: Tensor, m: Tensor) -> dict[str, Tensor]:
     f32 = torch.float32
     tok_adv = adv if adv.dim() == 2 else adv[:, None].expand_as(m)
-    signal = m & (tok_adv != 0)
+    signal = m & (tok_adv.to(f32) != 0)  # in f32: an advantage that underflows there would divide 0 by 0
     # c normalised so that on-policy it is 1: c / A (token), c T_i / A_i (sequence).
     scale = m.sum(-1).clamp(min=1).to(f32)[:, None] if t.weight.dim() == 1 else torch.ones_like(m, dtype=f32)
     coef_norm = torch.where(signal, t.coefficient.to(f32) * scale / torch.where(signal, tok_adv.to(f32), 1.0), 0.0)
@@ -788,12 +788,11 @@ def _validate_params(name: str, p: dict[str, Any]) -> None:
     for key in ("tau_pos", "tau_neg"):
         if key in p and not (isinstance(p[key], (int, float)) and p[key] > 0 and math.isfinite(p[key])):
             raise ValueError(f"objective {name!r}: {key} must be a finite number > 0, got {p[key]!r}")
-    if "gate" in p:
-        g = gates._ALIASES.get(p["gate"], p["gate"])
-        allowed = gates.GATES
-        if g not in allowed:
-            raise ValueError(f"objective {name!r}: gate {p['gate']!r} unknown; allowed values: {', '.join(allowed)}")
-        p["gate"] = g
+    if "gate" in p:  # a registered name, an alias or an import path package.module:function
+        try:
+            p["gate"] = gates.resolve_gate_name(p["gate"])
+        except ValueError as err:
+            raise ValueError(f"objective {name!r}: {err}") from None
     _validate_field_params(name, p)
 
 

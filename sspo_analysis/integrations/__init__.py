@@ -29,6 +29,30 @@ SOFT_NAMES: dict[str, tuple[str, dict]] = {
 SOFT_NAMES.update({f"soft-{g}-one-sided": ("sspo", {"gate": g, "one_sided": True}) for g in gates.SOFT_GATES})
 
 
+def soft_loss(name: str) -> tuple[str, dict] | None:
+    """``soft-NAME`` or ``soft-NAME-one-sided`` -> ``("sspo", fixed parameters)``; None for other names.
+
+    ``NAME`` is any registered soft gate (a user's too) or an import path
+    ``package.module:function``, imported and registered on first use.
+    """
+    if name in SOFT_NAMES:
+        base, fixed = SOFT_NAMES[name]
+        return base, dict(fixed)
+    if not name.startswith("soft-"):
+        return None
+    gate = name[len("soft-"):]
+    one_sided = gate.endswith("-one-sided")
+    gate = gate[: -len("-one-sided")] if one_sided else gate
+    try:
+        family = gates.gate_family(gate)
+    except ValueError as err:
+        raise ValueError(f"loss_type {name!r}: {err}") from None
+    if not family.soft:
+        raise ValueError(f"loss_type {name!r}: gate {gate!r} has no temperature; soft-NAME takes one of "
+                         f"{', '.join(gates.SOFT_GATES)} or an import path")
+    return "sspo", {"gate": family.name, **({"one_sided": True} if one_sided else {})}
+
+
 def check_engine_version(engine: str, version: str | None, lo: str, hi: str, why: str) -> str:
     """Raise ImportError unless ``engine`` (installed, or ``version``) is in ``[lo, hi)``; returns the version.
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, weighted_surrogate
+from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, soft_loss, weighted_surrogate
 from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: F401  (re-exported for reward_funcs)
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
 from sspo_analysis.primitives import k3_kl, masked_sum
@@ -74,9 +74,9 @@ def resolve_loss_type(loss_type: str) -> tuple[str, dict[str, Any]] | None:
     if loss_type in TRL_LOSS_TYPES:
         return None
     name = loss_type[len(PACKAGE_PREFIX):] if loss_type.startswith(PACKAGE_PREFIX) else loss_type
-    if name in SOFT_NAMES:
-        base, fixed = SOFT_NAMES[name]
-        return base, dict(fixed)
+    soft = soft_loss(name)  # soft-NAME[-one-sided]: built-in gates, registered user gates, import paths
+    if soft is not None:
+        return soft
     if name in objective_names():
         return name, {}
     allowed = list(TRL_LOSS_TYPES) + [n for n in objective_names() if n not in TRL_LOSS_TYPES] + list(SOFT_NAMES)

@@ -9,6 +9,7 @@ Importing this module registers, with ``verl.trainer.ppo.core_algos.register_pol
 ``sspo-sigmoid``              ``sspo-sigmoid``: geometric mean of SAPO's ratio-space gates
 ``soft-<gate>``               ``sspo`` with ``gate=<gate>``, gate in sigmoid, erf, arctan, softsign
 ``soft-<gate>-one-sided``     the same with ``one_sided=True`` (gate only on the side ``sign(A)`` makes dangerous)
+``soft-<user gate>``          a registered user gate or import path: ``register("soft-mymod:mygate")``
 ``gmpo``                      ``gmpo``: GMPO through ``agg_loss`` (verl's own ``geo_mean`` ignores
                               ``loss_agg_mode`` and the global batch info; see the README)
 ============================  ===============================================================
@@ -52,7 +53,7 @@ from typing import Any
 
 import torch
 
-from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, weighted_surrogate
+from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, soft_loss, weighted_surrogate
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec
 
 Tensor = torch.Tensor
@@ -92,11 +93,18 @@ def _config_get(config: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _loss_mode(loss_mode: str) -> tuple[str, dict[str, Any]]:
+    """(package objective, fixed parameters) of a name of :data:`LOSS_MODES` or any ``soft-NAME``."""
+    resolved = LOSS_MODES.get(loss_mode) or soft_loss(loss_mode)
+    if resolved is None:
+        raise ValueError(f"loss_mode: unknown value {loss_mode!r}; allowed values: {', '.join(LOSS_MODES)}, "
+                         "or soft-NAME for a registered gate or import path")
+    return resolved
+
+
 def objective_for(loss_mode: str, loss_agg_mode: str, config: Any) -> Objective:
     """The package objective that ``loss_mode`` runs, with its parameters read from the actor ``config``."""
-    if loss_mode not in LOSS_MODES:
-        raise ValueError(f"loss_mode: unknown value {loss_mode!r}; allowed values: {', '.join(LOSS_MODES)}")
-    name, fixed = LOSS_MODES[loss_mode]
+    name, fixed = _loss_mode(loss_mode)
     defaults = get_spec(name).defaults
     params = dict(fixed)
     if "tau_pos" in defaults:
@@ -115,8 +123,7 @@ def make_policy_loss(loss_mode: str):
     """Build verl's policy-loss function for ``loss_mode`` (a key of :data:`LOSS_MODES`)."""
     from verl.trainer.ppo.core_algos import agg_loss
 
-    if loss_mode not in LOSS_MODES:
-        raise ValueError(f"loss_mode: unknown value {loss_mode!r}; allowed values: {', '.join(LOSS_MODES)}")
+    base, _ = _loss_mode(loss_mode)  # a bad name fails here, not at the first step
 
     def policy_loss(
         old_log_prob: Tensor,
@@ -147,7 +154,7 @@ def make_policy_loss(loss_mode: str):
         return loss, metrics
 
     policy_loss.__name__ = f"compute_policy_loss_{loss_mode.replace('-', '_')}"
-    policy_loss.__doc__ = f"verl policy loss {loss_mode!r}: the package's {LOSS_MODES[loss_mode][0]!r} objective."
+    policy_loss.__doc__ = f"verl policy loss {loss_mode!r}: the package's {base!r} objective."
     return policy_loss
 
 
@@ -158,18 +165,22 @@ def _warn_length_weighting(loss_mode: str, loss_agg_mode: str) -> None:
         "sequence by its length. SSPO's own aggregation is 'seq-mean-token-mean'.", UserWarning, stacklevel=3)
 
 
-def register() -> list[str]:
-    """Register every name of :data:`LOSS_MODES` with verl (idempotent); returns the names."""
+def register(*extra: str) -> list[str]:
+    """Register every name of :data:`LOSS_MODES`, and ``extra`` ones, with verl (idempotent); returns the names.
+
+    ``extra`` takes ``soft-NAME`` / ``soft-NAME-one-sided`` for a user's gate, e.g.
+    ``register("soft-mymod:mygate")`` in a module listed in ``VERL_USE_EXTERNAL_MODULES``.
+    """
     check_verl_version()
     from verl.trainer.ppo import core_algos
 
-    for loss_mode in LOSS_MODES:
+    for loss_mode in [*LOSS_MODES, *extra]:
         existing = core_algos.POLICY_LOSS_REGISTRY.get(loss_mode)
         if existing is not None and not existing.__module__ == __name__:
             warnings.warn(f"verl already has a policy loss {loss_mode!r}; sspo_analysis replaces it", UserWarning,
                           stacklevel=2)
         core_algos.register_policy_loss(loss_mode)(make_policy_loss(loss_mode))
-    return list(LOSS_MODES)
+    return [*LOSS_MODES, *extra]
 
 
 REGISTERED = register()

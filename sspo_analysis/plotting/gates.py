@@ -15,7 +15,10 @@ from sspo_analysis import gates
 from sspo_analysis.io import atomic_path
 from sspo_analysis.objectives import get_objective
 
-FAMILIES = ("sigmoid", "erf", "arctan", "softsign", "hard-clip")
+
+def families() -> tuple[str, ...]:
+    """The gates the figure draws: every registered family but the identity, user gates included."""
+    return tuple(name for name in gates.GATES if name != "identity")
 SIGMOID_TAUS = (1.0, 2.0, 4.0)
 
 
@@ -50,7 +53,7 @@ def gate_curves(tau: float = 1.0, eps: float = 0.2, points: int = 801) -> dict[s
     l = torch.linspace(-2.0, 2.0, points, dtype=torch.float64)
     r = l.exp()
     out: dict[str, np.ndarray] = {"log_ratio": l.numpy(), "ratio": r.numpy()}
-    for name in FAMILIES:
+    for name in families():
         for space, u in (("ratio", r - 1.0), ("log", l)):
             g = gates.get_gate(name, tau=tau, eps=eps, space=space)
             out[f"{name}_{space}_value"] = g(u).numpy()
@@ -64,6 +67,16 @@ def gate_curves(tau: float = 1.0, eps: float = 0.2, points: int = 801) -> dict[s
         phi, dphi = obj.log_gate(l[:, None], ones.bool())
         out[f"sspo-sigmoid_tau{t:g}_coef"] = dphi[:, 0].numpy()
     return out
+
+
+def _line_style(name: str) -> dict[str, object]:
+    """Colour and dash of a gate's curves: the built-ins' own; user gates grey, told apart by their dashes."""
+    from sspo_analysis.plotting import style
+
+    if gates.is_builtin(name):
+        return {"color": style.color(name), "ls": "--" if name == "hard-clip" else "-"}
+    user = [n for n in families() if not gates.is_builtin(n)]
+    return {"color": style.color(name), "ls": (":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))[user.index(name) % 4]}
 
 
 def write_csv(columns: dict[str, np.ndarray], path: str | Path) -> Path:
@@ -92,8 +105,8 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
     fig, axes = plt.subplots(2, 3, figsize=(style.FULL_WIDTH, 4.6), layout="constrained")
     for row, (space, x, xlabel) in enumerate((("ratio", r, "ratio r"), ("log", l, "log-ratio l = log r"))):
         u = "r - 1" if space == "ratio" else "l"
-        for name in FAMILIES:
-            kw = {"color": style.color(name), "label": name, "ls": "--" if name == "hard-clip" else "-"}
+        for name in families():
+            kw = {**_line_style(name), "label": name}
             axes[row, 0].plot(x, data[f"{name}_{space}_value"], **kw)
             axes[row, 1].plot(x, data[f"{name}_{space}_weight"], **kw)
         axes[row, 0].set(xlabel=xlabel, ylabel=f"gate g({u})", title=f"{space} space: value")
@@ -103,8 +116,8 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
     for ax in axes[0, :2]:
         ax.set_xlim(0.0, 4.0)
     # In ratio space the token coefficient is r g'(r - 1): the extra r skews it upward.
-    for name in FAMILIES:
-        axes[0, 2].plot(l, data[f"{name}_ratio_coef"], color=style.color(name), ls="--" if name == "hard-clip" else "-")
+    for name in families():
+        axes[0, 2].plot(l, data[f"{name}_ratio_coef"], **_line_style(name))
     axes[0, 2].set(
         xlabel="log-ratio l", ylabel="token coefficient c / A", title="ratio-space gate: c / A = r g'(r - 1)"
     )
@@ -125,7 +138,7 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
         handles,
         labels,
         loc="outside lower center",
-        ncol=len(FAMILIES),
+        ncol=min(len(families()), 6),
         title=f"soft gates at tau = {tau:g}; hard clip at eps = {eps:g}",
     )
     paths = style.save(fig, Path(out_dir) / stem)

@@ -77,7 +77,6 @@ DEFAULT_QUAD_NODES = 8
 MC_CHUNK_TOKENS = 1 << 19
 """Monte Carlo evaluates the objective on at most this many tokens at a time."""
 
-_SMOOTH_GATES = (*gates_mod.SOFT_GATES, "identity")
 _SIGNS = {"+": 1, "-": -1, "+1": 1, "-1": -1, "1": 1, "pos": 1, "neg": -1, "positive": 1, "negative": -1}
 
 
@@ -138,6 +137,14 @@ def _check_method(method: str) -> str:
     return method
 
 
+def _zero_by_definition(obj: Objective) -> bool:
+    """Whether a zero coefficient is a dead token: a hard clip's flat region, not a soft gate's
+    weight underflowing to 0.0 in float64 (which the gate never is)."""
+    if "gate" in obj.params:
+        return gates_mod.gate_family(obj.params["gate"]).dead_zone
+    return obj.name != "sspo-sigmoid"  # the only gated objective without a gate parameter: soft
+
+
 def _analytic_methods(obj: Objective, iid: bool) -> tuple[str, ...]:
     """The analytic methods the objective declared at registration that hold for this model, in its order.
 
@@ -148,7 +155,7 @@ def _analytic_methods(obj: Objective, iid: bool) -> tuple[str, ...]:
     (``register_objective(..., theory=...)``).
     """
     spec = obj.spec
-    smooth = obj.params.get("gate", "identity") in _SMOOTH_GATES
+    smooth = not gates_mod.gate_family(obj.params.get("gate", "identity")).dead_zone
     out = []
     for method, hook in spec.theory.items():
         generic_quadrature = method == "quadrature" and hook is None
@@ -264,7 +271,7 @@ def _token_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign: int
     xn = c * sign
     mean = (xn * w).sum(-1, keepdims=True)
     second = (xn * xn * w).sum(-1, keepdims=True)
-    dead = ((c == 0) * w).sum(-1, keepdims=True)
+    dead = ((c == 0) * w).sum(-1, keepdims=True) * _zero_by_definition(obj)
     return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
 
 
@@ -280,7 +287,7 @@ def _geometric_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign:
     out = geometric_moments((e1 * w).sum(-1), (e2 * w).sum(-1), (e1 * dphi * w).sum(-1),
                             (e2 * dphi**2 * w).sum(-1), L)
     zeros = np.zeros(L.shape)
-    out["dead_fraction"] = ((dphi == 0) * w).sum(-1) + zeros
+    out["dead_fraction"] = ((dphi == 0) * w).sum(-1) * _zero_by_definition(obj) + zeros
     return {k_: v + zeros for k_, v in out.items()}
 
 
@@ -337,7 +344,7 @@ def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign:
             w = torch.where(mt, w, 0.0)
             w1, w2, wn = w.sum(-1), (w * w).sum(-1), n_tok
         for key, val in (("T", n_tok), ("S1", x.sum(-1)), ("S2", (x * x).sum(-1)),
-                         ("D", (mt & (c == 0)).sum(-1)), ("W1", w1), ("W2", w2), ("WN", wn)):
+                         ("D", (mt & (c == 0)).sum(-1) * _zero_by_definition(obj)), ("W1", w1), ("W2", w2), ("WN", wn)):
             parts[key].append(val.to(torch.float64).numpy())
     a = {k: np.concatenate(v) for k, v in parts.items()}
     coef = _moment_stats(a["S1"], a["S2"], a["T"])

@@ -124,8 +124,10 @@ def _run_grid(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.csv:
+        csv_frame = frame.assign(mc_stderr=[None if v is None else json.dumps(v, sort_keys=True)
+                                            for v in frame["mc_stderr"]])  # JSON, like the params column
         with atomic_path(args.csv) as tmp:
-            frame.to_csv(tmp, index=False)
+            csv_frame.to_csv(tmp, index=False)
         print(f"wrote {len(frame)} rows to {args.csv}", file=sys.stderr)
     if args.markdown:
         print(markdown_table(frame))
