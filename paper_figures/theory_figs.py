@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from paper_figures import Context, figure, legend_below, line_style, new_figure, save, stem, write_frame
+from sspo_analysis.analysis import frontier_summary, lowest_mse
 
 TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
 """Token-level objectives of figure 2 (``pg`` is 1 at every std and is drawn as the reference line)."""
@@ -184,6 +185,7 @@ def data_frontier(
     """
     import pandas as pd
 
+    from sspo_analysis.analysis import frontier_errors
     from sspo_analysis.objectives import get_spec
     from sspo_analysis.theory import LogNormalRatios, analyse
 
@@ -197,28 +199,12 @@ def data_frontier(
         settings = [({param: float(v)}, False) for v in values] + [({}, True)]  # the last: the paper's defaults
         for params, is_default in settings:
             res = {sign: analyse(name, model, advantage_sign=sign, **params) for sign in (1, -1)}
-            bias = {s: r.mean_coefficient - 1.0 for s, r in res.items()}
             rows.append({"objective": name, "level": level, "param": param,
                          "value": params.get(param, float("nan")), "log_ratio_std": std, "length": model.length,
-                         "bias_pos": bias[1], "bias_neg": bias[-1],
-                         "var_coefficient": float(np.mean([r.var_coefficient for r in res.values()])),
-                         "mse": float(np.mean([bias[s] ** 2 + r.var_coefficient for s, r in res.items()])),
-                         "dead_fraction": float(np.mean([r.dead_fraction for r in res.values()])),
+                         **frontier_errors(res),
                          "is_default": is_default, "params": json.dumps(res[1].params, sort_keys=True),
                          "method": res[1].method})
     return pd.DataFrame(rows)
-
-
-def lowest_mse(df) -> dict[str, dict]:
-    """Per objective, the row of the lowest-MSE setting; key ``"overall"`` for the best of all."""
-    swept = df[~df.is_default]
-    best = {}
-    for name, g in swept.groupby("objective", sort=False):
-        row = g.loc[g.mse.idxmin()].to_dict()
-        row["at_edge"] = bool(row["value"] in (g.value.min(), g.value.max()))
-        best[name] = row
-    best["overall"] = min((b for b in best.values()), key=lambda b: b["mse"])
-    return best
 
 
 def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
@@ -252,23 +238,6 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
     fig.suptitle("Bias-variance frontier as eps or tau sweeps (A > 0 and A < 0 averaged)\n"
                  "square: default parameters; star: lowest MSE of each objective")
     return fig
-
-
-def frontier_summary(df):
-    """Per objective: the lowest-MSE setting (and whether it sits at the edge of the swept range) and the defaults."""
-    import pandas as pd
-
-    best = lowest_mse(df)
-    rows = []
-    for name, g in df.groupby("objective", sort=False):
-        b, d = best[name], g[g.is_default].iloc[0]
-        rows.append({"objective": name, "log_ratio_std": b["log_ratio_std"], "length": b["length"],
-                     "param": b["param"], "best_value": b["value"], "best_at_grid_edge": b["at_edge"],
-                     "best_mse": b["mse"], "best_var": b["var_coefficient"], "best_bias_pos": b["bias_pos"],
-                     "best_bias_neg": b["bias_neg"], "default_params": d["params"], "default_mse": d["mse"],
-                     "default_var": d["var_coefficient"], "default_bias_pos": d["bias_pos"],
-                     "default_bias_neg": d["bias_neg"], "overall_best": name == best["overall"]["objective"]})
-    return pd.DataFrame(rows)
 
 
 @figure(4, "frontier", "bias-variance frontier of the gradient coefficient")
