@@ -3,7 +3,7 @@
 Each figure is registered under its number with :func:`figure`; the function
 takes ``(out_dir, ctx)``, writes ``figN_<name>.png``, ``.pdf`` and ``.csv`` (the
 numbers it plots) into ``out_dir``, and returns the paths it wrote.
-``sspo figures`` (``sspo_analysis/figures_cli.py``) and the notebooks call
+``sspo figures`` (:mod:`paper_figures.cli`) and the notebooks call
 :func:`make_figures` or the figure modules' ``data_*`` / ``plot_*`` functions.
 
 - :mod:`paper_figures.gates_fig`: figure 1 (gate families);

@@ -42,14 +42,6 @@ def test_parse_only_rejects_bad_input_naming_the_allowed_values(text, fragment):
     assert fragment in str(err.value) and "table" in str(err.value)
 
 
-def test_cli_turns_a_bad_selection_into_one_line(capsys):
-    from sspo_analysis.cli import main
-
-    assert main(["figures", "--only", "12"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no figure 12" in err
-
-
 def test_results_markdown_shows_mean_and_std_and_the_notes():
     metrics, runs = synthetic_metrics()
     table = results_frame(summarise_runs(metrics, runs), paper_figures.TRAINED_OBJECTIVES)

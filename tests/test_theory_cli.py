@@ -12,8 +12,9 @@ from sspo_analysis.theory import RESULT_KEYS, LogNormalRatios, analyse
 
 @pytest.fixture(autouse=True)
 def only_theory(monkeypatch):
-    """The real ``sspo`` main, with only this area registered (other areas have their own tests)."""
-    monkeypatch.setattr(cli, "AREAS", {"sspo_analysis.theory.cli": ("theory", "simulate")})
+    """The real ``sspo`` main, with only these areas registered (other areas have their own tests)."""
+    monkeypatch.setattr(cli, "AREAS", {"sspo_analysis.theory.cli": ("theory",),
+                                       "sspo_analysis.simulation.cli": ("simulate",)})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
