@@ -6,7 +6,7 @@ ratio space (SAPO-style) or ``u = l = log r`` in log space (SSPO-style). Its
 weight is what decides how much signal survives off-policy.
 
 Every family is written in ``u`` only; where the ``u`` comes from is the
-objective's business. Formulas are those of ``SPEC.md`` ("Gate families").
+objective's business. The families and admissibility are stated in ``docs/theory.md`` ("Gates").
 """
 
 from __future__ import annotations
