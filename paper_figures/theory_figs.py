@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import Context, figure, legend_below, line_style, new_figure, save, stem, write_frame
+from paper_figures import Context, color, figure, legend_below, line_style, new_figure, save, stem, write_frame
 from sspo_analysis.analysis import frontier_summary, lowest_mse
 
 TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
@@ -37,12 +37,6 @@ FRONTIER_GRIDS: dict[str, tuple[str, np.ndarray]] = {
 """Figure 4: the parameter swept per objective (eps for hard clips, tau for soft gates)."""
 
 SIGN_STYLE = {1: ("A > 0", "-"), -1: ("A < 0", "--")}
-
-
-def _color(name: str) -> str:
-    from sspo_analysis.plotting import style
-
-    return style.color(name)
 
 
 # --------------------------------------------------------------------------- figure 2
@@ -88,13 +82,13 @@ def plot_token_bias(curves, mc):
     """Figure 2: one panel per advantage sign; curves analytic, points Monte Carlo (error bars: 2 s.e.)."""
     fig, axes = new_figure(1, 2, 2.9, sharey=True)
     for ax, sign in zip(axes[0], (1, -1)):
-        ax.axhline(1.0, color=_color("pg"), lw=0.8, ls=":", label="pg (on-policy) = 1")
+        ax.axhline(1.0, color=color("pg"), lw=0.8, ls=":", label="pg (on-policy) = 1")
         for name, g in curves[curves.advantage_sign == sign].groupby("objective", sort=False):
             g = g.sort_values("log_ratio_std")
             ax.plot(g.log_ratio_std, g.mean_coefficient, label=name, **line_style(name))
             m = mc[(mc.objective == name) & (mc.advantage_sign == sign)]
             ax.errorbar(m.log_ratio_std, m.mean_coefficient, yerr=2 * m.mean_coefficient_se, fmt="o", ms=3,
-                        color=_color(name), mfc="white", mew=0.9, lw=0.8, capsize=0)
+                        color=color(name), mfc="white", mew=0.9, lw=0.8, capsize=0)
         ax.set(xscale="log", xlabel="token log-ratio std s (nats)", title=f"advantage {SIGN_STYLE[sign][0]}")
     axes[0, 0].set_ylabel("mean coefficient E[c / A]  (1 = unbiased)")
     legend_below(fig, axes[0, 0], ncols=6)
@@ -149,7 +143,7 @@ def plot_sequence_weights(df, sign: int = 1):
             if last.var_weight > top:
                 axes[1, j].annotate(f"{name}: {last.var_weight:.1e}\nat L = {int(last.length)}",
                                     xy=(0.98, 0.97), xycoords="axes fraction", ha="right", va="top", fontsize=6,
-                                    color=_color(name))
+                                    color=color(name))
         axes[0, j].set(xscale="log", title=f"log-ratio std s = {s:g} nats, {SIGN_STYLE[sign][0]}",
                        ylabel="mean weight E[w]")
         axes[1, j].set(xscale="log", yscale="log", xlabel="sequence length L (tokens)",
@@ -225,9 +219,9 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
             g = g[~g.is_default].sort_values("value")
             ax.plot(g.var_coefficient.clip(lower=1e-8), g.mse, marker=".", ms=3, lw=1.0,
                     label=f"{name} ({g.param.iloc[0]})", **line_style(name))
-            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=_color(name), ms=4, mfc="white")
+            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=color(name), ms=4, mfc="white")
             b = best[name]
-            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=_color(name), ms=8, mec="black", mew=0.4)
+            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=color(name), ms=8, mec="black", mew=0.4)
         b = best["overall"]
         ax.set(xscale="log", yscale="log", ylim=(max(shown.mse.min() / 2, 1e-8), hi),
                xlim=(lo, shown.var_coefficient.max() * 2), xlabel="coefficient variance Var[c/A]",

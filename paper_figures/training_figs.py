@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import TRAINED_OBJECTIVES, Context, figure, legend_below, new_figure, save, stem, write_frame
+from paper_figures import TRAINED_OBJECTIVES, Context, color, figure, legend_below, new_figure, save, stem, write_frame
 from sspo_analysis.analysis import (
     PREDICTION_KINDS,
     SPIKE_FACTOR,
@@ -26,13 +26,6 @@ from sspo_analysis.analysis import (
     results_frame,
     summarise_runs,
 )
-
-
-def _color(name: str) -> str:
-    from sspo_analysis.plotting import style
-
-    return style.color(name)
-
 
 # --------------------------------------------------------------------------- shared drawing
 
@@ -45,9 +38,9 @@ def _band(ax, g, key: str, name: str, label: str | None = None, log: bool = Fals
     if log:
         vals = np.where(vals > 0, vals, np.nan)
     mean = np.exp(np.nanmean(np.log(vals), axis=1)) if log else np.nanmean(vals, axis=1)
-    ax.plot(x, mean, color=_color(name), label=label or name, lw=1.2)
+    ax.plot(x, mean, color=color(name), label=label or name, lw=1.2)
     if vals.shape[1] > 1:
-        ax.fill_between(x, np.nanmin(vals, axis=1), np.nanmax(vals, axis=1), color=_color(name), alpha=0.18, lw=0)
+        ax.fill_between(x, np.nanmin(vals, axis=1), np.nanmax(vals, axis=1), color=color(name), alpha=0.18, lw=0)
 
 
 # --------------------------------------------------------------------------- figure 5
@@ -66,11 +59,11 @@ def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=N
         if g.empty:
             continue
         _band(axes[0, 0], g, "entropy", name)
-        axes[0, 1].scatter(g.entropy, g.reward_mean, s=4, color=_color(name), alpha=0.35, lw=0)
+        axes[0, 1].scatter(g.entropy, g.reward_mean, s=4, color=color(name), alpha=0.35, lw=0)
         if name in fits.index and np.isfinite(fits.loc[name, "a"]):
             h = np.linspace(g.entropy.min(), g.entropy.max(), 50)
             f = fits.loc[name]
-            axes[0, 1].plot(h, entropy_reward_law(h, f.a, f.b), color=_color(name), lw=1.2,
+            axes[0, 1].plot(h, entropy_reward_law(h, f.a, f.b), color=color(name), lw=1.2,
                             label=f"{name}: a = {f.a:.2g}, R² = {f.r2:.2f}")
     axes[0, 0].set(xlabel="RL step (rollout batches)", ylabel="policy entropy (nats / token)",
                    title=f"entropy: mean over {int(n_seeds.min()) if len(n_seeds) else 0} seeds, band = min to max")
@@ -121,8 +114,8 @@ def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTI
         g = g[g.seed.isin(common)]
         agg = g.groupby("staleness")[["final_reward", "spikes", "weight_var"]].mean()
         for ax, key in zip(axes[1], ("final_reward", "spikes", "weight_var")):
-            ax.plot(agg.index, agg[key], color=_color(name), marker="o", ms=3, lw=1.0, label=name)
-            ax.scatter(g.staleness, g[key], s=8, color=_color(name), alpha=0.4, lw=0)  # the seeds
+            ax.plot(agg.index, agg[key], color=color(name), marker="o", ms=3, lw=1.0, label=name)
+            ax.scatter(g.staleness, g[key], s=8, color=color(name), alpha=0.4, lw=0)  # the seeds
     for ax in axes[1]:
         ax.set_xticks(ks)
         ax.set_xlabel("staleness k (policy lag, updates)")
@@ -159,7 +152,7 @@ def _scatter_pred_real(ax, df, pred: str, title: str, xlabel: str, diagonal: boo
             scale = 10.0 ** np.floor(np.log10(top))
             xlabel = f"{xlabel}, x {scale:.0e}"
     for name, g in df.groupby("objective", sort=False):
-        ax.scatter(g[pred] / scale, g.entropy_change_real, s=6, color=_color(name), alpha=0.65, lw=0, label=name)
+        ax.scatter(g[pred] / scale, g.entropy_change_real, s=6, color=color(name), alpha=0.65, lw=0, label=name)
     ax.axhline(0, color="#dddddd", lw=0.5, zorder=0)
     ax.axvline(0, color="#dddddd", lw=0.5, zorder=0)
     if diagonal:
@@ -255,9 +248,9 @@ def plot_theory_vs_measured(df):
         cols = [f"empirical_{key}", f"lognormal_{key}", meas]
         vals = df[cols].to_numpy(dtype=float)
         for name, g in df.groupby("objective", sort=False):
-            ax.scatter(g[f"empirical_{key}"], g[meas], s=10, color=_color(name), label=name, alpha=0.8, lw=0)
+            ax.scatter(g[f"empirical_{key}"], g[meas], s=10, color=color(name), label=name, alpha=0.8, lw=0)
             ax.scatter(g[f"lognormal_{key}"], g[meas], s=12, marker="^", facecolor="none",
-                       edgecolor=_color(name), lw=0.7, alpha=0.8)
+                       edgecolor=color(name), lw=0.7, alpha=0.8)
         finite = vals[np.isfinite(vals)]
         if log:
             pos = finite[finite > 0]
