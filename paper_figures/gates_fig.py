@@ -55,12 +55,12 @@ def figure_1(out_dir: Path, ctx: Context, tau: float = 1.0, eps: float = 0.2) ->
     Writes ``fig1_gates.{png,pdf,csv}`` (the curves) and
     ``fig1_gates_admissibility.csv`` (the four admissibility properties per family).
     """
+    import pandas as pd
+
     from sspo_analysis.plotting.gates import admissibility_table, plot_gates
 
     base = stem(out_dir, 1)
     paths = plot_gates(out_dir, tau=tau, eps=eps, stem=base.name)
-    import pandas as pd
-
     table = pd.DataFrame(admissibility_table(tau, eps))
     paths.append(write_frame(table, base.with_name(base.name + "_admissibility.csv")))
     return [Path(p) for p in paths]
