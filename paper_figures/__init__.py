@@ -3,7 +3,7 @@
 Each figure is registered under its number with :func:`figure`; the function
 takes ``(out_dir, ctx)``, writes ``figN_<name>.png``, ``.pdf`` and ``.csv`` (the
 numbers it plots) into ``out_dir``, and returns the paths it wrote.
-``sspo figures`` (``sspo_analysis/figures_cli.py``) and the notebooks call
+``sspo figures`` (:mod:`paper_figures.cli`) and the notebooks call
 :func:`make_figures` or the figure modules' ``data_*`` / ``plot_*`` functions.
 
 - :mod:`paper_figures.gates_fig`: figure 1 (gate families);
@@ -184,6 +184,13 @@ def new_figure(nrows: int, ncols: int, height: float, width: float | None = None
                         squeeze=False, **kw)
 
 
+def color(name: str) -> str:
+    """The colour of an objective or gate family (:func:`sspo_analysis.plotting.style.color`)."""
+    from sspo_analysis.plotting import style
+
+    return style.color(name)
+
+
 LINESTYLES: dict[str, str] = {"dapo": "--", "gmpo": "--", "cispo": ":", "sspo-sigmoid": "-."}
 MARKERS: dict[str, str] = {"pg": "", "is-token": "x", "is-seq": "x", "grpo": "o", "dapo": "v", "cispo": "P",
                            "sapo": "D", "gspo": "s", "gmpo": "^", "sspo": "o", "sspo-sigmoid": "d"}
@@ -192,9 +199,7 @@ MARKERS: dict[str, str] = {"pg": "", "is-token": "x", "is-seq": "x", "grpo": "o"
 def line_style(name: str, marker: bool = False) -> dict[str, Any]:
     """Matplotlib keywords for an objective: its colour (``style.color``), a dash pattern that tells
     overlapping curves apart (dapo/gmpo dashed, cispo dotted, sspo-sigmoid dash-dot) and optionally a marker."""
-    from sspo_analysis.plotting import style
-
-    kw: dict[str, Any] = {"color": style.color(name), "ls": LINESTYLES.get(name, "-")}
+    kw: dict[str, Any] = {"color": color(name), "ls": LINESTYLES.get(name, "-")}
     if marker:
         kw.update(marker=MARKERS.get(name, "o"), ms=3, mfc="white", mew=0.8)
     return kw

@@ -220,26 +220,15 @@ def training_data(ctx: Context):
 def theory_on_logged_ratios(ctx: Context):
     """Figure 8's numbers: theory on each logged step's log-ratios against the same step's measurements.
 
-    For every run of the main grid and every step with logged log-ratios
-    (``RUN/log_ratios/step_*.npz``, all minibatch updates of the step, tagged by
-    update), and for each update: the sequences of that update are split by the
-    sign of their advantage; each part is analysed two ways,
-
-    - ``empirical``: :class:`sspo_analysis.theory.EmpiricalRatios` on the logged
-      sequences themselves (Monte Carlo over all of them): a consistency check of
-      the theory's coefficient against the trainer's;
-    - ``lognormal``: :class:`sspo_analysis.theory.LogNormalRatios` with the part's
-      log-ratio mean and std and its mean length (closed form or quadrature): the
-      analytic model's prediction from two moments;
-
-    and the two signs are pooled by their token counts (the trainer's metrics
-    count every token with ``A != 0``). Predictions are averaged over the updates
-    of the step, as the trainer averages ``coef_norm_var`` and ``dead_frac``.
+    For every finished run of the main grid and every step with logged log-ratios
+    (``RUN/log_ratios/step_*.npz``), one row with the step's measured
+    ``coef_norm_var``, ``dead_frac`` and ``log_ratio_std`` and the predictions of
+    :func:`sspo_analysis.analysis.predict_from_log_ratios` (``empirical_*`` from the
+    logged sequences themselves, ``lognormal_*`` from their two moments).
     """
-    import numpy as np
     import pandas as pd
 
-    from sspo_analysis.theory import EmpiricalRatios, LogNormalRatios, analyse
+    from sspo_analysis.analysis import predict_from_log_ratios
     from sspo_analysis.training import read_log_ratios
     from sspo_analysis.training.config import tomllib
 
@@ -252,47 +241,12 @@ def theory_on_logged_ratios(ctx: Context):
         params = {k: v for k, v in cfg.items() if k not in ("name", "agg", "horizon")}
         m = metrics[metrics.run == run["name"]].set_index("step")
         for step, data in read_log_ratios(run["run_dir"]).items():
-            preds = {"empirical": [], "lognormal": []}
-            offsets = np.concatenate([[0], np.cumsum(data["lengths"])])
-            updates = data.get("update", np.zeros(len(data["lengths"]), dtype=int))
-            for u in np.unique(updates):
-                parts = {kind: [] for kind in preds}
-                for sign in (1, -1):
-                    idx = np.flatnonzero((updates == u) & (np.sign(data["advantages"]) == sign)
-                                         & (data["lengths"] > 0))
-                    if idx.size == 0:
-                        continue
-                    seqs = [data["log_ratios"][offsets[j]:offsets[j + 1]].astype(np.float64) for j in idx]
-                    model = EmpiricalRatios(seqs)
-                    n_tok = float(model.lengths.sum())
-                    res = analyse(run["objective"], model, advantage_sign=sign, method="monte-carlo", **params)
-                    parts["empirical"].append((n_tok, res))
-                    if model.log_ratio_std > 0:
-                        lognormal = LogNormalRatios(model.log_ratio_std, length=max(1, round(model.mean_length)),
-                                                    mean=model.log_ratio_mean)
-                        parts["lognormal"].append((n_tok, analyse(run["objective"], lognormal,
-                                                                  advantage_sign=sign, **params)))
-                for kind, items in parts.items():
-                    if items:
-                        preds[kind].append(_pool(items))
             if step not in m.index:
                 continue
-            row = {"objective": run["objective"], "seed": run["seed"], "step": int(step),
-                   "coef_norm_var": float(m.loc[step, "coef_norm_var"]),
-                   "dead_frac": float(m.loc[step, "dead_frac"]),
-                   "log_ratio_std": float(m.loc[step, "log_ratio_std"])}
-            for kind, vals in preds.items():
-                row[f"{kind}_var_coefficient"] = float(np.mean([v[0] for v in vals])) if vals else float("nan")
-                row[f"{kind}_dead_fraction"] = float(np.mean([v[1] for v in vals])) if vals else float("nan")
-            rows.append(row)
+            rows.append({"objective": run["objective"], "seed": run["seed"], "step": int(step),
+                         "coef_norm_var": float(m.loc[step, "coef_norm_var"]),
+                         "dead_frac": float(m.loc[step, "dead_frac"]),
+                         "log_ratio_std": float(m.loc[step, "log_ratio_std"]),
+                         **predict_from_log_ratios(run["objective"], params, data)})
     ctx.advance(len(main), len(main), "theory on logged log-ratios")
     return pd.DataFrame(rows)
-
-
-def _pool(items: list[tuple[float, Any]]) -> tuple[float, float]:
-    """Variance and dead fraction of a token mixture of the parts ``(n_tokens, TheoryResult)``."""
-    total = sum(n for n, _ in items)
-    mean = sum(n * r.mean_coefficient for n, r in items) / total
-    second = sum(n * (r.var_coefficient + r.mean_coefficient**2) for n, r in items) / total
-    dead = sum(n * r.dead_fraction for n, r in items) / total
-    return second - mean**2, dead

@@ -9,19 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paper_figures import Context, figure, stem
-from sspo_analysis.io import atomic_path
-
-
-def write_rows(rows: list[dict], path: Path) -> Path:
-    """Write a list of flat dicts as CSV, atomically."""
-    import csv
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return Path(path)
+from paper_figures import Context, figure, stem, write_frame
 
 
 def explore_gate(family: str = "arctan", tau: float = 1.0, eps: float = 0.2, half_width: float = 2.0):
@@ -67,9 +55,12 @@ def figure_1(out_dir: Path, ctx: Context, tau: float = 1.0, eps: float = 0.2) ->
     Writes ``fig1_gates.{png,pdf,csv}`` (the curves) and
     ``fig1_gates_admissibility.csv`` (the four admissibility properties per family).
     """
+    import pandas as pd
+
     from sspo_analysis.plotting.gates import admissibility_table, plot_gates
 
     base = stem(out_dir, 1)
     paths = plot_gates(out_dir, tau=tau, eps=eps, stem=base.name)
-    paths.append(write_rows(admissibility_table(tau, eps), base.with_name(base.name + "_admissibility.csv")))
+    table = pd.DataFrame(admissibility_table(tau, eps))
+    paths.append(write_frame(table, base.with_name(base.name + "_admissibility.csv")))
     return [Path(p) for p in paths]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import Context, figure, legend_below, line_style, new_figure, save, stem, write_frame
+from paper_figures import Context, color, figure, legend_below, line_style, new_figure, save, stem, write_frame
+from sspo_analysis.analysis import frontier_summary, lowest_mse
 
 TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
 """Token-level objectives of figure 2 (``pg`` is 1 at every std and is drawn as the reference line)."""
@@ -36,12 +37,6 @@ FRONTIER_GRIDS: dict[str, tuple[str, np.ndarray]] = {
 """Figure 4: the parameter swept per objective (eps for hard clips, tau for soft gates)."""
 
 SIGN_STYLE = {1: ("A > 0", "-"), -1: ("A < 0", "--")}
-
-
-def _color(name: str) -> str:
-    from sspo_analysis.plotting import style
-
-    return style.color(name)
 
 
 # --------------------------------------------------------------------------- figure 2
@@ -87,13 +82,13 @@ def plot_token_bias(curves, mc):
     """Figure 2: one panel per advantage sign; curves analytic, points Monte Carlo (error bars: 2 s.e.)."""
     fig, axes = new_figure(1, 2, 2.9, sharey=True)
     for ax, sign in zip(axes[0], (1, -1)):
-        ax.axhline(1.0, color=_color("pg"), lw=0.8, ls=":", label="pg (on-policy) = 1")
+        ax.axhline(1.0, color=color("pg"), lw=0.8, ls=":", label="pg (on-policy) = 1")
         for name, g in curves[curves.advantage_sign == sign].groupby("objective", sort=False):
             g = g.sort_values("log_ratio_std")
             ax.plot(g.log_ratio_std, g.mean_coefficient, label=name, **line_style(name))
             m = mc[(mc.objective == name) & (mc.advantage_sign == sign)]
             ax.errorbar(m.log_ratio_std, m.mean_coefficient, yerr=2 * m.mean_coefficient_se, fmt="o", ms=3,
-                        color=_color(name), mfc="white", mew=0.9, lw=0.8, capsize=0)
+                        color=color(name), mfc="white", mew=0.9, lw=0.8, capsize=0)
         ax.set(xscale="log", xlabel="token log-ratio std s (nats)", title=f"advantage {SIGN_STYLE[sign][0]}")
     axes[0, 0].set_ylabel("mean coefficient E[c / A]  (1 = unbiased)")
     legend_below(fig, axes[0, 0], ncols=6)
@@ -148,7 +143,7 @@ def plot_sequence_weights(df, sign: int = 1):
             if last.var_weight > top:
                 axes[1, j].annotate(f"{name}: {last.var_weight:.1e}\nat L = {int(last.length)}",
                                     xy=(0.98, 0.97), xycoords="axes fraction", ha="right", va="top", fontsize=6,
-                                    color=_color(name))
+                                    color=color(name))
         axes[0, j].set(xscale="log", title=f"log-ratio std s = {s:g} nats, {SIGN_STYLE[sign][0]}",
                        ylabel="mean weight E[w]")
         axes[1, j].set(xscale="log", yscale="log", xlabel="sequence length L (tokens)",
@@ -184,6 +179,7 @@ def data_frontier(
     """
     import pandas as pd
 
+    from sspo_analysis.analysis import frontier_errors
     from sspo_analysis.objectives import get_spec
     from sspo_analysis.theory import LogNormalRatios, analyse
 
@@ -197,28 +193,12 @@ def data_frontier(
         settings = [({param: float(v)}, False) for v in values] + [({}, True)]  # the last: the paper's defaults
         for params, is_default in settings:
             res = {sign: analyse(name, model, advantage_sign=sign, **params) for sign in (1, -1)}
-            bias = {s: r.mean_coefficient - 1.0 for s, r in res.items()}
             rows.append({"objective": name, "level": level, "param": param,
                          "value": params.get(param, float("nan")), "log_ratio_std": std, "length": model.length,
-                         "bias_pos": bias[1], "bias_neg": bias[-1],
-                         "var_coefficient": float(np.mean([r.var_coefficient for r in res.values()])),
-                         "mse": float(np.mean([bias[s] ** 2 + r.var_coefficient for s, r in res.items()])),
-                         "dead_fraction": float(np.mean([r.dead_fraction for r in res.values()])),
+                         **frontier_errors(res),
                          "is_default": is_default, "params": json.dumps(res[1].params, sort_keys=True),
                          "method": res[1].method})
     return pd.DataFrame(rows)
-
-
-def lowest_mse(df) -> dict[str, dict]:
-    """Per objective, the row of the lowest-MSE setting; key ``"overall"`` for the best of all."""
-    swept = df[~df.is_default]
-    best = {}
-    for name, g in swept.groupby("objective", sort=False):
-        row = g.loc[g.mse.idxmin()].to_dict()
-        row["at_edge"] = bool(row["value"] in (g.value.min(), g.value.max()))
-        best[name] = row
-    best["overall"] = min((b for b in best.values()), key=lambda b: b["mse"])
-    return best
 
 
 def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
@@ -239,9 +219,9 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
             g = g[~g.is_default].sort_values("value")
             ax.plot(g.var_coefficient.clip(lower=1e-8), g.mse, marker=".", ms=3, lw=1.0,
                     label=f"{name} ({g.param.iloc[0]})", **line_style(name))
-            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=_color(name), ms=4, mfc="white")
+            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=color(name), ms=4, mfc="white")
             b = best[name]
-            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=_color(name), ms=8, mec="black", mew=0.4)
+            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=color(name), ms=8, mec="black", mew=0.4)
         b = best["overall"]
         ax.set(xscale="log", yscale="log", ylim=(max(shown.mse.min() / 2, 1e-8), hi),
                xlim=(lo, shown.var_coefficient.max() * 2), xlabel="coefficient variance Var[c/A]",
@@ -252,23 +232,6 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
     fig.suptitle("Bias-variance frontier as eps or tau sweeps (A > 0 and A < 0 averaged)\n"
                  "square: default parameters; star: lowest MSE of each objective")
     return fig
-
-
-def frontier_summary(df):
-    """Per objective: the lowest-MSE setting (and whether it sits at the edge of the swept range) and the defaults."""
-    import pandas as pd
-
-    best = lowest_mse(df)
-    rows = []
-    for name, g in df.groupby("objective", sort=False):
-        b, d = best[name], g[g.is_default].iloc[0]
-        rows.append({"objective": name, "log_ratio_std": b["log_ratio_std"], "length": b["length"],
-                     "param": b["param"], "best_value": b["value"], "best_at_grid_edge": b["at_edge"],
-                     "best_mse": b["mse"], "best_var": b["var_coefficient"], "best_bias_pos": b["bias_pos"],
-                     "best_bias_neg": b["bias_neg"], "default_params": d["params"], "default_mse": d["mse"],
-                     "default_var": d["var_coefficient"], "default_bias_pos": d["bias_pos"],
-                     "default_bias_neg": d["bias_neg"], "overall_best": name == best["overall"]["objective"]})
-    return pd.DataFrame(rows)
 
 
 @figure(4, "frontier", "bias-variance frontier of the gradient coefficient")

@@ -4,7 +4,8 @@ Everything here reads a tidy per-step table of the training runs (see
 :func:`paper_figures.experiments.load_metrics`): one row per (run, step) with
 the run's ``objective``, ``seed`` and ``staleness`` and every key of the
 trainer's ``metrics.jsonl``. The runs themselves are made (or reused) by
-:mod:`paper_figures.experiments`.
+:mod:`paper_figures.experiments`; the numbers drawn from them (run summaries,
+fits, agreement) come from :mod:`sspo_analysis.analysis`.
 """
 
 from __future__ import annotations
@@ -14,89 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import TRAINED_OBJECTIVES, Context, figure, legend_below, new_figure, save, stem, write_frame
+from paper_figures import TRAINED_OBJECTIVES, Context, color, figure, legend_below, new_figure, save, stem, write_frame
+from sspo_analysis.analysis import (
+    PREDICTION_KINDS,
+    SPIKE_FACTOR,
+    SPIKE_WINDOW,
+    entropy_agreement,
+    entropy_reward_law,
+    fit_entropy_reward,
+    results_frame,
+    summarise_runs,
+)
 
-SPIKE_FACTOR = 3.0
-SPIKE_WINDOW = 10
-FINAL_FRACTION = 0.2
-"""Final reward and end entropy are means over the last 20 % of steps (at least one step)."""
-
-
-def _color(name: str) -> str:
-    from sspo_analysis.plotting import style
-
-    return style.color(name)
-
-
-# --------------------------------------------------------------------------- per-run summaries
-
-
-def spike_count(grad_norm: Sequence[float], factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW) -> int:
-    """Number of grad-norm spikes: steps whose norm exceeds ``factor`` times the median of the previous ``window``.
-
-    The first three steps have too little history and are never spikes; a
-    non-finite norm counts as a spike.
-    """
-    g = np.asarray(grad_norm, dtype=float)
-    count = 0
-    for t in range(3, len(g)):
-        if not np.isfinite(g[t]):
-            count += 1
-            continue
-        past = g[max(0, t - window):t]
-        past = past[np.isfinite(past)]
-        if past.size and g[t] > factor * np.median(past):
-            count += 1
-    return count
-
-
-def final_mean(values: Sequence[float], fraction: float = FINAL_FRACTION) -> float:
-    """Mean over the last ``fraction`` of the values (at least one)."""
-    v = np.asarray(values, dtype=float)
-    k = max(1, int(round(len(v) * fraction)))
-    return float(np.nanmean(v[-k:])) if len(v) else float("nan")
-
-
-def diverged(run: dict, g) -> bool:
-    """A run diverged if it did not finish, logged a non-finite reward, entropy or loss, or skipped updates
-    for non-finite values, or its final reward fell below half its initial reward (a collapse)."""
-    if not run.get("done", False) or g.empty:
-        return True
-    for key in ("reward_mean", "entropy", "loss"):
-        if key in g and not np.isfinite(g[key].to_numpy(dtype=float)).all():
-            return True
-    if "skipped_updates" in g and g.skipped_updates.fillna(0).sum() > 0:
-        return True
-    start = float(np.mean(g.reward_mean.to_numpy(dtype=float)[:3]))
-    return bool(start > 0 and final_mean(g.reward_mean) < 0.5 * start)
-
-
-def summarise_runs(metrics, runs: list[dict]):
-    """One row per run: final reward, end entropy, AUC, weight variance, spikes, diverged.
-
-    ``auc_reward`` is the area under the reward curve divided by the number of
-    steps (the mean reward over training), so runs of different lengths compare.
-    ``weight_var`` is the mean over steps of the logged importance-weight variance
-    ``seq_weight_var``.
-    """
-    import pandas as pd
-
-    rows = []
-    for run in runs:
-        g = metrics[metrics.run == run["name"]].sort_values("step") if len(metrics) else metrics
-        row = {k: run[k] for k in ("name", "objective", "seed", "staleness")}
-        if g is None or g.empty:
-            row.update(steps=0, final_reward=np.nan, end_entropy=np.nan, auc_reward=np.nan, weight_var=np.nan,
-                       spikes=np.nan, diverged=True)
-        else:
-            reward = g.reward_mean.to_numpy(dtype=float)
-            # trapezoid rule over unit steps, divided by the span: the mean height of the reward curve
-            auc = float((reward[:-1] + reward[1:]).sum() / 2 / (len(reward) - 1)) if len(reward) > 1 else reward[0]
-            row.update(steps=len(g), final_reward=final_mean(reward), end_entropy=final_mean(g.entropy),
-                       auc_reward=auc, weight_var=float(np.nanmean(g.seq_weight_var)),
-                       spikes=spike_count(g.grad_norm), diverged=diverged(run, g))
-        rows.append(row)
-    return pd.DataFrame(rows)
+# --------------------------------------------------------------------------- shared drawing
 
 
 def _band(ax, g, key: str, name: str, label: str | None = None, log: bool = False) -> None:
@@ -107,44 +38,12 @@ def _band(ax, g, key: str, name: str, label: str | None = None, log: bool = Fals
     if log:
         vals = np.where(vals > 0, vals, np.nan)
     mean = np.exp(np.nanmean(np.log(vals), axis=1)) if log else np.nanmean(vals, axis=1)
-    ax.plot(x, mean, color=_color(name), label=label or name, lw=1.2)
+    ax.plot(x, mean, color=color(name), label=label or name, lw=1.2)
     if vals.shape[1] > 1:
-        ax.fill_between(x, np.nanmin(vals, axis=1), np.nanmax(vals, axis=1), color=_color(name), alpha=0.18, lw=0)
+        ax.fill_between(x, np.nanmin(vals, axis=1), np.nanmax(vals, axis=1), color=color(name), alpha=0.18, lw=0)
 
 
 # --------------------------------------------------------------------------- figure 5
-
-
-def entropy_reward_law(h, a: float, b: float):
-    """The entropy-reward law of Cui et al. (2505.22617): ``R = -a exp(H) + b``."""
-    return -a * np.exp(h) + b
-
-
-def fit_entropy_reward(metrics, objectives: Sequence[str] | None = None):
-    """Fit ``R = -a exp(H) + b`` per objective (``scipy.optimize.curve_fit``) on every (seed, step) of staleness 0.
-
-    Returns one row per objective: ``a``, ``b``, their standard errors, ``r2`` and
-    the number of points ``n``; ``a > 0`` means reward is bought with entropy.
-    """
-    import pandas as pd
-    from scipy.optimize import curve_fit
-
-    main = metrics[metrics.staleness == 0]
-    rows = []
-    for name in objectives or [o for o in TRAINED_OBJECTIVES if o in set(main.objective)]:
-        g = main[main.objective == name][["entropy", "reward_mean"]].dropna()
-        h, r = g.entropy.to_numpy(dtype=float), g.reward_mean.to_numpy(dtype=float)
-        row = {"objective": name, "n": len(h), "a": np.nan, "b": np.nan, "a_se": np.nan, "b_se": np.nan,
-               "r2": np.nan}
-        if len(h) >= 3 and np.ptp(h) > 0:
-            (fa, fb), cov = curve_fit(entropy_reward_law, h, r, p0=(0.1, float(r.mean()) + 0.1 * np.exp(h.mean())))
-            resid = r - entropy_reward_law(h, fa, fb)
-            ss_tot = float(((r - r.mean()) ** 2).sum())
-            se = np.sqrt(np.diag(cov)) if np.isfinite(cov).all() else (np.nan, np.nan)
-            row.update(a=float(fa), b=float(fb), a_se=float(se[0]), b_se=float(se[1]),
-                       r2=1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else np.nan)
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=None):
@@ -160,11 +59,11 @@ def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=N
         if g.empty:
             continue
         _band(axes[0, 0], g, "entropy", name)
-        axes[0, 1].scatter(g.entropy, g.reward_mean, s=4, color=_color(name), alpha=0.35, lw=0)
+        axes[0, 1].scatter(g.entropy, g.reward_mean, s=4, color=color(name), alpha=0.35, lw=0)
         if name in fits.index and np.isfinite(fits.loc[name, "a"]):
             h = np.linspace(g.entropy.min(), g.entropy.max(), 50)
             f = fits.loc[name]
-            axes[0, 1].plot(h, entropy_reward_law(h, f.a, f.b), color=_color(name), lw=1.2,
+            axes[0, 1].plot(h, entropy_reward_law(h, f.a, f.b), color=color(name), lw=1.2,
                             label=f"{name}: a = {f.a:.2g}, R² = {f.r2:.2f}")
     axes[0, 0].set(xlabel="RL step (rollout batches)", ylabel="policy entropy (nats / token)",
                    title=f"entropy: mean over {int(n_seeds.min()) if len(n_seeds) else 0} seeds, band = min to max")
@@ -181,7 +80,7 @@ def figure_5(out_dir: Path, ctx: Context) -> list[Path]:
 
     metrics, _ = training_data(ctx)
     cols = ["objective", "seed", "staleness", "step", "entropy", "reward_mean"]
-    fits = fit_entropy_reward(metrics)
+    fits = fit_entropy_reward(metrics, [o for o in TRAINED_OBJECTIVES if o in set(metrics.objective)])
     base = stem(out_dir, 5)
     paths = save(plot_entropy(metrics, fits=fits), base, metrics[metrics.staleness == 0][cols])
     paths.append(write_frame(fits, base.with_name(base.name + "_fit.csv")))
@@ -215,8 +114,8 @@ def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTI
         g = g[g.seed.isin(common)]
         agg = g.groupby("staleness")[["final_reward", "spikes", "weight_var"]].mean()
         for ax, key in zip(axes[1], ("final_reward", "spikes", "weight_var")):
-            ax.plot(agg.index, agg[key], color=_color(name), marker="o", ms=3, lw=1.0, label=name)
-            ax.scatter(g.staleness, g[key], s=8, color=_color(name), alpha=0.4, lw=0)  # the seeds
+            ax.plot(agg.index, agg[key], color=color(name), marker="o", ms=3, lw=1.0, label=name)
+            ax.scatter(g.staleness, g[key], s=8, color=color(name), alpha=0.4, lw=0)  # the seeds
     for ax in axes[1]:
         ax.set_xticks(ks)
         ax.set_xlabel("staleness k (policy lag, updates)")
@@ -244,24 +143,6 @@ def figure_6(out_dir: Path, ctx: Context) -> list[Path]:
 # --------------------------------------------------------------------------- figure 7
 
 
-def entropy_agreement(df, pred: str = "entropy_change_pred", real: str = "entropy_change_real"):
-    """Per objective: Pearson correlation of ``real`` with ``pred``, least-squares slope through 0, sign agreement."""
-    import pandas as pd
-
-    rows = []
-    for name, g in df.groupby("objective", sort=False):
-        p = g[pred].to_numpy(dtype=float)
-        r = g[real].to_numpy(dtype=float)
-        ok = np.isfinite(p) & np.isfinite(r)
-        p, r = p[ok], r[ok]
-        corr = float(np.corrcoef(p, r)[0, 1]) if len(p) > 2 and p.std() > 0 and r.std() > 0 else float("nan")
-        slope = float((p @ r) / (p @ p)) if len(p) and (p @ p) > 0 else float("nan")
-        rows.append({"objective": name, "predictor": pred, "n": int(len(p)), "pearson_r": corr,
-                     "slope_through_0": slope,
-                     "sign_agreement": float(np.mean(np.sign(p) == np.sign(r))) if len(p) else float("nan")})
-    return pd.DataFrame(rows)
-
-
 def _scatter_pred_real(ax, df, pred: str, title: str, xlabel: str, diagonal: bool) -> None:
     agree = entropy_agreement(df, pred)
     scale = 1.0
@@ -271,7 +152,7 @@ def _scatter_pred_real(ax, df, pred: str, title: str, xlabel: str, diagonal: boo
             scale = 10.0 ** np.floor(np.log10(top))
             xlabel = f"{xlabel}, x {scale:.0e}"
     for name, g in df.groupby("objective", sort=False):
-        ax.scatter(g[pred] / scale, g.entropy_change_real, s=6, color=_color(name), alpha=0.65, lw=0, label=name)
+        ax.scatter(g[pred] / scale, g.entropy_change_real, s=6, color=color(name), alpha=0.65, lw=0, label=name)
     ax.axhline(0, color="#dddddd", lw=0.5, zorder=0)
     ax.axvline(0, color="#dddddd", lw=0.5, zorder=0)
     if diagonal:
@@ -354,9 +235,6 @@ def figure_7(out_dir: Path, ctx: Context) -> list[Path]:
 # --------------------------------------------------------------------------- figure 8
 
 
-KINDS = ("empirical", "lognormal")
-
-
 def plot_theory_vs_measured(df):
     """Figure 8: predicted against measured coefficient variance and dead fraction, per objective.
 
@@ -370,9 +248,9 @@ def plot_theory_vs_measured(df):
         cols = [f"empirical_{key}", f"lognormal_{key}", meas]
         vals = df[cols].to_numpy(dtype=float)
         for name, g in df.groupby("objective", sort=False):
-            ax.scatter(g[f"empirical_{key}"], g[meas], s=10, color=_color(name), label=name, alpha=0.8, lw=0)
+            ax.scatter(g[f"empirical_{key}"], g[meas], s=10, color=color(name), label=name, alpha=0.8, lw=0)
             ax.scatter(g[f"lognormal_{key}"], g[meas], s=12, marker="^", facecolor="none",
-                       edgecolor=_color(name), lw=0.7, alpha=0.8)
+                       edgecolor=color(name), lw=0.7, alpha=0.8)
         finite = vals[np.isfinite(vals)]
         if log:
             pos = finite[finite > 0]
@@ -407,8 +285,8 @@ def figure_8(out_dir: Path, ctx: Context) -> list[Path]:
              "| dead: log-normal model |", "|---|---|---|---|---|---|"]
     for name, g in ok.groupby("objective", sort=False):
         meas = g.coef_norm_var.clip(lower=1e-12)
-        rel = {k: np.median(np.abs(g[f"{k}_var_coefficient"] - g.coef_norm_var) / meas) for k in KINDS}
-        dead = {k: np.median(np.abs(g[f"{k}_dead_fraction"] - g.dead_frac)) for k in KINDS}
+        rel = {k: np.median(np.abs(g[f"{k}_var_coefficient"] - g.coef_norm_var) / meas) for k in PREDICTION_KINDS}
+        dead = {k: np.median(np.abs(g[f"{k}_dead_fraction"] - g.dead_frac)) for k in PREDICTION_KINDS}
         notes.append(f"| {name} | {len(g)} | {rel['empirical']:.1%} | {rel['lognormal']:.1%} | "
                      f"{dead['empirical']:.4f} | {dead['lognormal']:.4f} |")
     ctx.cache.setdefault("notes", {})[8] = notes
@@ -420,24 +298,6 @@ def figure_8(out_dir: Path, ctx: Context) -> list[Path]:
 
 TABLE_COLUMNS = (("final_reward", "final reward"), ("end_entropy", "entropy at end (nats)"),
                  ("auc_reward", "reward AUC / step"), ("weight_var", "weight variance"), ("spikes", "grad spikes"))
-
-
-def results_frame(summary):
-    """Per objective (staleness 0 runs): mean and std over seeds of every column, and the diverged count."""
-    import pandas as pd
-
-    main = summary[summary.staleness == 0]
-    order = [o for o in TRAINED_OBJECTIVES if o in set(main.objective)]
-    order += sorted(set(main.objective) - set(order))
-    rows = []
-    for name in order:
-        g = main[main.objective == name]
-        row = {"objective": name, "runs": len(g), "diverged": int(g.diverged.sum())}
-        for key, _ in TABLE_COLUMNS:
-            row[f"{key}_mean"] = float(g[key].mean())
-            row[f"{key}_std"] = float(g[key].std(ddof=1)) if len(g) > 1 else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def results_markdown(table, notes: dict | None = None, settings_line: str = "") -> str:
@@ -470,7 +330,7 @@ def results_table(out_dir: Path, ctx: Context) -> list[Path]:
     from sspo_analysis.io import write_text
 
     metrics, runs = training_data(ctx)
-    table = results_frame(summarise_runs(metrics, runs))
+    table = results_frame(summarise_runs(metrics, runs), TRAINED_OBJECTIVES)
     csv_path = write_frame(table, Path(out_dir) / "results.csv")
     md = results_markdown(table, ctx.cache.get("notes"), describe_settings(ctx))
     return [csv_path, write_text(Path(out_dir) / "results.md", md)]

@@ -6,7 +6,8 @@ ratio space (SAPO-style) or ``u = l = log r`` in log space (SSPO-style). Its
 weight is what decides how much signal survives off-policy.
 
 Every family is written in ``u`` only; where the ``u`` comes from is the
-objective's business. The families live in one open registry: the built-in ones
+objective's business (``docs/theory.md``, "Gates", states the families and
+admissibility). The families live in one open registry: the built-in ones
 are registered with :func:`register_gate` like any user's, and every caller that
 takes a gate by name (objectives, theory, ``sspo gates``, the engine
 integrations, the CLI) resolves it through :func:`resolve_gate_name`, which also

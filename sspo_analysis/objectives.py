@@ -4,7 +4,7 @@ Each objective is a function of the (clamped, masked) token log-ratio
 ``l = log pi_theta - log pi_old``, the advantages and the mask, registered with
 :func:`register_objective`. It returns :class:`Terms`: the surrogate ``J`` to
 maximise (per token, or per sequence for sequence-level objectives) and, from
-its own closed form, the gradient coefficient ``c`` (``docs/theory.md``)::
+its own closed form, the gradient coefficient ``c`` (``docs/theory.md``, section 2)::
 
     grad J = sum_{i,t} n_{i,t} * c_{i,t} * grad log pi_theta(y_{i,t})
 

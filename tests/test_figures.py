@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def _figures(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sspo_analysis.cli", "figures", *args], capture_output=True,
+    # ``sspo figures`` through its module, so that the test does not depend on the installed entry points
+    # (tests/test_cli.py and tests/test_packaging.py check those)
+    return subprocess.run([sys.executable, "-m", "paper_figures.cli", *args], capture_output=True,
                           text=True, timeout=1200, env={**__import__("os").environ, "COLUMNS": "200"})
 
 

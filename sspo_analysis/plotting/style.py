@@ -43,9 +43,8 @@ GATE_COLORS: dict[str, str] = {
     "hard-clip": OKABE_ITO["black"],
 }
 
-# Two-column paper: a full-width figure is about 7 in, a single column 3.4 in.
+# Two-column paper: a full-width figure is about 7 in.
 FULL_WIDTH = 7.0
-COLUMN_WIDTH = 3.4
 
 
 def color(name: str) -> str:

@@ -9,13 +9,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sspo_analysis.theory._cli_util import add_objective_flags, int_list, objective_params, str_list
-
-if TYPE_CHECKING:
-    import pandas as pd
+from sspo_analysis.cli_common import add_objective_flags, int_list, objective_params, str_list, write_csv
 
 __all__ = ["register"]
 
@@ -55,15 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_sequence_cli)
 
 
-def _write(frame: pd.DataFrame, path: str | None) -> None:
-    from sspo_analysis.io import atomic_path
-
-    if path:
-        with atomic_path(path) as tmp:
-            frame.to_csv(tmp, index=False)
-        print(f"wrote {len(frame)} rows to {path}", file=sys.stderr)
-
-
 def _objectives(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     from sspo_analysis.objectives import resolve_objective
 
@@ -90,7 +77,7 @@ def run_bandit_cli(args: argparse.Namespace) -> int:
             frames.append(run_bandit(name, args.steps, args.n_actions, args.group_size, args.updates_per_batch,
                                      args.lr, seed, n_correct=args.n_correct, n_groups=args.n_groups, **params))
     frame = pd.concat(frames, ignore_index=True)
-    _write(frame, args.csv)
+    write_csv(frame, args.csv)
     summary = frame.groupby("objective", sort=False).agg(
         final_entropy=("entropy", "last"), final_expected_reward=("expected_reward", "last"),
         mean_dead_frac=("dead_frac", "mean"))
@@ -109,7 +96,7 @@ def run_sequence_cli(args: argparse.Namespace) -> int:
                               groups_per_batch=args.groups_per_batch, path_lr=args.path_lr, seed=args.seed, **params)
               for name, params in _objectives(args)]
     frame = pd.concat(frames, ignore_index=True)
-    _write(frame, args.csv)
+    write_csv(frame, args.csv)
     cols = ["objective", "staleness", "kl", "bias", "variance", "cosine", "scale", "dead_frac"]
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

@@ -4,13 +4,14 @@ Models of the token log-ratio (:class:`LogNormalRatios`, :class:`EmpiricalRatios
 the moments of every objective's gradient coefficient and importance weight
 (:func:`analyse`, by closed form, Gauss-Hermite quadrature or Monte Carlo) and
 tidy grids of them (:func:`sweep`). The notation and the formulas are stated in
-``docs/theory.md``; every gate and objective comes from
+``docs/theory.md`` ("The log-normal model"); every gate and objective comes from
 :mod:`sspo_analysis.objectives`, where each objective declares the analytic
 methods that hold for it (``register_objective(..., theory=...)``). The
 reference estimators and :func:`resolve_objective` live there too and are
 re-exported here.
 
-Example::
+Example: the sequence importance weight's variance, against its closed form
+``exp(L s^2) - 1`` (``docs/theory.md``, section 7)::
 
     >>> import math
     >>> from sspo_analysis.theory import LogNormalRatios, analyse

@@ -1,7 +1,7 @@
 """The distribution of each objective's gradient coefficient: closed forms, quadrature, Monte Carlo.
 
 For an objective, an advantage sign and a model of the token log-ratio ``l``,
-:func:`analyse` reports (notation: ``docs/theory.md``):
+:func:`analyse` reports (``docs/theory.md``, sections 6 and 7):
 
 - ``mean_coefficient``: ``E[c / A]`` (token objectives) or ``E[c T / A]``
   (sequence objectives), over tokens; 1 on-policy, so ``mean_coefficient - 1``

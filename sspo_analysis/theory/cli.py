@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from typing import Any
 
-from sspo_analysis.theory._cli_util import add_objective_flags, float_list, int_list, objective_params, str_list
+from sspo_analysis.cli_common import add_objective_flags, float_list, int_list, objective_params, str_list, write_csv
 
 __all__ = ["register", "run_theory", "markdown_table"]
 
@@ -30,7 +29,7 @@ _STAT_LABELS = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``sspo theory`` (``sspo simulate`` is :mod:`sspo_analysis.simulation.cli`'s)."""
+    """Add ``sspo theory``."""
     p = sub.add_parser(
         "theory", help="moments of an objective's gradient coefficient under a log-ratio model (or a grid)",
         description="Bias, variance, dead fraction and effective sample size of each objective's gradient "
@@ -95,7 +94,6 @@ def _run_one(args: argparse.Namespace) -> int:
 
 
 def _run_grid(args: argparse.Namespace) -> int:
-    from sspo_analysis.io import atomic_path
     from sspo_analysis.objectives import all_objective_names
     from sspo_analysis.theory import sweep
 
@@ -123,12 +121,9 @@ def _run_grid(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         seed=args.seed,
     )
-    if args.csv:
-        csv_frame = frame.assign(mc_stderr=[None if v is None else json.dumps(v, sort_keys=True)
-                                            for v in frame["mc_stderr"]])  # JSON, like the params column
-        with atomic_path(args.csv) as tmp:
-            csv_frame.to_csv(tmp, index=False)
-        print(f"wrote {len(frame)} rows to {args.csv}", file=sys.stderr)
+    if args.csv:  # mc_stderr as JSON, like the params column
+        write_csv(frame.assign(mc_stderr=[None if v is None else json.dumps(v, sort_keys=True)
+                                          for v in frame["mc_stderr"]]), args.csv)
     if args.markdown:
         print(markdown_table(frame))
     elif not args.csv:

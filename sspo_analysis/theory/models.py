@@ -7,7 +7,7 @@ Carlo). Every model draws with :meth:`sample`, which returns a padded
 objectives take.
 
 - :class:`LogNormalRatios`: Gaussian token log-ratios, i.i.d. or AR(1); the
-  analytic model of ``docs/theory.md``.
+  analytic model of ``docs/theory.md`` (section 7).
 - :class:`EmpiricalRatios`: measured log-ratios, e.g. those the trainer logs to
   ``RUN/log_ratios/step_*.npz``.
 """

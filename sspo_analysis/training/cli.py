@@ -1,44 +1,28 @@
-"""``sspo pretrain | train | sweep | plot``: the trainer's sub-commands."""
+"""``sspo pretrain | train | sweep | plot``: the trainer's sub-commands (the curves are drawn by
+:mod:`sspo_analysis.plotting.runs`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-PLOT_PANELS = (
-    ("reward_mean", "reward"),
-    ("entropy", "entropy (nats/token)"),
-    ("log_ratio_std", "std of token log-ratio"),
-    ("dead_frac", "dead-gradient fraction"),
-    ("coef_norm_mean", "mean normalised coefficient"),
-    ("grad_norm", "grad norm"),
-    ("entropy_change_real", "entropy change (real)"),
-    ("entropy_change_pred", "entropy change (Cui proxy)"),
-    ("entropy_change_taylor", "entropy change (first order)"),
-)
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="TOML config (default: built-in defaults = configs/default.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set objective.name=sspo --set objective.tau_pos=2 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+from sspo_analysis.cli_common import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="supervised warm start of a tiny preset on a task (20-60%% success)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", default=None, help="output directory (default: the warm-start cache used by train)")
     p.set_defaults(func=run_pretrain)
 
     p = sub.add_parser("train", help="RL-train a causal LM with one objective (no arguments: tiny CPU addition run)")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<objective>_seed<seed>_<time>)")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in RUN from its checkpoint")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("sweep", help="objectives x seeds from one warm start, one directory per run")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--objectives", default="grpo,dapo,gspo,gmpo,sapo,sspo", help="comma-separated objective names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--tag", default="", help="suffix of each run directory name")
@@ -93,41 +77,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0 if len(runs) == n else 1
 
 
-def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
-    """Curves of every run (colour by objective), one panel per metric; returns the PNG and PDF paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sspo_analysis.plotting import style
-    from sspo_analysis.training.trainer import read_metrics
-
-    for run in runs:
-        if not (Path(run) / "metrics.jsonl").exists():
-            raise ValueError(f"runs: {str(run)!r} has no metrics.jsonl")
-    style.apply()
-    frames = [read_metrics(r) for r in runs]
-    fig, axes = plt.subplots(3, 3, figsize=(style.FULL_WIDTH, 5.4), sharex=True)
-    labelled = set()
-    for df in frames:
-        name = str(df["objective"].iloc[0]) if "objective" in df else Path(df["run"].iloc[0]).name
-        for ax, (key, title) in zip(axes.flat, PLOT_PANELS):
-            if key in df:
-                label = name if name not in labelled else None
-                ax.plot(df["step"], df[key], color=style.color(name), alpha=0.8, lw=1.0, label=label)
-                ax.set_title(title)
-        labelled.add(name)
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    axes.flat[0].legend(loc="best")
-    fig.tight_layout()
-    paths = style.save(fig, Path(out) / "training_curves")
-    plt.close(fig)
-    return paths
-
-
 def run_plot(args: argparse.Namespace) -> int:
+    from sspo_analysis.plotting.runs import plot_runs
+
     for path in plot_runs(args.runs, args.out):
         print(f"wrote {path}")
     return 0

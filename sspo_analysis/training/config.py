@@ -1,7 +1,7 @@
 """The trainer's configuration: one nested dataclass, validated, loaded from TOML, overridable.
 
 ``load_config(path=None, overrides=("objective.name=sspo", "objective.tau_pos=2"))``
-reads ``configs/default.toml``-style TOML (sections = the nested dataclasses),
+reads ``sspo_analysis/configs/default.toml``-style TOML (sections = the nested dataclasses),
 applies ``section.key=value`` overrides (values parsed as TOML, else strings) and
 validates everything, raising ``ValueError`` that names the bad field and its
 allowed values before any work starts. Keys of ``[objective]`` other than
@@ -15,6 +15,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
+PACKAGED_CONFIGS = resources.files("sspo_analysis") / "configs"
+"""Configs shipped inside the package (an installed wheel included); ``--config NAME`` finds them by file name."""
+DEFAULT_CONFIG = Path(str(PACKAGED_CONFIGS / "default.toml"))
 
 
 @dataclass
@@ -296,23 +299,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def packaged_config(path: str | Path) -> Any:
+    """``path`` if it is a file, else the packaged config of that name (``.toml`` optional); ValueError if neither."""
+    if Path(path).is_file():
+        return Path(path)
+    name = str(path) if str(path).endswith(".toml") else f"{path}.toml"
+    if "/" not in name and (PACKAGED_CONFIGS / name).is_file():
+        return PACKAGED_CONFIGS / name
+    shipped = sorted(p.name.removesuffix(".toml") for p in PACKAGED_CONFIGS.iterdir() if p.name.endswith(".toml"))
+    raise ValueError(f"config: {str(path)!r} is not a file; packaged configs: {', '.join(shipped)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 **fields: Any) -> TrainConfig:
     """Load and validate a config.
 
     Args:
-        path: a TOML file; None means the built-in defaults (``configs/default.toml``
-            mirrors them).
+        path: a TOML file, or the name of a config shipped in ``sspo_analysis/configs``
+            (e.g. ``"qwen2.5-0.5b-gsm8k"``); None means the built-in defaults
+            (``sspo_analysis/configs/default.toml`` mirrors them).
         overrides: ``"section.field=value"`` strings, applied in order.
         **fields: more overrides as ``section__field=value`` keyword arguments.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config: {str(path)!r} is not a file")
+        source = packaged_config(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(source.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config: {path}: {err}") from err
     cfg = _from_dict(data, f"{path}: " if path else "")

@@ -1,16 +1,21 @@
-"""Command-line helpers shared by ``sspo theory`` and ``sspo simulate``: list parsing and the objective flags.
+"""What the ``sspo`` sub-commands share: list parsing, the objective-parameter flags, the config flags, CSV output.
 
-Both commands take an objective's parameters as the same flags (``--gate``,
-``--tau``, ``--eps``, ...); this module owns them, so that neither command's
-module imports the other's.
+Every area's ``cli.py`` imports these from here, so that no area's command line
+imports another's. Parsing helpers raise ``ValueError`` naming the flag; ``sspo``
+turns that into one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["add_objective_flags", "float_list", "int_list", "objective_params", "str_list"]
+OBJECTIVE_FLAGS = ("gate", "tau", "tau_pos", "tau_neg", "eps", "eps_lo", "eps_hi", "eps_max", "one_sided")
+"""The objective parameters :func:`add_objective_flags` adds, as ``argparse`` destinations."""
+ALIASES = {"tau": "tau_pos", "eps": "eps_lo"}
+"""Flags that set a pair of parameters (``--tau``: ``tau_pos`` and ``tau_neg``), by the parameter that marks support."""
 
 
 def float_list(text: str, name: str) -> list[float]:
@@ -29,6 +34,16 @@ def float_list(text: str, name: str) -> list[float]:
                          f"got {text!r}") from None
 
 
+def one_float(text: str | None, name: str) -> float | None:
+    """``None``, or the single number of ``text`` (a list is an error naming ``name``)."""
+    if text is None:
+        return None
+    values = float_list(text, name)
+    if len(values) != 1:
+        raise ValueError(f"{name}: expected one number (lists need --grid), got {text!r}")
+    return values[0]
+
+
 def int_list(text: str, name: str) -> list[int]:
     """``"1,16,256"`` as ints; ValueError naming ``name``."""
     try:
@@ -38,7 +53,7 @@ def int_list(text: str, name: str) -> list[int]:
 
 
 def str_list(text: str) -> list[str]:
-    """``"a, b,,c"`` as ``["a", "b", "c"]``."""
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -58,7 +73,7 @@ def add_objective_flags(p: argparse.ArgumentParser, lists: bool = False) -> None
 
 
 def objective_params(name: str, args: argparse.Namespace, strict: bool) -> dict[str, Any]:
-    """The objective parameters given on the command line that ``name`` takes.
+    """The objective parameters given on the command line (:func:`add_objective_flags`) that ``name`` takes.
 
     With ``strict`` a parameter the objective does not take is an error (one
     objective); otherwise it is skipped (a list of objectives).
@@ -66,29 +81,36 @@ def objective_params(name: str, args: argparse.Namespace, strict: bool) -> dict[
     from sspo_analysis.objectives import all_objective_names, get_spec
 
     defaults = get_spec(name, include_references=True).defaults if name in all_objective_names() else {}
-    given = {
-        "gate": args.gate, "tau": _one_float(args.tau, "--tau"), "tau_pos": args.tau_pos, "tau_neg": args.tau_neg,
-        "eps": _one_float(args.eps, "--eps"), "eps_lo": args.eps_lo, "eps_hi": args.eps_hi,
-        "eps_max": args.eps_max, "one_sided": args.one_sided,
-    }
-    takes = {"tau": "tau_pos", "eps": "eps_lo"}
+    given = {key: getattr(args, key) for key in OBJECTIVE_FLAGS}
+    given["tau"] = one_float(args.tau, "--tau")
+    given["eps"] = one_float(args.eps, "--eps")
     out: dict[str, Any] = {}
     for key, value in given.items():
         if value is None:
             continue
-        if takes.get(key, key) in defaults:
+        if ALIASES.get(key, key) in defaults:
             out[key] = value
         elif strict:
-            flags = sorted({*defaults, *(k for k, v in takes.items() if v in defaults)})
+            flags = sorted({*defaults, *(k for k, v in ALIASES.items() if v in defaults)})
             allowed = ", ".join("--" + k.replace("_", "-") for k in flags) or "(none)"
             raise ValueError(f"--{key.replace('_', '-')}: objective {name!r} has no such parameter; allowed: {allowed}")
     return out
 
 
-def _one_float(text: str | None, name: str) -> float | None:
-    if text is None:
-        return None
-    values = float_list(text, name)
-    if len(values) != 1:
-        raise ValueError(f"{name}: expected one number (lists need --grid), got {text!r}")
-    return values[0]
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set KEY=VALUE`` (repeatable) and ``--no-progress``: the trainer commands' flags."""
+    p.add_argument("--config", default=None,
+                   help="TOML config (default: the built-in defaults, shipped as sspo_analysis/configs/default.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set objective.name=sspo --set objective.tau_pos=2 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def write_csv(frame: Any, path: str | Path | None) -> None:
+    """Write a DataFrame to ``path`` atomically (nothing if ``path`` is empty) and say so on stderr."""
+    from sspo_analysis.io import atomic_path
+
+    if path:
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"wrote {len(frame)} rows to {path}", file=sys.stderr)

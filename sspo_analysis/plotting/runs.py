@@ -1,0 +1,52 @@
+"""Training curves of one or more runs (``sspo plot``): one panel per metric, one colour per objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PLOT_PANELS = (
+    ("reward_mean", "reward"),
+    ("entropy", "entropy (nats/token)"),
+    ("log_ratio_std", "std of token log-ratio"),
+    ("dead_frac", "dead-gradient fraction"),
+    ("coef_norm_mean", "mean normalised coefficient"),
+    ("grad_norm", "grad norm"),
+    ("entropy_change_real", "entropy change (real)"),
+    ("entropy_change_pred", "entropy change (Cui proxy)"),
+    ("entropy_change_taylor", "entropy change (first order)"),
+)
+"""The metrics drawn, in panel order (a 3 x 3 grid), with their titles; a metric a run lacks is skipped."""
+
+
+def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
+    """Curves of every run (colour by objective), one panel per metric; returns the PNG and PDF paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sspo_analysis.plotting import style
+    from sspo_analysis.training.trainer import read_metrics
+
+    for run in runs:
+        if not (Path(run) / "metrics.jsonl").exists():
+            raise ValueError(f"runs: {str(run)!r} has no metrics.jsonl")
+    style.apply()
+    frames = [read_metrics(r) for r in runs]
+    fig, axes = plt.subplots(3, 3, figsize=(style.FULL_WIDTH, 5.4), sharex=True)
+    labelled = set()
+    for df in frames:
+        name = str(df["objective"].iloc[0]) if "objective" in df else Path(df["run"].iloc[0]).name
+        for ax, (key, title) in zip(axes.flat, PLOT_PANELS):
+            if key in df:
+                label = name if name not in labelled else None
+                ax.plot(df["step"], df[key], color=style.color(name), alpha=0.8, lw=1.0, label=label)
+                ax.set_title(title)
+        labelled.add(name)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    axes.flat[0].legend(loc="best")
+    fig.tight_layout()
+    paths = style.save(fig, Path(out) / "training_curves")
+    plt.close(fig)
+    return paths
