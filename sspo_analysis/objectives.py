@@ -426,7 +426,7 @@ def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool, e
     log_gate=_sspo_log_gate,
     theory=("quadrature",),
 )
-def sspo(
+def sspo(  # noqa: PLR0913 - the registry passes each of the paper's parameters by name
     log_ratio: Tensor,
     adv: Tensor,
     mask: Tensor,
@@ -891,7 +891,7 @@ def _random_subset(candidates: Tensor, count: int, seed: int | None) -> Tensor:
     needs_log_prob=True,
     theory={"monte-carlo": "sspo_analysis.theory.sequence_ratio:batch_monte_carlo"},
 )
-def clip_cov(
+def clip_cov(  # noqa: PLR0913 - verl's parameters, passed by name by the registry
     log_ratio: Tensor,
     adv: Tensor,
     mask: Tensor,

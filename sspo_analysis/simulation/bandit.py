@@ -57,7 +57,7 @@ def check_int(value: int, name: str, minimum: int = 1) -> int:
     return value
 
 
-def run_bandit(
+def run_bandit(  # noqa: PLR0913 - keyword knobs of one experiment, each a CLI flag
     objective: str | Objective,
     steps: int = 200,
     n_actions: int = 64,

@@ -99,7 +99,7 @@ class TabularPolicy:
         return float((lp_old.exp() * (lp_old - lp)).sum())
 
 
-def staleness_study(
+def staleness_study(  # noqa: PLR0913 - keyword knobs of one experiment, each a CLI flag
     objective: str | Objective,
     staleness: Iterable[int] = (0, 1, 2, 4, 8),
     *,

@@ -474,7 +474,7 @@ def _effective(params: dict[str, Any], sign: int) -> tuple[float, float]:
     return float(tau), float(eps)
 
 
-def sweep(
+def sweep(  # noqa: PLR0913 - the grid axes plus analyse()'s keyword options, as scipy-style APIs do
     objectives: Iterable[str | Objective] | str,
     stds: Iterable[float],
     lengths: Iterable[int],
