@@ -303,16 +303,14 @@ def grpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi:
     return _ppo_clip(log_ratio.exp(), adv, eps_lo, eps_hi)
 
 
-@register_objective(
+# DAPO is GRPO's function with clip-higher (eps_hi = 0.28) and token-mean aggregation.
+dapo = register_objective(
     "dapo",
     level="token",
     agg="token-mean",
     defaults={"eps_lo": 0.2, "eps_hi": 0.28},
     theory={"closed-form": "sspo_analysis.theory.closed_forms:ppo_clip"},
-)
-def dapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
-    """GRPO with clip-higher (``eps_hi = 0.28``) and token-mean aggregation."""
-    return _ppo_clip(log_ratio.exp(), adv, eps_lo, eps_hi)
+)(grpo)
 
 
 @register_objective(
