@@ -193,7 +193,8 @@ def color(name: str) -> str:
 
 LINESTYLES: dict[str, str] = {"dapo": "--", "gmpo": "--", "cispo": ":", "sspo-sigmoid": "-."}
 MARKERS: dict[str, str] = {"pg": "", "is-token": "x", "is-seq": "x", "grpo": "o", "dapo": "v", "cispo": "P",
-                           "sapo": "D", "gspo": "s", "gmpo": "^", "sspo": "o", "sspo-sigmoid": "d"}
+                           "sapo": "D", "gspo": "s", "gmpo": "^", "sspo": "o", "sspo-sigmoid": "d",
+                           "vespo": "*", "luspo": "s", "clip-cov": "v", "kl-cov": "P"}
 
 
 def line_style(name: str, marker: bool = False) -> dict[str, Any]:

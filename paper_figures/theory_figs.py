@@ -21,7 +21,7 @@ from sspo_analysis.analysis import frontier_summary, lowest_mse
 
 TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
 """Token-level objectives of figure 2 (``pg`` is 1 at every std and is drawn as the reference line)."""
-SEQUENCE_OBJECTIVES: tuple[str, ...] = ("is-seq", "gspo", "gmpo", "sspo", "sspo-sigmoid")
+SEQUENCE_OBJECTIVES: tuple[str, ...] = ("is-seq", "gspo", "gmpo", "sspo", "sspo-sigmoid", "vespo")
 """Sequence-level weights of figure 3."""
 
 FRONTIER_GRIDS: dict[str, tuple[str, np.ndarray]] = {

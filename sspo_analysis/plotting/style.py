@@ -32,6 +32,11 @@ OBJECTIVE_COLORS: dict[str, str] = {
     "gmpo": OKABE_ITO["purple"],
     "sspo": OKABE_ITO["vermillion"],
     "sspo-sigmoid": OKABE_ITO["blue"],
+    # The field's other objectives, from Paul Tol's muted palette (also colour-blind safe).
+    "vespo": "#882255",
+    "luspo": "#44AA99",
+    "clip-cov": "#999933",
+    "kl-cov": "#332288",
 }
 
 GATE_COLORS: dict[str, str] = {
