@@ -654,7 +654,8 @@ def compute_metrics(
             "kl_old_k3": _mean32(k3_kl(lr), mask),
             "n_tokens": mask.sum().clamp(min=1).to(f32),
         }
-        stacked = torch.stack([v.to(f32).reshape(()) for v in values.values()]).tolist()
+        # float64 at the end: a normalised coefficient over a tiny A (kl-cov's A-free penalty) squares past f32.
+        stacked = torch.stack([v.to(torch.float64).reshape(()) for v in values.values()]).tolist()
         return dict(zip(values.keys(), stacked))
 
 
@@ -694,16 +695,17 @@ def _sequence_weight_metrics(t: Terms, lr: Tensor, m: Tensor) -> dict[str, Tenso
 
 
 def _coefficient_metrics(t: Terms, adv: Tensor, m: Tensor) -> dict[str, Tensor]:
-    f32 = torch.float32
+    f64 = torch.float64
     tok_adv = adv if adv.dim() == 2 else adv[:, None].expand_as(m)
-    signal = m & (tok_adv.to(f32) != 0)  # in f32: an advantage that underflows there would divide 0 by 0
-    # c normalised so that on-policy it is 1: c / A (token), c T_i / A_i (sequence).
-    scale = m.sum(-1).clamp(min=1).to(f32)[:, None] if t.weight.dim() == 1 else torch.ones_like(m, dtype=f32)
-    coef_norm = torch.where(signal, t.coefficient.to(f32) * scale / torch.where(signal, tok_adv.to(f32), 1.0), 0.0)
+    signal = m & (tok_adv.to(torch.float32) != 0)  # an advantage that underflows float32 carries no signal
+    # c normalised so that on-policy it is 1: c / A (token), c T_i / A_i (sequence). In float64: a coefficient
+    # with an A-free part (kl-cov's penalty) over a tiny A is huge, and its square must stay finite.
+    scale = m.sum(-1).clamp(min=1).to(f64)[:, None] if t.weight.dim() == 1 else torch.ones_like(m, dtype=f64)
+    coef_norm = torch.where(signal, t.coefficient.to(f64) * scale / torch.where(signal, tok_adv.to(f64), 1.0), 0.0)
     return {
         "dead_frac": _mean32(t.coefficient == 0, signal),
-        "coef_norm_mean": _mean32(coef_norm, signal),
-        "coef_norm_var": _var32(coef_norm, signal),
+        "coef_norm_mean": masked_mean(coef_norm, signal),
+        "coef_norm_var": masked_var(coef_norm, signal),
     }
 
 

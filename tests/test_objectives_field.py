@@ -277,3 +277,14 @@ def test_defaults_are_the_engines():
                                                 "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "seed": 0}
     assert get_objective("kl-cov").params == {"kl_cov_ratio": 2e-4, "ppo_kl_coef": 0.1}
     assert {get_objective(n).agg for n in ("vespo", "clip-cov", "kl-cov")} == {"token-mean"}
+
+
+def test_kl_cov_metrics_stay_finite_over_a_tiny_advantage():
+    """KL-Cov's penalty does not scale with A: its normalised coefficient over A = -1.16e-26 is ~1e25, and the
+    variance of that (~1e49) must come back finite, not inf (found by ``sspo check objective kl-cov``)."""
+    log_prob = torch.tensor([[0.0, -1e4], [0.0, 0.0]], dtype=torch.float32)
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([-1.16e-26, 0.0])
+    _, metrics = get_objective("kl-cov")(log_prob, torch.zeros_like(log_prob), adv, mask)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["coef_norm_var"] > 1e40
