@@ -132,7 +132,10 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
         )
     axes[1, 2].axhline(1.0, color="#bbbbbb", lw=0.6, zorder=0)
     axes[1, 2].set(xlabel="log-ratio l", ylabel="per-token weight phi'(l)", title="sspo-sigmoid: phi'(0) = tau / 2")
-    axes[1, 2].legend(loc="upper right")
+    # Headroom above the tallest curve so the legend covers none of them.
+    peak = max(float(max(data[f"sspo-sigmoid_tau{t:g}_coef"])) for t in SIGMOID_TAUS)
+    axes[1, 2].set_ylim(top=1.75 * peak)
+    axes[1, 2].legend(loc="upper right", fontsize=7)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(
         handles,
