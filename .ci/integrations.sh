@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The verl cross-checks, in their own environment: verl 0.9 pins transformers < 5.11,
+# The verl cross-checks, in their own environment, with verl 0.9.1's GPU-extra transformers (5.9.0; verl pins < 5.11),
 # the main environment has 5.24. Builds .venv-verl from scratch (in CI, or when it is
 # missing, or with SSPO_VERL_FRESH=1) and runs tests/test_integrations_verl.py (and _field.py, verl's clip_cov / kl_cov) there.
 # The TRL tests run in the main environment with the rest of the suite.
@@ -13,7 +13,7 @@ LOG=$VENV/ci-install.log  # inside the (gitignored) environment
 # The versions tested together. verl's full dependency set (wandb, tensorboard, peft, vLLM, ...) is not
 # needed to import verl.trainer.ppo.core_algos, so verl goes in with --no-deps and these are what it imports.
 VERL_DEPS=(
-    "transformers==5.10.4" "tensordict==0.10.0" "ray==2.60.0" "hydra-core==1.3.8" "omegaconf==2.3.1"
+    "transformers==5.9.0" "tensordict==0.10.0" "ray==2.60.0" "hydra-core==1.3.8" "omegaconf==2.3.1"
     "pandas==3.1.1" "numpy>=2,<3" "codetiming==1.4.0" "packaging" "pytest>=8,<10" "hypothesis>=6.100,<7"
 )
 
