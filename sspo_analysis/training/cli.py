@@ -1,4 +1,4 @@
-"""``sspo pretrain | train | sweep | plot``: the trainer's sub-commands (the curves are drawn by
+"""``sspo pretrain | train | sweep | export | plot``: the trainer's sub-commands (the curves are drawn by
 :mod:`sspo_analysis.plotting.runs`)."""
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tag", default="", help="suffix of each run directory name")
     p.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
     p.set_defaults(func=run_sweep)
+
+    p = sub.add_parser("export", help="save RUN's policy and tokenizer from its last checkpoint to RUN/final",
+                       description="Save the policy of RUN's last checkpoint and its tokenizer with save_pretrained "
+                       "to RUN/final (a finished run already has it): AutoModelForCausalLM.from_pretrained loads it.")
+    p.add_argument("run", help="run directory (with config.toml and checkpoint/state.pt)")
+    p.set_defaults(func=run_export)
 
     p = sub.add_parser("plot", help="training curves of one or more runs")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -75,6 +81,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     n = len([x for x in args.objectives.split(",") if x]) * len([x for x in args.seeds.split(",") if x])
     print(f"sweep: {len(runs)}/{n} runs finished under {args.out}")
     return 0 if len(runs) == n else 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from sspo_analysis.training.outputs import export_run
+
+    print(f"wrote {export_run(args.run)}")
+    return 0
 
 
 def run_plot(args: argparse.Namespace) -> int:
