@@ -439,6 +439,11 @@ def test_loss_names_use_trls_underscores_and_accept_hyphens(alias, canonical, tm
         b.package_objective().name, b.package_objective().params)
 
 
+def test_trl_loss_types_accept_hyphens_too(tmp_path):
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="dr-grpo")
+    assert args.loss_type == "dr_grpo" and args.package_objective() is None
+
+
 def test_clip_ratio_metrics_with_sspo(tmp_path):
     """TRL's clip_ratio/* are logged for the package's losses: zero for a soft gate, the cut fraction for gmpo."""
     lp, old, adv, mask = batch(seed=8, std=0.8)

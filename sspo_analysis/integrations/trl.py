@@ -79,7 +79,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 def resolve_loss_type(loss_type: str) -> tuple[str, dict[str, Any]] | None:
     """``None`` for a TRL loss type, else ``(package objective name, parameters the name fixes)``."""
-    if loss_type in TRL_LOSS_TYPES:
+    if canonical_loss_type(loss_type) in TRL_LOSS_TYPES:
         return None
     name = loss_type[len(PACKAGE_PREFIX):] if loss_type.startswith(PACKAGE_PREFIX) else loss_type
     name = _hyphenated(canonical_loss_type(name))
@@ -311,6 +311,7 @@ class SSPOConfig(GRPOConfig):
         if self.objective_agg is not None and self.objective_agg not in AGG_MODES:
             raise ValueError(
                 f"objective_agg: unknown value {self.objective_agg!r}; allowed values: {', '.join(AGG_MODES)}")
+        self.loss_type = canonical_loss_type(self.loss_type)  # TRL's spelling: dr-grpo -> dr_grpo
         if resolve_loss_type(self.loss_type) is None:
             for key in PACKAGE_FIELDS:
                 if getattr(self, key) is not None:
@@ -320,7 +321,6 @@ class SSPOConfig(GRPOConfig):
                 if getattr(self, key) is None:
                     setattr(self, key, default)
         else:
-            self.loss_type = canonical_loss_type(self.loss_type)
             self.package_objective()  # validate the loss type and parameters now, not at the first step
         super().__post_init__()
 
