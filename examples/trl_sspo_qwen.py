@@ -6,7 +6,8 @@ chosen on the command line. On one node with 8 GPUs, vLLM colocated with trainin
 
     accelerate launch --config_file examples/accelerate_multi_gpu.yaml examples/trl_sspo_qwen.py \\
         --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k --dataset_config main \\
-        --output_dir runs/qwen05b-sspo --loss_type sspo --gate arctan --tau_pos 1.0 --tau_neg 1.05 \\
+        --output_dir runs/qwen05b-sspo --loss_type sspo --gate arctan \\
+        --sapo_temperature_pos 1.0 --sapo_temperature_neg 1.05 \\
         --num_generations 8 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --num_iterations 2 \\
         --max_completion_length 512 --learning_rate 1e-6 --beta 0.0 --bf16 true \\
         --use_vllm --vllm_mode colocate --vllm_gpu_memory_utilization 0.3 \\
@@ -18,7 +19,7 @@ With a separate vLLM server instead (GPU 7 serves, GPUs 0-6 train)::
     CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 accelerate launch --config_file examples/accelerate_multi_gpu.yaml \\
         --num_processes 7 examples/trl_sspo_qwen.py ... --use_vllm --vllm_mode server
 
-Other losses: ``--loss_type gmpo``, ``sspo-sigmoid``, ``soft-erf``, ``soft-softsign-one-sided``,
+Other losses: ``--loss_type gmpo``, ``sspo_sigmoid``, ``soft_erf``, ``soft_softsign_one_sided``,
 ``package:sapo``, or any of TRL's (``grpo``, ``dapo``, ``sapo``, ...). The gate metrics
 appear in the logs as ``objective/gate_weight_mean``, ``objective/dead_frac``,
 ``objective/seq_weight_var``, ``objective/ess_frac``.

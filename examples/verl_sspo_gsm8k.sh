@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # SSPO on Qwen2.5-7B-Instruct with verl 0.9's GSM8K GRPO example (8 GPUs, FSDP, vLLM rollouts).
-# Needs a GPU node with verl[vllm] and this package installed (`pip install sspo-analysis[verl]`),
+# Install (a GPU node; from a clone of this repository):
+#     pip install 'verl[vllm]==0.9.1' && pip install -e .      # verl with its dependencies (torch 2.11, vLLM)
+# (`pip install -e '.[verl]'` brings verl without its GPU extra: enough for the loss, not for this run.)
 # and the GSM8K parquet files from verl's examples/data_preprocess/gsm8k.py:
 #     python examples/data_preprocess/gsm8k.py --local_save_dir $HOME/data/gsm8k      (in a verl checkout)
-# Not run in CI (Ray, vLLM and GPUs): CI checks the loss itself in tests/test_integrations_verl.py.
+# Not run in CI (Ray, vLLM and GPUs): CI checks the loss itself in tests/test_integrations_verl.py, and that
+# `bash examples/verl_sspo_gsm8k.sh --cfg job` (verl's own entry point printing the composed config) succeeds.
 #
 # The losses are registered by importing sspo_analysis.integrations.verl, here through
 # actor_rollout_ref.model.external_lib (imported in every worker that builds the model config);

@@ -30,7 +30,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.plotting.gates_cli": ("gates",),
     "sspo_analysis.theory.cli": ("theory",),
     "sspo_analysis.simulation.cli": ("simulate",),
-    "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "plot"),
+    "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "config", "export", "plot"),
     "sspo_analysis.check_cli": ("check",),
 }
 EXTENSION_GROUP = "sspo_analysis.commands"
@@ -46,7 +46,10 @@ def extension_commands() -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sspo`` parser: every area's sub-commands, and a placeholder per extension (see the module docstring)."""
+    from sspo_analysis import __version__
+
     parser = argparse.ArgumentParser(prog="sspo", description="Soft versus hard clipping in LLM policy optimisation.")
+    parser.add_argument("--version", action="version", version=f"sspo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in AREAS:
         importlib.import_module(module).register(sub)

@@ -106,6 +106,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def progress_over(items: list[Any], label: str, enabled: bool = True):
+    """Yield ``items`` while a progress bar on stderr counts them (``--no-progress``: plain iteration)."""
+    if not enabled:
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=len(items), info="")
+        for item in items:
+            bar.update(task, info=str(item[0] if isinstance(item, tuple) else item))
+            yield item
+            bar.advance(task)
+
+
 def write_csv(frame: Any, path: str | Path | None) -> None:
     """Write a DataFrame to ``path`` atomically (nothing if ``path`` is empty) and say so on stderr."""
     from sspo_analysis.io import atomic_path

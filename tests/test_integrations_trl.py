@@ -177,11 +177,12 @@ def test_dr_grpo_horizon_is_max_completion_length(tmp_path):
 
 
 SUBCLASS_CASES = {  # TRL loss type -> the SSPOConfig that runs the same loss through the package
-    "grpo": (dict(loss_type="grpo", epsilon=0.2), dict(loss_type="package:grpo", eps_lo=0.2, eps_hi=0.2)),
+    "grpo": (dict(loss_type="grpo", epsilon=0.2), dict(loss_type="package:grpo", epsilon=0.2)),
     "dapo": (dict(loss_type="dapo", epsilon_high=0.28), dict(loss_type="package:dapo")),
     "dr_grpo": (dict(loss_type="dr_grpo", epsilon=0.2),
-                dict(loss_type="package:grpo", eps_lo=0.2, eps_hi=0.2, objective_agg="seq-mean-token-sum-norm")),
-    "sapo": (dict(loss_type="sapo", sapo_temperature_neg=1.25), dict(loss_type="package:sapo", tau_neg=1.25)),
+                dict(loss_type="package:grpo", epsilon=0.2, objective_agg="seq-mean-token-sum-norm")),
+    "sapo": (dict(loss_type="sapo", sapo_temperature_neg=1.25),
+             dict(loss_type="package:sapo", sapo_temperature_neg=1.25)),
 }
 
 
@@ -256,6 +257,9 @@ def hand_metrics(loss_type, lp, old, adv, mask, entropies, ref):
         "objective/seq_weight_var": sum((w - mean_w) ** 2 for w in seq_weights) / len(seq_weights),
         "objective/ess_frac": sum(seq_weights) ** 2 / (len(seq_weights) * sum(w * w for w in seq_weights)),
         "objective/n_tokens": n,
+        "clip_ratio/low_mean": sum(tok[2] for tok in tokens) / n,
+        "clip_ratio/high_mean": sum(tok[3] for tok in tokens) / n,
+        "clip_ratio/region_mean": sum(tok[2] or tok[3] for tok in tokens) / n,
         "entropy": sum(entropy) / n,
         "kl": sum(kl) / n,
     }
@@ -265,7 +269,7 @@ def hand_metrics(loss_type, lp, old, adv, mask, entropies, ref):
 def test_subclass_logs_the_package_metrics(loss_type, tmp_path):
     """The logged metrics against a plain-Python computation from the raw log-probs, not the package's code."""
     args = make_config(tmp_path, cls=st.SSPOConfig, loss_type=loss_type, beta=0.1,
-                       **({"eps_lo": 0.2, "eps_hi": 0.2} if loss_type == "package:grpo" else {}))
+                       **({"epsilon": 0.2} if loss_type == "package:grpo" else {}))
     tr = bare_trainer(args, cls=st.SSPOTrainer)
     lp, old, adv, mask = batch(seed=8, std=0.8)
     mask[2] = 0  # an empty completion: no tokens, no sequence weight
@@ -285,7 +289,8 @@ def test_subclass_logs_the_package_metrics(loss_type, tmp_path):
 
 
 def test_sspo_parameters_are_config_fields(tmp_path):
-    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", gate="softsign", tau_pos=2.0, tau_neg=3.0,
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", gate="softsign", sapo_temperature_pos=2.0,
+                       sapo_temperature_neg=3.0,
                        one_sided=True)
     obj = args.package_objective()
     assert obj.name == "sspo"
@@ -301,9 +306,9 @@ def test_sspo_parameters_are_config_fields(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(loss_type="sspo2"), "loss_type: unknown value 'sspo2'; allowed values: grpo"),
     (dict(loss_type="gmpo", gate="erf"), "gate: not a parameter of objective 'gmpo'"),
-    (dict(loss_type="soft-erf", gate="arctan"), "gate: loss_type='soft-erf' fixes gate='erf'"),
+    (dict(loss_type="soft-erf", gate="arctan"), "gate: loss_type='soft_erf' fixes gate='erf'"),
     (dict(loss_type="sspo", objective_agg="sum"), "objective_agg: unknown value 'sum'"),
-    (dict(loss_type="sspo", tau_pos=-1.0), "tau_pos must be a finite number > 0"),
+    (dict(loss_type="sspo", sapo_temperature_pos=-1.0), "tau_pos must be a finite number > 0"),
 ])
 def test_bad_config_names_the_field(kw, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -367,3 +372,93 @@ def test_plain_grpo_config_may_name_a_package_objective(tmp_path):
     objective = st.objective_from_args(args)
     assert (objective.name, objective.params["gate"]) == ("sspo", "softsign")
     assert st.objective_from_args(make_config(tmp_path, loss_type="dapo")) is None
+
+
+# ----------------------------------------------------------------------------- one set of names (TRL's)
+
+
+@pytest.mark.parametrize("kw, field_name", [
+    (dict(loss_type="sspo", epsilon=0.3), "epsilon"),  # the arctan gate has no clip range
+    (dict(loss_type="sspo", gate="hard-clip", sapo_temperature_pos=2.0), "sapo_temperature_pos"),
+    (dict(loss_type="gmpo", sapo_temperature_neg=2.0), "sapo_temperature_neg"),
+    (dict(loss_type="pg", epsilon_high=0.3), "epsilon_high"),
+    (dict(loss_type="sspo", delta=2.0), "delta"),
+    (dict(loss_type="sapo", gate="erf"), "gate"),  # TRL's own sapo has no gate choice
+    (dict(loss_type="dapo", one_sided=True), "one_sided"),
+])
+def test_a_field_the_loss_does_not_read_is_an_error(kw, field_name, tmp_path):
+    with pytest.raises(ValueError, match=f"^{field_name}: not used by"):
+        make_config(tmp_path, cls=st.SSPOConfig, **kw)
+
+
+def test_trl_fields_mean_what_they_mean_in_trl(tmp_path):
+    gmpo = make_config(tmp_path, cls=st.SSPOConfig, loss_type="gmpo", epsilon=0.1).package_objective()
+    assert (gmpo.params["eps_lo"], gmpo.params["eps_hi"]) == (0.1, 0.1)  # epsilon_high defaults to epsilon
+    gspo = make_config(tmp_path, cls=st.SSPOConfig, loss_type="gspo", epsilon=1e-3, epsilon_high=2e-3)
+    assert (gspo.package_objective().params["eps_lo"], gspo.package_objective().params["eps_hi"]) == (1e-3, 2e-3)
+    hard = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", gate="hard-clip", epsilon=0.3)
+    assert hard.package_objective().params["eps_lo"] == 0.3
+    # unset: the objective's own defaults (GMPO's paper's 0.4), not TRL's 0.2
+    assert make_config(tmp_path, cls=st.SSPOConfig, loss_type="gmpo").package_objective().params["eps_lo"] == 0.4
+    # TRL's own loss types get TRL's defaults
+    trl = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sapo")
+    assert (trl.epsilon, trl.sapo_temperature_pos, trl.importance_sampling_level) == (0.2, 1.0, "token")
+
+
+def test_importance_sampling_level_matches_the_objective(tmp_path):
+    ok = make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", importance_sampling_level="sequence")
+    assert ok.package_objective().level == "sequence"
+    with pytest.raises(ValueError, match="^importance_sampling_level: objective 'sspo' is sequence-level"):
+        make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", importance_sampling_level="token")
+    with pytest.raises(ValueError, match="^importance_sampling_level: objective 'pg' is token-level"):
+        make_config(tmp_path, cls=st.SSPOConfig, loss_type="pg", importance_sampling_level="sequence")
+
+
+def test_plain_grpo_config_warns_once_about_trls_defaults(tmp_path):
+    st._warned.clear()
+    args = make_config(tmp_path, loss_type="soft_softsign")  # GRPOConfig: epsilon=0.2 etc. set by TRL
+    with pytest.warns(UserWarning, match="epsilon.*not used by objective 'sspo'"):
+        st.objective_from_args(args)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.objective_from_args(args)  # once only
+    with pytest.raises(ValueError, match="^epsilon: not used by"):
+        st.objective_from_args(make_config(tmp_path, loss_type="soft_softsign", epsilon=0.3))
+
+
+@pytest.mark.parametrize("alias, canonical", [
+    ("soft-erf-one-sided", "soft_erf_one_sided"), ("sspo-sigmoid", "sspo_sigmoid"), ("soft_erf", "soft_erf"),
+    ("package:clip-cov", "package:clip_cov"),
+])
+def test_loss_names_use_trls_underscores_and_accept_hyphens(alias, canonical, tmp_path):
+    a = make_config(tmp_path, cls=st.SSPOConfig, loss_type=alias)
+    b = make_config(tmp_path, cls=st.SSPOConfig, loss_type=canonical)
+    assert a.loss_type == canonical
+    assert (a.package_objective().name, a.package_objective().params) == (
+        b.package_objective().name, b.package_objective().params)
+
+
+def test_trl_loss_types_accept_hyphens_too(tmp_path):
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="dr-grpo")
+    assert args.loss_type == "dr_grpo" and args.package_objective() is None
+
+
+def test_clip_ratio_metrics_with_sspo(tmp_path):
+    """TRL's clip_ratio/* are logged for the package's losses: zero for a soft gate, the cut fraction for gmpo."""
+    lp, old, adv, mask = batch(seed=8, std=0.8)
+    for loss_type in ("sspo", "gmpo"):
+        tr = bare_trainer(make_config(tmp_path, cls=st.SSPOConfig, loss_type=loss_type), cls=st.SSPOTrainer)
+        trl_loss(tr, lp, old, adv, mask)
+        logged = tr._metrics["train"]
+        region = logged["clip_ratio/region_mean"][0]
+        low, high = logged["objective/clip_frac_low"][0], logged["objective/clip_frac_high"][0]
+        if loss_type == "sspo":
+            assert region == 0.0 and logged["clip_ratio/high_max"] == [0.0]
+        else:  # by hand: gmpo cuts l > 0.4 for A > 0 and l < -0.4 for A < 0
+            lr = (lp - old)[mask.bool()]
+            a = adv[:, None].expand_as(lp)[mask.bool()]
+            expected = float((((lr > 0.4) & (a > 0)) | ((lr < -0.4) & (a < 0))).double().mean())
+            assert region == pytest.approx(expected) and expected > 0
+            assert region == pytest.approx(low + high)
+            assert 0 < logged["clip_ratio/high_max"][0] <= 1

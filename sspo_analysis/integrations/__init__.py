@@ -2,8 +2,8 @@
 
 - :mod:`sspo_analysis.integrations.trl`: ``SSPOConfig`` / ``SSPOTrainer``, a
   ``GRPOConfig`` / ``GRPOTrainer`` pair for TRL 1.16 whose ``loss_type`` also
-  takes ``sspo``, ``sspo-sigmoid``, ``gmpo``, ``gspo``, ``soft-<gate>`` and
-  ``package:<objective>``.
+  takes ``sspo``, ``sspo_sigmoid``, ``gmpo``, ``gspo``, ``soft_<gate>`` and
+  ``package:<objective>`` (TRL's underscore spelling; hyphens accepted).
 - :mod:`sspo_analysis.integrations.verl`: registers ``sspo``, ``sspo-sigmoid``,
   ``soft-<gate>`` (and ``gmpo``) with verl 0.9's ``register_policy_loss``;
   enable it with ``VERL_USE_EXTERNAL_MODULES=sspo_analysis.integrations.verl``.

@@ -6,34 +6,42 @@ changes. ``loss_type`` takes
 
 - TRL's own types (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``,
   ``luspo``, ``vespo``): passed to TRL unchanged;
-- ``sspo``, ``sspo-sigmoid``, ``gmpo``, ``gspo``, ``pg``: the package's objective of that name;
-- ``soft-<gate>`` / ``soft-<gate>-one-sided``: ``sspo`` with that log-space gate family;
+- ``sspo``, ``sspo_sigmoid``, ``gmpo``, ``gspo``, ``pg``: the package's objective of that name;
+- ``soft_<gate>`` / ``soft_<gate>_one_sided``: ``sspo`` with that log-space gate family;
 - ``package:<name>``: any registered package objective, also those whose name TRL
   uses too (``package:grpo`` is the package's GRPO, ``grpo`` is TRL's).
 
-A package objective's parameters are config fields (``gate``, ``tau_pos``,
-``tau_neg``, ``one_sided``, ``eps_lo``, ``eps_hi``, ``eps_max``); unset ones take
-the objective's defaults (``get_spec(name).defaults``), not TRL's ``epsilon``.
-``objective_agg`` picks the aggregation (default: the objective's own), and
-``objective_horizon`` the constant of ``seq-mean-token-sum-norm`` (default
-``max_completion_length``, as TRL's ``dr_grpo``). Data parallelism and gradient
-accumulation follow TRL's conventions: ``token-mean`` normalises by the tokens of
-the whole generation batch across processes (as TRL's ``dapo``), the other modes
-by the local batch and the accumulation steps (as TRL's ``grpo`` and ``dr_grpo``).
+Names are spelled as TRL spells its own (underscores); the hyphenated spelling
+(``soft-erf-one-sided``) is accepted and respelled. TRL's fields keep TRL's
+meaning: ``epsilon`` / ``epsilon_high`` set the clip range (``eps_lo`` / ``eps_hi``,
+or ``eps_max`` for cispo), ``sapo_temperature_pos`` / ``_neg`` the soft gates'
+temperatures, ``vespo_*`` vespo's shape; ``importance_sampling_level`` must be the
+objective's level. The package adds only ``gate``, ``one_sided``,
+``objective_agg`` and ``objective_horizon`` (default ``max_completion_length``,
+as TRL's ``dr_grpo``). A field the chosen loss does not read is a ValueError
+(with a plain ``GRPOConfig``, whose fields always hold TRL's defaults, a warning
+once). Data parallelism and gradient accumulation follow TRL's conventions:
+``token-mean`` normalises by the tokens of the whole generation batch across
+processes (as TRL's ``dapo``), the other modes by the local batch and the
+accumulation steps (as TRL's ``grpo`` and ``dr_grpo``).
 
 Every package metric is logged into TRL's metrics as ``objective/<key>``
 (``objective/gate_weight_mean``, ``objective/dead_frac``,
 ``objective/seq_weight_mean``, ``objective/seq_weight_var``,
-``objective/ess_frac``, ...), averaged over processes.
+``objective/ess_frac``, ...), averaged over processes, and TRL's
+``clip_ratio/low_mean``, ``high_mean``, ``region_mean``, ``low_min``, ``high_max``
+from the objective's clip flags (zero for a soft gate).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from sspo_analysis import gates
 from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, soft_loss, weighted_surrogate
 from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: F401  (re-exported for reward_funcs)
 from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
@@ -71,15 +79,17 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 def resolve_loss_type(loss_type: str) -> tuple[str, dict[str, Any]] | None:
     """``None`` for a TRL loss type, else ``(package objective name, parameters the name fixes)``."""
-    if loss_type in TRL_LOSS_TYPES:
+    if canonical_loss_type(loss_type) in TRL_LOSS_TYPES:
         return None
     name = loss_type[len(PACKAGE_PREFIX):] if loss_type.startswith(PACKAGE_PREFIX) else loss_type
+    name = _hyphenated(canonical_loss_type(name))
     soft = soft_loss(name)  # soft-NAME[-one-sided]: built-in gates, registered user gates, import paths
     if soft is not None:
         return soft
     if name in objective_names():
         return name, {}
-    allowed = list(TRL_LOSS_TYPES) + [n for n in objective_names() if n not in TRL_LOSS_TYPES] + list(SOFT_NAMES)
+    allowed = list(TRL_LOSS_TYPES) + [canonical_loss_type(n) for n in objective_names() if n not in TRL_LOSS_TYPES]
+    allowed += [canonical_loss_type(n) for n in SOFT_NAMES]
     raise ValueError(
         f"loss_type: unknown value {loss_type!r}; allowed values: {', '.join(allowed)}, "
         f"or {PACKAGE_PREFIX}<objective> for any of {', '.join(objective_names())}"
@@ -112,87 +122,230 @@ def trl_equivalent(loss_type: str, args: Any) -> Objective:
     return get_objective("sapo", agg=agg, tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
 
 
-_PARAM_FIELDS = ("gate", "tau_pos", "tau_neg", "one_sided", "eps_lo", "eps_hi", "eps_max")
+TRL_PARAM_FIELDS: dict[str, str] = {
+    "eps_lo": "epsilon",
+    "eps_hi": "epsilon_high",
+    "eps_max": "epsilon_high",  # TRL's cispo reads epsilon_high as its cap, as here
+    "tau_pos": "sapo_temperature_pos",
+    "tau_neg": "sapo_temperature_neg",
+    "k_pos": "vespo_k_pos",
+    "lambda_pos": "vespo_lambda_pos",
+    "k_neg": "vespo_k_neg",
+    "lambda_neg": "vespo_lambda_neg",
+}
+"""Package objective parameter -> the ``GRPOConfig`` field that sets it (TRL's name, TRL's meaning)."""
+
+PACKAGE_FIELDS = ("gate", "one_sided", "objective_agg", "objective_horizon")
+"""What TRL has no name for: the gate family, one-sidedness, the aggregation and its horizon."""
+
+_TRL_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in GRPOConfig.__dataclass_fields__.values()
+    if f.name in {*TRL_PARAM_FIELDS.values(), "delta", "importance_sampling_level"}
+}
+"""TRL's defaults of the loss fields ``SSPOConfig`` leaves unset (``None``) until it knows the loss type."""
+
+_warned: set[str] = set()
+
+
+def canonical_loss_type(loss_type: str) -> str:
+    """TRL's spelling (underscores) of a loss type: ``soft-erf-one-sided`` -> ``soft_erf_one_sided``.
+
+    Only the package's own names are respelled; a user gate's import path
+    (``soft_pkg.mod:fn``) keeps its characters after ``soft_``.
+    """
+    if ":" in loss_type and not loss_type.startswith(PACKAGE_PREFIX):
+        return loss_type
+    if loss_type.startswith(("soft-", "soft_")):
+        gate = loss_type[5:]
+        for suffix in ("-one-sided", "_one_sided"):
+            if gate.endswith(suffix):
+                return f"soft_{gate[: -len(suffix)]}_one_sided"
+        return f"soft_{gate}"
+    return loss_type.replace("-", "_")
+
+
+def _hyphenated(name: str) -> str:
+    """The package registry's spelling of a canonical name (``sspo_sigmoid`` -> ``sspo-sigmoid``)."""
+    if name.startswith("soft_"):
+        gate = name[5:]
+        one_sided = gate.endswith("_one_sided")
+        gate = gate[: -len("_one_sided")] if one_sided else gate
+        return f"soft-{gate}" + ("-one-sided" if one_sided else "")
+    by_canonical = {n.replace("-", "_"): n for n in objective_names()}
+    return by_canonical.get(name, name)
+
+
+def used_parameters(name: str, params: dict[str, Any]) -> set[str]:
+    """The parameters of objective ``name`` that its loss reads, given the fixed ``params``.
+
+    ``sspo``'s clip range is read only by the ``hard-clip`` gate, its temperatures only by a soft gate.
+    """
+    keys = set(get_spec(name).defaults)
+    if name == "sspo":
+        gate = params.get("gate", get_spec(name).defaults["gate"])
+        keys -= {"eps_lo", "eps_hi"} if gates.gate_family(gate).soft else {"tau_pos", "tau_neg"}
+    return keys
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _check_importance_level(args: Any, name: str) -> str:
+    """``importance_sampling_level`` must agree with the objective's own level (unset: that level)."""
+    level = get_spec(name).level
+    given = getattr(args, "importance_sampling_level", None)
+    if given is None or given == level:
+        return level
+    if given == "token" and not isinstance(args, SSPOConfig):  # a plain GRPOConfig always says "token"
+        _warn_once(f"isl-{name}", f"importance_sampling_level: 'token' (TRL's default) is not used: objective "
+                   f"{name!r} is {level}-level; set importance_sampling_level={level!r}")
+        return level
+    raise ValueError(f"importance_sampling_level: objective {name!r} is {level}-level; allowed values: {level!r} "
+                     f"(or leave it unset), got {given!r}")
+
+
+def _unused_field_error(args: Any, name: str, used_fields: set[str]) -> None:
+    """A TRL loss field the objective does not read: a ValueError if set; a warning once if TRL set it by default.
+
+    Only a plain ``GRPOConfig`` carries TRL's defaults whether or not the user wrote them; ``SSPOConfig``
+    leaves them unset, so there any value was written by the user.
+    """
+    reads = ", ".join(sorted(used_fields)) or "none of TRL's loss fields"
+    defaulted = []
+    for trl_field, default in _TRL_DEFAULTS.items():
+        value = getattr(args, trl_field, None)
+        if trl_field in used_fields or trl_field == "importance_sampling_level" or value is None:
+            continue
+        if value == default and not isinstance(args, SSPOConfig):
+            defaulted.append(trl_field)
+            continue
+        raise ValueError(f"{trl_field}: not used by loss_type={args.loss_type!r} (objective {name!r}), "
+                         f"which reads {reads}; leave it unset")
+    if defaulted:
+        _warn_once(f"unused-{name}", f"{', '.join(defaulted)}: TRL's defaults, not used by objective {name!r} "
+                   f"(it reads {reads}); SSPOConfig leaves them unset")
+
+
+def package_parameters(args: Any, name: str, fixed: dict[str, Any]) -> dict[str, Any]:
+    """Objective parameters from TRL's fields (``epsilon``, ``sapo_temperature_pos``, ...) and ``gate``/``one_sided``.
+
+    Unset fields keep the objective's defaults; a set field the objective does not read is a ValueError.
+    """
+    params = dict(fixed)
+    for key in ("gate", "one_sided"):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key not in get_spec(name).defaults:
+            raise ValueError(f"{key}: not a parameter of objective {name!r} (loss_type={args.loss_type!r})")
+        if key in fixed and fixed[key] != value:
+            raise ValueError(f"{key}: loss_type={args.loss_type!r} fixes {key}={fixed[key]!r}, got {value!r}")
+        params[key] = value
+    used = used_parameters(name, params)
+    for key in sorted(used & set(TRL_PARAM_FIELDS)):
+        value = getattr(args, TRL_PARAM_FIELDS[key], None)
+        if key == "eps_hi" and value is None:
+            value = getattr(args, "epsilon", None)  # TRL: epsilon_high defaults to epsilon
+        if value is not None:
+            params[key] = value
+    _unused_field_error(args, name, {TRL_PARAM_FIELDS[k] for k in used if k in TRL_PARAM_FIELDS})
+    return params
+
+
+def _loss_field(help_text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class SSPOConfig(GRPOConfig):
     r"""``GRPOConfig`` whose ``loss_type`` also takes the package's objectives.
 
+    TRL's fields keep TRL's meaning: ``epsilon`` / ``epsilon_high`` are the clip
+    range of ``gmpo``, ``gspo``, ``package:grpo`` and ``sspo`` with the hard-clip
+    gate; ``sapo_temperature_pos`` / ``_neg`` the soft gates' temperatures;
+    ``importance_sampling_level`` must match the objective's level. Here they
+    default to unset, so that a package objective keeps its own defaults (GMPO's
+    0.4, GSPO's 3e-4 / 4e-4); TRL's own loss types get TRL's defaults. A set
+    field the chosen loss does not read is a ValueError.
+
     Parameters (besides all of ``GRPOConfig``'s):
         loss_type (`str`, defaults to `"sspo"`): a TRL loss type, a package objective
-            (``sspo``, ``sspo-sigmoid``, ``gmpo``, ``gspo``, ``pg``), ``soft-<gate>``,
-            ``soft-<gate>-one-sided`` or ``package:<objective>``.
+            (``sspo``, ``sspo_sigmoid``, ``gmpo``, ``gspo``, ``pg``), ``soft_<gate>``,
+            ``soft_<gate>_one_sided`` or ``package:<objective>``. Hyphens are accepted
+            for underscores (``soft-erf-one-sided``).
+        gate (`str`, optional): gate family of ``sspo`` (log space) or ``package:sapo``.
+        one_sided (`bool`, optional): ``sspo``: gate only the side ``sign(A)`` makes risky.
         objective_agg (`str`, optional): aggregation of a package objective, one of
             ``seq-mean-token-mean``, ``token-mean``, ``seq-mean-token-sum``,
             ``seq-mean-token-sum-norm``; default the objective's own.
         objective_horizon (`int`, optional): constant of ``seq-mean-token-sum-norm``;
             default ``max_completion_length``.
-        gate, tau_pos, tau_neg, one_sided, eps_lo, eps_hi, eps_max: the objective's
-            parameters; ``None`` keeps the objective's default.
     """
 
-    loss_type: str = field(
-        default="sspo",
-        metadata={"help": "A TRL loss type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) or a package "
-                  "objective: sspo, sspo-sigmoid, gmpo, gspo, pg, soft-<gate>[-one-sided], package:<objective>."},
-    )
-    objective_agg: str | None = field(
-        default=None, metadata={"help": f"Aggregation of a package objective: {', '.join(AGG_MODES)}."})
-    objective_horizon: int | None = field(
-        default=None, metadata={"help": "Horizon of seq-mean-token-sum-norm (default: max_completion_length)."})
-    gate: str | None = field(default=None, metadata={"help": "Gate family (sspo: log space; sapo: ratio space)."})
-    tau_pos: float | None = field(default=None, metadata={"help": "Gate temperature for A > 0."})
-    tau_neg: float | None = field(default=None, metadata={"help": "Gate temperature for A <= 0."})
-    one_sided: bool | None = field(default=None, metadata={"help": "sspo: gate only the side sign(A) makes risky."})
-    eps_lo: float | None = field(default=None, metadata={"help": "Lower clip range (grpo, dapo, gspo, gmpo)."})
-    eps_hi: float | None = field(default=None, metadata={"help": "Upper clip range (grpo, dapo, gspo, gmpo)."})
-    eps_max: float | None = field(default=None, metadata={"help": "cispo: cap of the importance weight."})
+    loss_type: str = _loss_field(
+        "A TRL loss type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) or a package objective: sspo, "
+        "sspo_sigmoid, gmpo, gspo, pg, soft_<gate>[_one_sided], package:<objective>.", "sspo")
+    epsilon: float | None = _loss_field(
+        "Lower clip range (TRL's losses, gmpo, gspo, sspo with gate=hard-clip); unset: TRL's 0.2 for TRL's losses, "
+        "the objective's default otherwise.")
+    sapo_temperature_pos: float | None = _loss_field(
+        "Gate temperature for A > 0 (sapo, sspo with a soft gate); unset: 1.0.")
+    sapo_temperature_neg: float | None = _loss_field(
+        "Gate temperature for A <= 0 (sapo, sspo with a soft gate); unset: 1.05.")
+    vespo_k_pos: float | None = _loss_field("vespo: k for A > 0; unset: the loss's default.")
+    vespo_lambda_pos: float | None = _loss_field("vespo: lambda for A > 0; unset: the loss's default.")
+    vespo_k_neg: float | None = _loss_field("vespo: k for A <= 0; unset: the loss's default.")
+    vespo_lambda_neg: float | None = _loss_field("vespo: lambda for A <= 0; unset: the loss's default.")
+    importance_sampling_level: str | None = _loss_field(
+        "token or sequence; for a package objective it must be the objective's level (unset: that level).")
+    gate: str | None = _loss_field("Gate family (sspo: log space; package:sapo: ratio space).")
+    one_sided: bool | None = _loss_field("sspo: gate only the side sign(A) makes risky.")
+    objective_agg: str | None = _loss_field(f"Aggregation of a package objective: {', '.join(AGG_MODES)}.")
+    objective_horizon: int | None = _loss_field(
+        "Horizon of seq-mean-token-sum-norm (default: max_completion_length).")
 
     def __post_init__(self):
-        super().__post_init__()
         if self.objective_agg is not None and self.objective_agg not in AGG_MODES:
             raise ValueError(
                 f"objective_agg: unknown value {self.objective_agg!r}; allowed values: {', '.join(AGG_MODES)}")
-        self.package_objective()  # validate the loss type and parameters now, not at the first step
+        self.loss_type = canonical_loss_type(self.loss_type)  # TRL's spelling: dr-grpo -> dr_grpo
+        if resolve_loss_type(self.loss_type) is None:
+            for key in PACKAGE_FIELDS:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: not used by TRL's loss_type={self.loss_type!r}; it applies to the "
+                                     "package's objectives only")
+            for key, default in _TRL_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, default)
+        else:
+            self.package_objective()  # validate the loss type and parameters now, not at the first step
+        super().__post_init__()
 
     def package_objective(self) -> Objective | None:
         """The package objective this config selects, or ``None`` for a TRL loss type."""
-        resolved = resolve_loss_type(self.loss_type)
-        if resolved is None:
-            return None
-        name, params = resolved
-        accepted = get_spec(name).defaults
-        for key in _PARAM_FIELDS:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if key not in accepted:
-                raise ValueError(f"{key}: not a parameter of objective {name!r} (loss_type={self.loss_type!r}); "
-                                 f"its parameters: {', '.join(accepted) or '(none)'}")
-            if key in params and params[key] != value:
-                raise ValueError(f"{key}: loss_type={self.loss_type!r} fixes {key}={params[key]!r}, got {value!r}")
-            params[key] = value
-        agg = self.objective_agg or get_spec(name).agg
-        horizon = None
-        if agg == "seq-mean-token-sum-norm":
-            horizon = self.objective_horizon if self.objective_horizon is not None else self.max_completion_length
-        return get_objective(name, agg=agg, horizon=horizon, **params)
+        return objective_from_args(self)
 
 
 def objective_from_args(args: GRPOConfig) -> Objective | None:
     """The package objective ``args`` selects (``None`` for TRL's loss types).
 
-    A plain ``GRPOConfig`` may name a package objective too; it then runs with the
-    objective's default parameters and aggregation.
+    A plain ``GRPOConfig`` may name a package objective too: its TRL fields then
+    count as set only where they differ from TRL's defaults.
     """
-    if isinstance(args, SSPOConfig):
-        return args.package_objective()
     resolved = resolve_loss_type(args.loss_type)
     if resolved is None:
         return None
-    name, params = resolved
-    return get_objective(name, **params)
+    name, fixed = resolved
+    _check_importance_level(args, name)
+    params = package_parameters(args, name, fixed)
+    agg = getattr(args, "objective_agg", None) or get_spec(name).agg
+    horizon = None
+    if agg == "seq-mean-token-sum-norm":
+        horizon = getattr(args, "objective_horizon", None) or args.max_completion_length
+    return get_objective(name, agg=agg, horizon=horizon, **params)
 
 
 class SSPOTrainer(GRPOTrainer):
@@ -289,6 +442,28 @@ class SSPOTrainer(GRPOTrainer):
         per_process = self.accelerator.gather(local[None])  # (num_processes, n_metrics)
         for key, value in zip(values, per_process.reshape(-1, len(values)).mean(0).tolist()):
             self._metrics[mode][f"objective/{key}"].append(value)
+        self._log_clip_ratios(mode, t, m)
+
+    def _log_clip_ratios(self, mode, t, m) -> None:
+        """TRL's ``clip_ratio/*`` metrics from the objective's clip flags (zero for a soft gate: nothing is cut).
+
+        As TRL's: the token fractions cut below (``low_mean``), above (``high_mean``) or either
+        (``region_mean``) over every process's tokens, and the extreme per-sequence fractions.
+        """
+        def token_flags(flags):  # (B, T), or (B,) for a per-sequence cut
+            if flags is None:
+                return torch.zeros_like(m, dtype=torch.bool)
+            return (flags[:, None] if flags.dim() == 1 else flags).bool().expand_as(m)
+
+        low, high = token_flags(t.clipped_low), token_flags(t.clipped_high)
+        for key, flags in (("low", low), ("high", high), ("region", low | high)):
+            self._metrics[mode][f"clip_ratio/{key}_mean"].append(self._global_masked_mean(flags.float(), m))
+        count = m.sum(-1)
+        for key, flags, reduce in (("low_min", low, torch.min), ("high_max", high, torch.max)):
+            per_seq = torch.where(count > 0, masked_sum(flags.float(), m, dim=-1) / count.clamp(min=1), torch.nan)
+            gathered = self.accelerator.gather(per_seq)
+            finite = gathered[~torch.isnan(gathered)]
+            self._metrics[mode][f"clip_ratio/{key}"].append(reduce(finite).item() if finite.numel() else float("nan"))
 
     def _global_masked_mean(self, x: torch.Tensor, m: torch.Tensor) -> float:
         """Mean of ``x`` over the unmasked tokens of every process (sums reduced, then divided)."""

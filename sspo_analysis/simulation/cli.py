@@ -11,7 +11,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sspo_analysis.cli_common import add_objective_flags, int_list, objective_params, str_list, write_csv
+from sspo_analysis.cli_common import (
+    add_objective_flags,
+    int_list,
+    objective_params,
+    progress_over,
+    str_list,
+    write_csv,
+)
 
 __all__ = ["register"]
 
@@ -32,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--lr", type=float, default=0.25)
     b.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     b.add_argument("--csv", help="write the per-step records to this CSV file")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_objective_flags(b)
     b.set_defaults(func=run_bandit_cli)
 
@@ -47,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--path-lr", type=float, default=3.0)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--csv", help="write the per-lag records to this CSV file")
+    q.add_argument("--no-progress", action="store_true", help="hide the progress bar (one tick per objective)")
     add_objective_flags(q)
     q.set_defaults(func=run_sequence_cli)
 
@@ -71,11 +80,10 @@ def run_bandit_cli(args: argparse.Namespace) -> int:
 
     from sspo_analysis.simulation import run_bandit
 
-    frames = []
-    for name, params in _objectives(args):
-        for seed in int_list(args.seeds, "--seeds"):
-            frames.append(run_bandit(name, args.steps, args.n_actions, args.group_size, args.updates_per_batch,
-                                     args.lr, seed, n_correct=args.n_correct, n_groups=args.n_groups, **params))
+    runs = [(name, params, seed) for name, params in _objectives(args) for seed in int_list(args.seeds, "--seeds")]
+    frames = [run_bandit(name, args.steps, args.n_actions, args.group_size, args.updates_per_batch, args.lr, seed,
+                         n_correct=args.n_correct, n_groups=args.n_groups, **params)
+              for name, params, seed in progress_over(runs, "bandit", not args.no_progress)]
     frame = pd.concat(frames, ignore_index=True)
     write_csv(frame, args.csv)
     summary = frame.groupby("objective", sort=False).agg(
@@ -94,7 +102,7 @@ def run_sequence_cli(args: argparse.Namespace) -> int:
     frames = [staleness_study(name, int_list(args.staleness, "--staleness"), length=args.length, vocab=args.vocab,
                               group_size=args.group_size, n_batches=args.n_batches,
                               groups_per_batch=args.groups_per_batch, path_lr=args.path_lr, seed=args.seed, **params)
-              for name, params in _objectives(args)]
+              for name, params in progress_over(_objectives(args), "sequence", not args.no_progress)]
     frame = pd.concat(frames, ignore_index=True)
     write_csv(frame, args.csv)
     cols = ["objective", "staleness", "kl", "bias", "variance", "cosine", "scale", "dead_frac"]

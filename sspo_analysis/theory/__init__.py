@@ -2,7 +2,7 @@
 
 Models of the token log-ratio (:class:`LogNormalRatios`, :class:`EmpiricalRatios`),
 the moments of every objective's gradient coefficient and importance weight
-(:func:`analyse`, by closed form, Gauss-Hermite quadrature or Monte Carlo) and
+(:func:`analyse`, by closed form, composite Gauss-Legendre quadrature or Monte Carlo) and
 tidy grids of them (:func:`sweep`). The notation and the formulas are stated in
 ``docs/theory.md`` ("The log-normal model"); every gate and objective comes from
 :mod:`sspo_analysis.objectives`, where each objective declares the analytic

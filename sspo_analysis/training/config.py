@@ -116,6 +116,7 @@ class LogConfig:
     progress: bool = True
     entropy_change: bool = True  # entropy after the updates (one no-grad forward): entropy_change_real
     entropy_taylor: bool = True  # also log grad(H) . delta(theta) (one extra backward; 2 parameter copies)
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # ["tensorboard"]: RUN/tensorboard/ too
 
 
 @dataclass
@@ -231,6 +232,9 @@ class TrainConfig:
         number("optim.logprob_chunk", op.logprob_chunk, 1, integer=True)
         number("log.log_ratios_every", self.log.log_ratios_every, 0, integer=True)
         number("log.checkpoint_every", self.log.checkpoint_every, 1, integer=True)
+        from sspo_analysis.training.outputs import check_report_to
+
+        check_report_to(self.log.report_to)
         return self
 
     def build_objective(self):

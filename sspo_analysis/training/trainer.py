@@ -45,6 +45,7 @@ from sspo_analysis.training.measure import (
     update_metrics,
 )
 from sspo_analysis.training.models import Sampling, generate, load_model
+from sspo_analysis.training.outputs import Reporters, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.state import RunState, autocast, params_of
 from sspo_analysis.training.tasks import Task, make_task
@@ -306,7 +307,7 @@ def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | 
         state.snapshot()
     t_run = time.time() - counters["elapsed"]
     state.policy.train()
-    with _progress(show) as bar, metrics_path.open("a") as metrics_file:
+    with _progress(show) as bar, metrics_path.open("a") as metrics_file, Reporters(run, cfg.log.report_to) as report:
         task_id = bar.add_task("train", total=cfg.steps, completed=counters["step"], info="")
         for step in range(counters["step"] + 1, cfg.steps + 1):
             line = rl_step(state, step, run)
@@ -314,11 +315,13 @@ def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | 
             line.update(skipped_updates_total=counters["skipped_total"], wall_time=time.time() - t_run)
             metrics_file.write(json.dumps(_finite_or_none(line)) + "\n")
             metrics_file.flush()
+            report.log(line, step)
             counters.update(step=step, metrics_lines=counters["metrics_lines"] + 1)
             bar.update(task_id, completed=step, info=f"reward {line['reward_mean']:.3f} "
                        f"entropy {line['entropy']:.3f} lr {line['lr']:.1e}")
             if step % cfg.log.checkpoint_every == 0 or step == cfg.steps:
                 _save_checkpoint(state, ckpt_path, dict(counters, elapsed=time.time() - t_run))
+    save_final(run, state.policy, state.tok)  # RUN/final: a transformers checkpoint of the trained policy
     write_text(run / "DONE", f"finished {cfg.steps} steps\n")
     return run
 
