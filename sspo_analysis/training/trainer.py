@@ -27,6 +27,7 @@ import random
 import shutil
 import time
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from sspo_analysis.io import atomic_path, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
 from sspo_analysis.training.health import Monitor, Verdict, nonfinite_parameters
+from sspo_analysis.training.inputs import check_alphabet, check_prompt_lengths
 from sspo_analysis.training.measure import (
     dump_log_ratios,
     entropy_change_metrics,
@@ -444,10 +446,17 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
         torch.set_num_threads(cfg.threads)
     task = make_task_from(cfg)
     if not cfg.model.path:  # the character tokenizer: check before the warm start is made
-        from sspo_analysis.training.models import char_tokenizer
+        from sspo_analysis.training.models import CHARS, PRESETS, char_tokenizer
 
+        check_alphabet(task, CHARS, "task.path")
         check_room(cfg, task, char_tokenizer())
+        check_prompt_lengths(task, char_tokenizer(), PRESETS[cfg.model.preset]["max_position_embeddings"],
+                             cfg.rollout.max_new_tokens)
     policy, tok = build_policy(cfg, device, progress=show)
+    context = getattr(policy.config, "max_position_embeddings", None)
+    if cfg.model.path and context:
+        check_prompt_lengths(task, tok, int(context), cfg.rollout.max_new_tokens,
+                             lambda p: format_prompts(tok, p, cfg.task.chat_template))
     run.mkdir(parents=True, exist_ok=True)
     if write_config:
         write_text(run / "config.toml", cfg.to_toml())
@@ -679,6 +688,9 @@ def read_log_ratios(run_dir: str | Path, steps=None) -> dict[int, dict[str, np.n
     for path in sorted((Path(run_dir) / "log_ratios").glob("step_*.npz")):
         step = int(path.stem.split("_")[1])
         if steps is None or step in steps:
-            with np.load(path) as data:
-                out[step] = {k: data[k] for k in data.files}
+            try:
+                with np.load(path) as data:
+                    out[step] = {k: data[k] for k in data.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"{path}: not a readable log-ratio file ({type(err).__name__}: {err})") from err
     return out
