@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,11 @@ FAST = ["model.preset=\"micro\"", "model.warm_start=false", "rollout.prompts=4",
 
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    """``--set`` flags for each override."""
+    return [flag for o in overrides for flag in ("--set", o)]
 
 
 def _same_metrics(a, b) -> None:
@@ -62,7 +68,7 @@ def test_second_writer_fails_at_once_naming_the_owner(tmp_path, capsys):
         with pytest.raises(RunBusyError, match=rf"{run.name}.*process {owner.pid}"):
             train(None, run, overrides=FAST + ["steps=1"])
         assert time.perf_counter() - t0 < 5  # before any model is built
-        assert main(["train", "--set", "steps=1", *sum([["--set", s] for s in FAST], []), "--out", str(run)]) == 2
+        assert main(["train", "--set", "steps=1", *_sets(FAST), "--out", str(run)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(owner.pid) in err and str(run) in err
         assert not (run / "metrics.jsonl").exists() and not (run / "config.toml").exists()
@@ -93,7 +99,7 @@ def test_lock_is_released_on_error_and_reentry_is_refused(tmp_path):
 def _cli_train(run: Path, steps: int) -> list[str]:
     over = FAST + [f"steps={steps}", "log.checkpoint_every=1"]
     return [sys.executable, "-m", "sspo_analysis.cli", "train", "--no-progress", "--out", str(run),
-            *sum([["--set", s] for s in over], [])]
+            *_sets(over)]
 
 
 def test_kill_9_at_a_random_moment_then_resume_reproduces_the_run(tmp_path):
@@ -156,7 +162,7 @@ def test_sweep_reuses_only_a_run_made_with_the_requested_config(tmp_path, capsys
     with pytest.raises(ValueError, match=r"grpo_seed0: optim\.lr"):
         sweep(["grpo"], [0], None, tmp_path, over + ["optim.lr=2e-3"])
     assert main(["sweep", "--objectives", "grpo", "--seeds", "0", "--out", str(tmp_path), "--no-progress",
-                 *sum([["--set", s] for s in over + ["optim.lr=2e-3"]], [])]) == 2
+                 *_sets(over + ["optim.lr=2e-3"])]) == 2
     assert "optim.lr" in capsys.readouterr().err
     assert sweep(["grpo"], [0], None, tmp_path, over + ["optim.lr=2e-3"], rerun=True) == [run]
     assert load_config(run / "config.toml").optim.lr == 2e-3
@@ -202,7 +208,7 @@ def test_a_run_whose_updates_are_all_skipped_is_marked_diverged(tmp_path, monkey
 
     monkeypatch.setattr(objectives.Objective, "evaluate", poisoned)
     out = tmp_path / "dead"
-    args = ["train", "--no-progress", "--out", str(out), *sum([["--set", s] for s in FAST + ["steps=10"]], [])]
+    args = ["train", "--no-progress", "--out", str(out), *_sets(FAST + ["steps=10"])]
     assert main(args) == 3
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "diverged at step 4" in err and "8 of 8 updates skipped" in err
@@ -216,3 +222,192 @@ def test_a_run_whose_updates_are_all_skipped_is_marked_diverged(tmp_path, monkey
 
     steps = read_metrics(out).iloc[:0]
     assert diverged({"done": True, "run_dir": out}, steps.assign(reward_mean=[]))
+
+
+# --------------------------------------------------------------------------- strict inputs
+
+
+@pytest.mark.parametrize("override, field", [
+    ("objective.one_sided=\"no\"", "one_sided"), ("objective.one_sided=1", "one_sided"),
+    ("objective.tau=true", "tau"), ("objective.eps=[1,2,3]", "eps"), ("objective.gate=[1]", "gate"),
+    ("log.progress=\"no\"", "log.progress"), ("model.warm_start=1", "model.warm_start"),
+    ("steps=[5]", "steps"), ("optim.lr=true", "optim.lr"), ("task.name=[\"addition\"]", "task.name"),
+    ("seed=123456789012345678901", "seed"), ("seed=-1", "seed"), ("warm_start.seed=18446744073709551616", "seed"),
+])
+def test_a_field_of_the_wrong_type_or_range_is_one_error_naming_it(override, field):
+    with pytest.raises(ValueError, match=field):
+        load_config(None, ["objective.name=\"sspo\"", override])
+
+
+def test_eps_true_is_refused_not_one():
+    with pytest.raises(ValueError, match="eps must be a number"):
+        load_config(None, ["objective.eps=true"])
+    assert load_config(None, ["objective.eps=[0.1,0.3]"]).build_objective().params["eps_hi"] == 0.3
+
+
+def test_threads_are_bounded_by_the_machine():
+    n = os.cpu_count() or 1
+    assert load_config(None, [f"threads={n}"]).threads == n
+    with pytest.raises(ValueError, match=f"threads: .*<= {n}"):
+        load_config(None, [f"threads={n + 1}"])
+
+
+def test_objective_api_refuses_what_would_silently_mislead():
+    import torch
+
+    from sspo_analysis.objectives import get_objective
+
+    for horizon in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="horizon"):
+            get_objective("grpo", agg="seq-mean-token-sum-norm", horizon=horizon)
+    obj = get_objective("grpo")
+    lp, adv = torch.zeros(2, 3), torch.tensor([1.0, -1.0])
+    with pytest.raises(ValueError, match="mask: must be boolean or exactly 0/1"):
+        obj(lp, lp, adv, torch.full((2, 3), 0.5))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="advantages: must be finite"):
+            obj(lp, lp, torch.tensor([bad, 1.0]), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="advantages: expected"):
+        obj(lp, lp, "1", torch.ones(2, 3, dtype=torch.bool))
+    # numpy inputs and a 0/1 float mask give what the tensors give (the mask's zero token drops out)
+    mask = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    lp_np = np.array([[0.1, -0.2, 5.0], [0.0, 0.3, -0.1]])
+    got = obj(lp_np, np.zeros((2, 3)), np.array([1.0, -1.0]), mask)[0]
+    want = obj(torch.tensor(lp_np), torch.zeros(2, 3, dtype=torch.float64), torch.tensor([1.0, -1.0]),
+               torch.tensor(mask).bool())[0]
+    assert float(got) == float(want)
+
+
+def test_output_paths_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import sspo_analysis.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "build_policy", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "file").write_text("x")
+    cases = {str(tmp_path / "file"): "is a file", str(tmp_path / "file" / "run"): "is a file",
+             "/proc/sspo_run": "pseudo file system"}
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        cases[str(ro / "run")] = "not writable"
+    for out, why in cases.items():
+        with pytest.raises(ValueError, match=why):
+            train(None, out, overrides=FAST + ["steps=1"])
+        assert main(["pretrain", "--out", out, "--set", "model.preset=\"micro\""]) == 2
+        assert why in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one line for file and data errors
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": bad}\n', r"bad\.jsonl:2: not JSON"),
+    (b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "\xff"}\n', r"bad\.jsonl:2: not UTF-8"),
+    (b'{"prompt": "1+1=", "answer": "2"}\n\n[1, 2]\n', r"bad\.jsonl:3: expected a JSON object, got a JSON list"),
+])
+def test_jsonl_task_errors_name_the_file_and_the_line(tmp_path, content, message, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    over = FAST + ["task.name=\"jsonl\"", f"task.path=\"{path}\"", "steps=1"]
+    assert main(["train", "--no-progress", "--out", str(tmp_path / "r"), *_sets(over)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    from sspo_analysis.training.tasks import make_task
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n')
+    assert make_task("jsonl", path=str(path)).prompts == ["1+1="]
+
+
+def test_read_metrics_skips_a_cut_off_last_line_and_names_a_bad_one(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "reward_mean": 0.5, "entropy": 1.0}\n{"step": 2, "rewa')
+    with pytest.warns(UserWarning, match="line 2 is cut off"):
+        assert list(read_metrics(run).step) == [1]
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2"):
+        read_metrics(run)
+    metrics.write_text("")
+    assert main(["plot", str(run), "--out", str(tmp_path / "fig")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no complete step" in err
+
+
+def test_a_corrupt_log_ratio_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "log_ratios").mkdir()
+    (tmp_path / "log_ratios" / "step_000001.npz").write_bytes(b"PK\x03\x04 cut off")
+    assert main(["theory", "--objective", "grpo", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step_000001.npz" in err
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    import torch
+
+    def full_disk(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 123 vs 456")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "r"
+    assert main(["train", "--no-progress", "--out", str(out), *_sets(FAST + ["steps=2"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint" in err and "disk full" in err
+    assert not list(out.glob("**/*.tmp")) and not (out / "checkpoint" / "state.pt").exists()
+
+
+# --------------------------------------------------------------------------- bounded work
+
+
+def test_prompts_longer_than_the_context_are_refused_before_training(tmp_path):
+    path = tmp_path / "long.jsonl"
+    records = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "1" * 600, "answer": "1"},
+               {"prompt": "2" * 509, "answer": "2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    over = FAST + ["task.name=\"jsonl\"", f"task.path=\"{path}\"", "steps=1"]
+    # micro: 512 positions, 4 new tokens: prompts of 509 and 600 characters do not fit, 508 would
+    with pytest.raises(ValueError, match=r"2 of 3 prompts are longer than 508 tokens.*longest has 600"):
+        train(None, tmp_path / "r", overrides=over)
+
+
+def test_characters_outside_the_alphabet_are_reported_or_refused(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1 ≈", "answer": "2"}) + "\n")
+    over = FAST + ["task.name=\"jsonl\"", f"task.path=\"{path}\"", "steps=1"]
+    with pytest.warns(UserWarning, match="1 characters the character tokenizer lacks \\('≈' x1\\)"):
+        train(None, tmp_path / "r", overrides=over)
+    path.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "x", "answer": "é"}))
+    with pytest.raises(ValueError, match="1 of 2 answers use characters .*'é'"):
+        train(None, tmp_path / "r2", overrides=over)
+
+
+def test_theory_extreme_stds_are_finite_and_correct_or_one_error(capsys):
+    from scipy import integrate, stats
+
+    from sspo_analysis.theory.closed_forms import partial_moment
+
+    # E[r^2 1{a < l < b}] at s = 40, m = -s^2/2, by direct integration of the normal density (an independent
+    # oracle): the scale exp(2m + 2 s^2) overflows alone, the answer does not
+    s, m, a, b = 40.0, -800.0, math.log(0.8), math.log(1.2)
+    want = integrate.quad(lambda x: math.exp(2 * x) * stats.norm.pdf(x, m, s), a, b)[0]
+    got = float(partial_moment(2.0, a, b, np.array(m), np.array(s)))
+    assert got == pytest.approx(want, rel=1e-6) and want > 0
+    assert main(["theory", "--objective", "grpo", "--log-ratio-std", "40", "--advantage-sign", "+", "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "supported: Var(sum of log-ratios) < 709" in err
+    assert main(["theory", "--objective", "grpo", "--log-ratio-std", "20", "--advantage-sign", "+", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert all(v is None or math.isfinite(v) for v in out.values() if isinstance(v, float))
+    assert 0 <= out["dead_fraction"] <= 1 and out["var_coefficient"] >= 0
+
+
+def test_theory_monte_carlo_that_would_take_minutes_is_refused(capsys):
+    t0 = time.perf_counter()
+    assert main(["theory", "--objective", "sspo", "--log-ratio-std", "0.3", "--length", "1000000",
+                 "--method", "monte-carlo"]) == 2
+    assert time.perf_counter() - t0 < 5
+    assert "would take minutes" in capsys.readouterr().err
