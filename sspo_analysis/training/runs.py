@@ -96,12 +96,17 @@ def release(lock: Path) -> None:
 
 @contextlib.contextmanager
 def run_lock(run: str | os.PathLike) -> Iterator[Path]:
-    """Own ``run`` for the duration of the ``with`` block (see :func:`acquire`)."""
+    """Own ``run`` for the duration of the ``with`` block (see :func:`acquire`); a directory the lock had to create
+    is removed again if nothing was written to it (a run refused before any work leaves no trace)."""
+    created = not Path(run).exists()
     lock = acquire(run)
     try:
         yield lock
     finally:
         release(lock)
+        if created:
+            with contextlib.suppress(OSError):
+                Path(run).rmdir()  # only when empty
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "out") -> Path:
