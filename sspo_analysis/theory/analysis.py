@@ -597,6 +597,12 @@ def _grid_stats(obj: Objective, sign: int, method: str, g: _SweepGrid) -> tuple[
         m_col, s_col, L_row = g.mean[:, None], g.std[:, None], g.length[None, :]
         stats = (_closed_form(obj, m_col, s_col, L_row, sign, g.correlation) if method == "closed-form"
                  else _quadrature(obj, m_col, s_col, L_row, sign, g.quad_nodes))
+        for k in STATS:
+            bad = np.argwhere(~np.isfinite(np.broadcast_to(np.asarray(stats[k], dtype=float), (S, K))))
+            if bad.size:
+                i, j = bad[0]
+                _check_finite({k: float("nan")}, LogNormalRatios(float(g.std[i]), int(g.length[j]),
+                                                                 float(g.mean[i]), g.correlation))
         return stats, np.full((S, K), None, dtype=object)
     stats = {k: np.empty((S, K)) for k in STATS}
     errs = np.empty((S, K), dtype=object)
