@@ -412,3 +412,39 @@ def test_theory_monte_carlo_that_would_take_minutes_is_refused(capsys):
                  "--method", "monte-carlo"]) == 2
     assert time.perf_counter() - t0 < 5
     assert "would take minutes" in capsys.readouterr().err
+
+
+def test_a_sweep_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch, capsys):
+    import sspo_analysis.objectives as objectives
+
+    original = objectives.Objective.evaluate
+
+    def poisoned(self, *args, **kwargs):
+        loss, metrics, terms = original(self, *args, **kwargs)
+        return (loss * math.nan if self.name == "sapo" else loss), metrics, terms
+
+    monkeypatch.setattr(objectives.Objective, "evaluate", poisoned)
+    args = ["sweep", "--objectives", "sapo,grpo", "--seeds", "0", "--out", str(tmp_path), "--no-progress",
+            *_sets(FAST + ["steps=5"])]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2/2 runs finished" in out and "(1 diverged)" in out
+    assert (tmp_path / "sapo_seed0" / "DIVERGED").exists() and not (tmp_path / "sapo_seed0" / "FAILED").exists()
+    assert (tmp_path / "grpo_seed0" / "DONE").exists()
+    mtime = (tmp_path / "sapo_seed0" / "DIVERGED").stat().st_mtime_ns
+    assert len(sweep(["sapo"], [0], None, tmp_path, FAST + ["steps=5"])) == 1  # a result: reused, not retried
+    assert (tmp_path / "sapo_seed0" / "DIVERGED").stat().st_mtime_ns == mtime
+
+
+def test_sweep_seeds_that_are_not_integers_are_one_error():
+    with pytest.raises(ValueError, match="--seeds: expected comma-separated integers"):
+        sweep(["grpo"], "0,x", None, "unused", FAST)
+
+
+def test_theory_grid_beyond_float64_names_the_point():
+    from sspo_analysis.theory import sweep as theory_sweep
+
+    with pytest.raises(ValueError, match=r"log_ratio_std: 40 \(length 1\)"):
+        theory_sweep(["grpo"], stds=[0.1, 40.0], lengths=[1])
+    frame = theory_sweep(["grpo", "gspo"], stds=[0.1, 1.0], lengths=[1, 256])
+    assert np.isfinite(frame[["mean_coefficient", "var_coefficient", "var_weight"]].to_numpy(float)).all()

@@ -17,12 +17,16 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+MIN_FREE_BYTES = 256 * 2**20
+"""Below this free space an output directory gets a warning (a tiny-preset checkpoint is a few MB, a 0.5B model's
+several GB: the warning is a floor, not a guarantee)."""
 LOCK_NAME = ".lock"
 """The lock file inside a run directory."""
 HONOURED_FIELDS = frozenset({"threads", "warm_start.dir", "optim.token_budget", "optim.logprob_chunk"})
@@ -34,7 +38,8 @@ class RunBusyError(ValueError):
     """Another live process owns the run directory (a ValueError: the CLI prints it as one line)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +84,7 @@ def acquire(run: str | os.PathLike) -> Path:
         if owner is None:
             raise RunBusyError(f"run {str(run)!r}: lock file {str(lock)!r} exists but is unreadable; "
                                "delete it if no process is writing this run")
-        if owner.get("host") != me["host"] or _pid_alive(owner["pid"]):
+        if owner.get("host") != me["host"] or pid_alive(owner["pid"]):
             raise RunBusyError(f"run {str(run)!r} is being written by process {owner['pid']} on "
                                f"{owner.get('host')!r}; wait for it or use another directory")
         warnings.warn(f"run {str(run)!r}: taking over the stale lock of dead process {owner['pid']}", stacklevel=2)
@@ -128,6 +133,10 @@ def check_output_dir(path: str | os.PathLike, what: str = "out") -> Path:
         raise ValueError(f"{what}: {str(path)!r} is a file, expected a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: {str(existing)!r} is not writable")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        warnings.warn(f"{what}: only {free / 2**20:.0f} MiB free under {str(existing)!r}; checkpoints may not fit",
+                      UserWarning, stacklevel=2)
     return path
 
 

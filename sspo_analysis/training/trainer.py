@@ -55,6 +55,7 @@ from sspo_analysis.training.runs import (
     check_output_dir,
     config_changes,
     is_file_error,
+    pid_alive,
     refused_changes,
     run_lock,
 )
@@ -136,6 +137,10 @@ def ensure_warm_start(cfg: TrainConfig, progress: bool | None = None) -> Path:
     target = cache_root(cfg) / "warm_start" / f"{cfg.model.preset}-{cfg.task.name}-{warm_start_key(cfg)}"
     if (target / "warm_start.json").exists():
         return target
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed process
+        pid = stale.name.split(".")[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     pretrain(cfg, tmp, progress=progress)
     try:
@@ -599,7 +604,10 @@ def _sweep_configs(objectives, seeds, base_config, overrides) -> dict[tuple[str,
     if isinstance(objectives, str):
         objectives = [x for x in objectives.split(",") if x]
     if isinstance(seeds, (str, int)):
-        seeds = [int(x) for x in str(seeds).split(",") if x != ""]
+        try:
+            seeds = [int(x) for x in str(seeds).split(",") if x.strip() != ""]
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
     base_over = list(overrides or ())
     if isinstance(base_config, TrainConfig):
         base_over = _flatten_overrides(base_config) + base_over
