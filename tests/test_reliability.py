@@ -96,6 +96,19 @@ def test_lock_is_released_on_error_and_reentry_is_refused(tmp_path):
     assert not (tmp_path / "bad" / LOCK_NAME).exists()
 
 
+def test_pretrain_and_sweep_respect_an_owned_directory(tmp_path, capsys):
+    from sspo_analysis.training import pretrain
+
+    with run_lock(tmp_path / "ws"):
+        with pytest.raises(RunBusyError, match=f"process {os.getpid()}"):
+            pretrain(None, tmp_path / "ws", overrides=["model.preset=\"micro\"", "log.progress=false"])
+    (tmp_path / "sw" / "grpo_seed0").mkdir(parents=True)
+    with run_lock(tmp_path / "sw" / "grpo_seed0"):
+        assert sweep(["grpo"], [0], None, tmp_path / "sw", FAST + ["steps=1"]) == []
+    assert "skipped" in capsys.readouterr().out
+    assert not (tmp_path / "sw" / "grpo_seed0" / "FAILED").exists()  # not ours to mark
+
+
 def _cli_train(run: Path, over: list[str]) -> list[str]:
     return [sys.executable, "-m", "sspo_analysis.cli", "train", "--no-progress", "--out", str(run),
             *_sets(over)]

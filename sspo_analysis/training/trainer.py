@@ -412,7 +412,8 @@ def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig | N
 def _claim(recorded: TrainConfig | None, cfg: TrainConfig, run: Path) -> bool:
     """Under the lock: whether there is work to do in ``run`` (ValueError if the request cannot be honoured)."""
     for tmp in run.glob("**/.*.tmp"):  # left by a process killed mid-write; we own the run now
-        tmp.unlink(missing_ok=True)
+        if not tmp.name.startswith(f"{LOCK_NAME}."):  # another process's lock attempt, in flight
+            tmp.unlink(missing_ok=True)
     if recorded is None:
         if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
             raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
