@@ -148,6 +148,20 @@ def test_resume_refuses_changes_of_meaning_and_names_each_field(tmp_path):
         train(None, run, overrides=["optim.lr=0.1"], resume=True)
     assert load_config(run / "config.toml").objective.name == "grpo"
     train(None, run, overrides=["threads=1", "log.progress=false"], resume=True)  # honoured: no meaning
+    # a run made on a bigger machine: its threads are refused here unless the resume sets them
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("threads = 1", "threads = 99999"))
+    with pytest.raises(ValueError, match="threads"):
+        train(None, run, resume=True)
+    train(None, run, overrides=["threads=1"], resume=True)
+
+
+def test_config_files_with_a_bom_or_bad_bytes(tmp_path):
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbfseed = 3\n")
+    assert load_config(tmp_path / "bom.toml").seed == 3
+    (tmp_path / "bad.toml").write_bytes(b"seed = 3\n# \xff\n")
+    with pytest.raises(ValueError, match=r"config: .*bad\.toml: 'utf-8' codec"):
+        load_config(tmp_path / "bad.toml")
 
 
 def test_more_steps_extend_a_finished_run_as_a_straight_run_would(tmp_path):

@@ -384,8 +384,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         source = packaged_config(path)
         try:
-            data = tomllib.loads(source.read_text())
-        except tomllib.TOMLDecodeError as err:
+            data = tomllib.loads(source.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
             raise ValueError(f"config: {path}: {err}") from err
     cfg = _from_dict(data, f"{path}: " if path else "")
     for text in overrides:

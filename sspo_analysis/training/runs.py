@@ -160,6 +160,11 @@ def config_changes(old: Any, new: Any) -> list[str]:
 _MISSING = object()
 
 
+def is_honoured(key: str) -> bool:
+    """Whether a change of ``key`` (``section.field``) leaves the run's meaning alone (speed, memory, logging)."""
+    return key in HONOURED_FIELDS or key.startswith("log.")
+
+
 def refused_changes(old: Any, new: Any, done_steps: int) -> list[str]:
     """The changes from ``old`` to ``new`` a resume cannot honour, each with why (empty: all honoured).
 
@@ -170,7 +175,7 @@ def refused_changes(old: Any, new: Any, done_steps: int) -> list[str]:
     """
     refused = []
     for key in config_changes(old, new):
-        if key in HONOURED_FIELDS or key.startswith("log."):
+        if is_honoured(key):
             continue
         if key == "steps":
             if new.optim.schedule != "constant":

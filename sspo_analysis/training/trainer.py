@@ -55,6 +55,7 @@ from sspo_analysis.training.runs import (
     check_output_dir,
     config_changes,
     is_file_error,
+    is_honoured,
     pid_alive,
     refused_changes,
     run_lock,
@@ -400,7 +401,9 @@ def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig | N
         if out_dir is None or not (Path(out_dir) / "config.toml").is_file():
             raise ValueError(f"--resume: {str(out_dir)!r} is not a run directory (no config.toml)")
         run = Path(out_dir)
-        recorded = load_config(run / "config.toml")
+        # the honoured overrides apply to the record too: a run made with threads = 16 resumes here with threads = 2
+        honoured = [o for o in overrides or () if is_honoured(o.split("=", 1)[0].strip())]
+        recorded = load_config(run / "config.toml", honoured)
         return recorded, load_config(run / "config.toml", list(overrides or ())), run
     cfg = _resolve(config, overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
