@@ -489,3 +489,13 @@ def test_theory_monte_carlo_memory_does_not_grow_with_the_samples():
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     assert int(out.stdout.split()[-1]) < 700 * 1024  # KiB
+
+
+def test_written_json_is_always_json(tmp_path):
+    from sspo_analysis.io import write_json
+
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    path = write_json(tmp_path / "x.json", {"loss": math.nan, "history": [{"v": math.inf}, 1.5], "n": 2})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"loss": None, "history": [{"v": None}, 1.5], "n": 2}

@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 from sspo_analysis.cli_common import add_objective_flags, float_list, int_list, objective_params, str_list, write_csv
+from sspo_analysis.io import json_safe
 
 __all__ = ["register", "run_theory", "markdown_table"]
 
@@ -81,7 +82,7 @@ def _run_one(args: argparse.Namespace) -> int:
     result = analyse(obj, model, args.advantage_sign, method=args.method, n_samples=args.n_samples, seed=args.seed)
     out = result.to_dict()
     if args.json:
-        print(json.dumps(_json_safe(out), allow_nan=False))
+        print(json.dumps(json_safe(out), allow_nan=False))
         return 0
     params_text = ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())) or "no parameters"
     print(f"{out['objective']} ({params_text}); A {out['advantage_sign']:+d}; log-ratio mean "
@@ -91,15 +92,6 @@ def _run_one(args: argparse.Namespace) -> int:
         err = f" +- {se[key]:.2g}" if key in se else ""
         print(f"  {key:<17} {label:<7} {out[key]:.6g}{err}")
     return 0
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float as ``null``: ``--json`` is always valid JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _run_grid(args: argparse.Namespace) -> int:
