@@ -431,6 +431,8 @@ def _claim(recorded: TrainConfig | None, cfg: TrainConfig, run: Path) -> bool:
     if (run / "DONE").exists():
         if cfg.steps <= recorded.steps:
             return False
+        if not (run / "checkpoint" / "state.pt").is_file():
+            raise ValueError(f"--resume: run {str(run)!r} has no checkpoint to extend from; start a new run")
         (run / "DONE").unlink()  # more steps: continue the finished run from its final checkpoint
     return True
 
