@@ -173,6 +173,10 @@ def test_more_steps_extend_a_finished_run_as_a_straight_run_would(tmp_path):
     _same_metrics(straight, read_metrics(run))
     with pytest.raises(ValueError, match="steps.*already done"):
         train(None, run, overrides=["steps=3"], resume=True)
+    (run / "checkpoint" / "state.pt").unlink()
+    with pytest.raises(ValueError, match="no checkpoint to extend from"):
+        train(None, run, overrides=["steps=6"], resume=True)
+    assert len(read_metrics(run)) == 4 and (run / "DONE").exists()  # nothing lost
 
 
 def test_more_steps_under_a_decaying_schedule_are_refused(tmp_path):
