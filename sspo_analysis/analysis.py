@@ -21,6 +21,7 @@ theory on logged log-ratios (:func:`predict_from_log_ratios`) live here, below
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,10 +78,14 @@ def mean_height(values: Sequence[float]) -> float:
 def diverged(run: Mapping[str, Any], steps: Any) -> bool:
     """Whether a run diverged, from its record and its per-step metrics ``steps`` (a DataFrame, sorted by step).
 
-    It diverged if it did not finish, logged a non-finite reward, entropy or loss,
-    skipped updates for non-finite values, or its final reward fell below
-    :data:`COLLAPSE_FRACTION` of its initial reward (the mean of its first three steps).
+    It diverged if the trainer marked it so (``RUN/DIVERGED``, when the record has a
+    ``run_dir``; see :mod:`sspo_analysis.training.health`), did not finish, logged a
+    non-finite reward, entropy or loss, skipped updates for non-finite values, or its final
+    reward fell below :data:`COLLAPSE_FRACTION` of its initial reward (the mean of its first three steps).
     """
+    run_dir = run.get("run_dir")
+    if run_dir is not None and (Path(run_dir) / "DIVERGED").exists():
+        return True
     if not run.get("done", False) or steps.empty:
         return True
     for key in ("reward_mean", "entropy", "loss"):

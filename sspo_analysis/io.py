@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -41,6 +42,16 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, through dicts, lists and tuples:
+    what JSON can hold (``json.dumps`` would write ``NaN``, which is not JSON)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def write_json(target: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``target`` atomically."""
-    return write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write ``obj`` as indented JSON to ``target`` atomically (non-finite floats as ``null``)."""
+    return write_text(target, json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -518,6 +518,31 @@ def is_seq(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
 # --------------------------------------------------------------------------- the wrapper
 
 
+def _as_tensor(name: str, value: Any) -> Tensor:
+    """A tensor, or a numpy array / nested list converted to one; else ValueError naming the argument."""
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name}: expected a torch.Tensor or numpy array, got {type(value).__name__}") from err
+
+
+def _checked_inputs(log_prob: Any, old_log_prob: Any, advantages: Any, mask: Any) -> tuple[Tensor, ...]:
+    """The four inputs as tensors; a mask must be boolean or exactly 0/1, advantages finite (else ValueError)."""
+    log_prob, old_log_prob = _as_tensor("log_prob", log_prob), _as_tensor("old_log_prob", old_log_prob)
+    advantages, mask = _as_tensor("advantages", advantages), _as_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask: must be boolean or exactly 0/1; got other values (a soft mask is not supported)")
+        mask = mask.bool()
+    if not advantages.is_floating_point() and advantages.dtype != torch.bool:
+        advantages = advantages.double()
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages: must be finite; got NaN or inf")
+    return log_prob, old_log_prob, advantages, mask
+
+
 def _as_token_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
     if advantages.dim() == 1:
         if advantages.shape[0] != shape[0]:
@@ -560,6 +585,7 @@ class Objective:
         ``adv`` is (B, T) for token objectives and (B,) for sequence objectives
         (the masked token mean, which equals ``A_i`` for sequence advantages).
         """
+        log_prob, old_log_prob, advantages, mask = _checked_inputs(log_prob, old_log_prob, advantages, mask)
         if log_prob.shape != old_log_prob.shape or log_prob.shape != mask.shape or log_prob.dim() != 2:
             raise ValueError(
                 "log_prob, old_log_prob, mask: must share one (B, T) shape; got "
@@ -757,6 +783,9 @@ def _build(spec: ObjectiveSpec, agg: str | None, horizon: int | None, params: di
     name = spec.name
     merged = dict(spec.defaults)
     params = dict(params)
+    _check_param_types(name, merged, params)
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(f"horizon: must be an integer >= 1 (or None: the mask's T), got {horizon!r}")
     if "eps" in params and "eps_lo" in merged:
         eps = params.pop("eps")
         merged["eps_lo"], merged["eps_hi"] = (eps, eps) if isinstance(eps, (int, float)) else eps
@@ -779,6 +808,33 @@ def _build(spec: ObjectiveSpec, agg: str | None, horizon: int | None, params: di
             stacklevel=3,
         )
     return Objective(name, merged, agg, horizon, spec)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_param_types(name: str, defaults: dict[str, Any], params: dict[str, Any]) -> None:
+    """Each parameter has its default's one type: a bool is a bool (never ``"no"`` or 1), a number never a bool,
+    a string a string; ``eps`` is a number or a pair ``(eps_lo, eps_hi)``."""
+    aliases = {"eps": "eps_lo", "tau": "tau_pos"}
+    for key, value in params.items():
+        default = defaults.get(aliases.get(key, key))
+        if value is None:  # the parameter's own check says whether None is allowed (clip-cov's seed)
+            continue
+        if key == "eps" and isinstance(value, (list, tuple)):
+            ok = len(value) == 2 and all(_is_number(v) for v in value)
+            kind = "a number or a pair of numbers (eps_lo, eps_hi)"
+        elif isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif _is_number(default):
+            ok, kind = _is_number(value), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str) or (key == "gate" and callable(value)), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"objective {name!r}: {key} must be {kind}, got {value!r}")
 
 
 def _validate_params(name: str, p: dict[str, Any]) -> None:

@@ -33,6 +33,9 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
             raise ValueError(f"runs: {str(run)!r} has no metrics.jsonl")
     style.apply()
     frames = [read_metrics(r) for r in runs]
+    for run, df in zip(runs, frames):
+        if df.empty or "step" not in df:
+            raise ValueError(f"runs: {str(run)!r} has no complete step in metrics.jsonl (nothing to plot)")
     fig, axes = plt.subplots(3, 3, figsize=(style.FULL_WIDTH, 5.4), sharex=True)
     labelled = set()
     for df in frames:

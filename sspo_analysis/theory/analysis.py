@@ -41,6 +41,7 @@ import functools
 import importlib
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,14 @@ DEFAULT_N_SAMPLES = 20_000
 """Monte Carlo sequences per point when ``n_samples`` is not given (parametric models)."""
 DEFAULT_QUAD_NODES = 8
 """Gauss-Legendre nodes per quadrature panel (see :func:`normal_nodes`)."""
+MAX_SUM_VARIANCE = 709.0
+"""Below this ``Var(sum_t l_t)`` the second moment of the sequence weight, ``exp(Var)``, fits in float64
+(``log`` of the largest float64); beyond it a statistic may overflow, and :func:`analyse` says so."""
+MC_MAX_TOKENS = 10**9
+"""Monte Carlo refuses more tokens than this (``n_samples x length``): over a minute at ~15 M tokens/s (one CPU
+thread); lower the samples or the length, or use a closed form or the quadrature."""
+MC_WARN_TOKENS = 10**8
+"""Monte Carlo over more tokens than this warns that it will take several seconds."""
 MC_CHUNK_TOKENS = 1 << 19
 """Monte Carlo evaluates the objective on at most this many tokens at a time."""
 
@@ -323,12 +332,14 @@ def _moment_stats(s1: np.ndarray, s2: np.ndarray, den: np.ndarray) -> dict[str, 
 def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
                  seed: int) -> tuple[dict[str, float], dict[str, float]]:
     """Sample log-ratios, evaluate ``objective.terms`` on them (or the objective's hook); (stats, standard errors)."""
+    _check_mc_work(model, n_samples)
     hook = theory_hook(obj.spec, "monte-carlo")
     if hook is not None:
         return hook(obj, model, sign, n_samples, seed)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("T", "S1", "S2", "D", "W1", "W2", "WN")}
     for values, mask in model.chunks(n_samples, rng, MC_CHUNK_TOKENS):
+        _return_freed_memory()
         lt, mt = torch.from_numpy(values), torch.from_numpy(mask)
         adv = torch.full((lt.shape[0],), float(sign), dtype=torch.float64)
         with torch.no_grad():
@@ -432,8 +443,54 @@ def analyse(
         arrays = (_closed_form(obj, m, s, L, sign, model.correlation) if method == "closed-form"
                   else _quadrature(obj, m, s, L, sign, quad_nodes))
         stats = {k: float(arrays[k].reshape(-1)[0]) for k in STATS}
+    _check_finite(stats, model)
     return TheoryResult(obj.name, model.log_ratio_mean, model.log_ratio_std, length, sign, method=method,
                         mc_stderr=stderr, params=dict(obj.params), **stats)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the previous chunk's freed pages back to the system. Without it glibc, which raises its mmap threshold
+    after the first large free, serves every later chunk from a heap that only grows: 12 GB resident at length
+    1e5 x 3000 samples, where the chunks themselves need a few MB."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _check_mc_work(model: LogNormalRatios | EmpiricalRatios, n_samples: int | None) -> None:
+    """Refuse Monte Carlo beyond :data:`MC_MAX_TOKENS` tokens, warn beyond :data:`MC_WARN_TOKENS` (memory stays
+    bounded either way: the samples are drawn and evaluated in chunks of :data:`MC_CHUNK_TOKENS`)."""
+    n = model.n_sequences if n_samples is None else n_samples
+    tokens = float(n) * float(model.mean_length)
+    if tokens > MC_MAX_TOKENS:
+        raise ValueError(f"n_samples: Monte Carlo over {n} sequences x length {model.mean_length:g} = {tokens:.3g} "
+                         f"tokens would take minutes; allowed: n_samples x length <= {MC_MAX_TOKENS:.0e} "
+                         "(fewer samples, a shorter length, or method closed-form / quadrature)")
+    if tokens > MC_WARN_TOKENS:
+        warnings.warn(f"Monte Carlo over {tokens:.3g} tokens: expect several seconds", UserWarning, stacklevel=3)
+
+
+def _check_finite(stats: dict[str, float], model: LogNormalRatios | EmpiricalRatios) -> None:
+    """A statistic beyond float64 (the weight's variance grows like ``exp(L s^2)``) is a ValueError naming the
+    supported range, never an inf or a NaN."""
+    bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
+    if bad:
+        sum_var = model.sum_variance() if isinstance(model, LogNormalRatios) else float("nan")
+        raise ValueError(f"log_ratio_std: {model.log_ratio_std:g} (length {model.mean_length:g}) puts "
+                         f"{', '.join(bad)} beyond float64 (Var(sum of log-ratios) = {sum_var:.4g}; the weight's "
+                         f"moments grow like exp of it); supported: Var(sum of log-ratios) < {MAX_SUM_VARIANCE:g}")
 
 
 def _grid_settings(name: str, taus: Sequence[float] | None, eps: Sequence[float] | None,
@@ -562,6 +619,12 @@ def _grid_stats(obj: Objective, sign: int, method: str, g: _SweepGrid) -> tuple[
         m_col, s_col, L_row = g.mean[:, None], g.std[:, None], g.length[None, :]
         stats = (_closed_form(obj, m_col, s_col, L_row, sign, g.correlation) if method == "closed-form"
                  else _quadrature(obj, m_col, s_col, L_row, sign, g.quad_nodes))
+        for k in STATS:
+            bad = np.argwhere(~np.isfinite(np.broadcast_to(np.asarray(stats[k], dtype=float), (S, K))))
+            if bad.size:
+                i, j = bad[0]
+                _check_finite({k: float("nan")}, LogNormalRatios(float(g.std[i]), int(g.length[j]),
+                                                                 float(g.mean[i]), g.correlation))
         return stats, np.full((S, K), None, dtype=object)
     stats = {k: np.empty((S, K)) for k in STATS}
     errs = np.empty((S, K), dtype=object)

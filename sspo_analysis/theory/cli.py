@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 from sspo_analysis.cli_common import add_objective_flags, float_list, int_list, objective_params, str_list, write_csv
+from sspo_analysis.io import json_safe
 
 __all__ = ["register", "run_theory", "markdown_table"]
 
@@ -81,7 +82,7 @@ def _run_one(args: argparse.Namespace) -> int:
     result = analyse(obj, model, args.advantage_sign, method=args.method, n_samples=args.n_samples, seed=args.seed)
     out = result.to_dict()
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(json_safe(out), allow_nan=False))
         return 0
     params_text = ", ".join(f"{k}={v}" for k, v in sorted(result.params.items())) or "no parameters"
     print(f"{out['objective']} ({params_text}); A {out['advantage_sign']:+d}; log-ratio mean "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import ndtr
+from scipy.special import log_ndtr, ndtr
 
 from sspo_analysis.theory.models import sum_variance
 
@@ -68,11 +68,16 @@ class LogNormalGrid:
 def partial_moment(k: float | np.ndarray, a: float, b: float, m: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``E[r^k 1{a < l < b}]`` for ``l ~ N(m, s^2)``, ``r = e^l`` (``a``, ``b`` may be infinite)."""
     mu = m + k * s * s
-    scale = np.exp(k * m + 0.5 * k * k * s * s)
     alpha, beta = (a - mu) / s, (b - mu) / s
-    # Difference of the upper tails when the interval sits in the upper half: no cancellation.
-    prob = np.where(alpha > 0, ndtr(-alpha) - ndtr(-beta), ndtr(beta) - ndtr(alpha))
-    return scale * prob
+    # In logs: for large s the scale exp(k m + k^2 s^2 / 2) overflows while the probability underflows, and
+    # their product (the answer) is finite. Difference of the upper tails when the interval sits in the upper
+    # half, of the lower tails otherwise: no cancellation.
+    upper = alpha > 0
+    hi, lo = np.where(upper, -alpha, beta), np.where(upper, -beta, alpha)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        log_hi = log_ndtr(hi)
+        log_prob = log_hi + np.log1p(-np.exp(log_ndtr(lo) - log_hi))
+        return np.exp(k * m + 0.5 * k * k * s * s + log_prob)
 
 
 def lognormal_moments(mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,11 +230,15 @@ class EmpiricalRatios:
             raise ValueError(f"run_dir: no log-ratio files (step_*.npz) under {folder}")
         values, lengths, advantages = [], [], []
         for f in files:
-            with np.load(f) as data:
-                values.append(np.asarray(data["log_ratios"], dtype=np.float64).ravel())
-                lengths.append(np.asarray(data["lengths"], dtype=np.int64).ravel())
-                adv = data["advantages"] if "advantages" in data else None
-                advantages.append(None if adv is None else np.asarray(adv, dtype=np.float64).ravel())
+            try:
+                with np.load(f) as data:
+                    values.append(np.asarray(data["log_ratios"], dtype=np.float64).ravel())
+                    lengths.append(np.asarray(data["lengths"], dtype=np.int64).ravel())
+                    adv = data["advantages"] if "advantages" in data else None
+                    advantages.append(None if adv is None else np.asarray(adv, dtype=np.float64).ravel())
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                why = f"{type(err).__name__}: {err}"
+                raise ValueError(f"run_dir: {f} is not a readable log-ratio file ({why})") from err
         adv_all = None if any(a is None for a in advantages) else np.concatenate(advantages)
         return cls(np.concatenate(values), np.concatenate(lengths), adv_all)
 

@@ -30,7 +30,13 @@ import numpy as np
 import torch
 
 from sspo_analysis.objectives import Objective
-from sspo_analysis.theory.analysis import MC_CHUNK_TOKENS, _moment_stats, _ratio_stats, normal_nodes
+from sspo_analysis.theory.analysis import (
+    MC_CHUNK_TOKENS,
+    _moment_stats,
+    _ratio_stats,
+    _return_freed_memory,
+    normal_nodes,
+)
 from sspo_analysis.theory.closed_forms import LogNormalGrid
 from sspo_analysis.theory.models import EmpiricalRatios, LogNormalRatios
 
@@ -71,6 +77,7 @@ def _batches(model: LogNormalRatios | EmpiricalRatios, n_samples: int | None, rn
     """Batches of ``batch_size`` sampled sequences ``(log_ratio, mask)``; an incomplete last batch is dropped."""
     per_chunk = max(batch_size, MC_CHUNK_TOKENS // batch_size * batch_size)
     for values, mask in model.chunks(n_samples, rng, per_chunk):
+        _return_freed_memory()
         size = min(batch_size, len(values))
         for start in range(0, len(values) - size + 1, size):
             yield values[start:start + size], mask[start:start + size]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sspo_analysis.cli_common import add_config_args
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--tag", default="", help="suffix of each run directory name")
     p.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
+    p.add_argument("--rerun", action="store_true", help="run again the existing runs made with other settings")
     p.set_defaults(func=run_sweep)
 
     p = sub.add_parser("config", help="show the resolved trainer config (TOML) with each field's allowed values")
@@ -78,6 +80,12 @@ def run_train(args: argparse.Namespace) -> int:
         run = train(None, args.resume, overrides=args.overrides, resume=True, progress=progress)
     else:
         run = train(args.config, args.out, overrides=args.overrides, progress=progress)
+    if (run / "DIVERGED").exists():
+        import json
+
+        why = json.loads((run / "DIVERGED").read_text())
+        print(f"sspo train: run {run} diverged at step {why['step']}: {why['reason']}", file=sys.stderr)
+        return 3
     df = read_metrics(run)
     k = max(1, min(5, len(df) // 4))
     print(f"run: {run}\n  reward {df.reward_mean.head(k).mean():.3f} (first {k} steps) -> "
@@ -90,9 +98,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     from sspo_analysis.training.trainer import sweep
 
     runs = sweep(args.objectives, args.seeds, args.config, args.out, args.overrides, tag=args.tag,
-                 progress=False if args.no_progress else None)
+                 progress=False if args.no_progress else None, rerun=args.rerun)
     n = len([x for x in args.objectives.split(",") if x]) * len([x for x in args.seeds.split(",") if x])
-    print(f"sweep: {len(runs)}/{n} runs finished under {args.out}")
+    diverged = sum((Path(r) / "DIVERGED").exists() for r in runs)
+    print(f"sweep: {len(runs)}/{n} runs finished under {args.out}" + (f" ({diverged} diverged)" if diverged else ""))
     return 0 if len(runs) == n else 1
 
 

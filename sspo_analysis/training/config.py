@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -146,95 +147,12 @@ class TrainConfig:
         return tomli_w.dumps(self.to_dict())
 
     def validate(self) -> TrainConfig:
-        """Check every field; raise ``ValueError`` naming the field and its allowed values."""
-        from sspo_analysis.objectives import AGG_MODES
-        from sspo_analysis.training.models import PRESETS
-        from sspo_analysis.training.tasks import GRADERS, TASK_GRADERS, TASKS
-
-        def choice(name: str, value: Any, allowed) -> None:
-            if value not in allowed:
-                raise ValueError(f"{name}: unknown value {value!r}; allowed values: {', '.join(map(str, allowed))}")
-
-        def number(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
-                   integer: bool = False) -> None:
-            kind = "an integer" if integer else "a number"
-            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-            ok = ok and not isinstance(value, bool) and math.isfinite(value) and value <= hi
-            ok = ok and (value > lo if lo_open else value >= lo)
-            if not ok:
-                bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
-                raise ValueError(f"{name}: must be {kind} {bound}, got {value!r}")
-
-        for section in dataclasses.fields(self):
-            value = getattr(self, section.name)
-            if dataclasses.is_dataclass(value):
-                for f in dataclasses.fields(value):
-                    v = getattr(value, f.name)
-                    if f.type in ("bool", bool) and not isinstance(v, bool):
-                        raise ValueError(f"{section.name}.{f.name}: must be true or false, got {v!r}")
-                    if f.type in ("str", str) and not isinstance(v, str):
-                        raise ValueError(f"{section.name}.{f.name}: must be a string, got {v!r}")
-        number("seed", self.seed, 0, integer=True)
-        number("steps", self.steps, 1, integer=True)
-        choice("device", self.device, ("cpu", "cuda", "auto"))
-        number("threads", self.threads, 0, integer=True)
-        m = self.model
-        if not m.path:
-            choice("model.preset", m.preset, tuple(PRESETS))
-        choice("model.precision", m.precision, ("fp32", "bf16"))
-        if m.precision == "bf16" and self.device == "cpu":
-            raise ValueError("model.precision: 'bf16' needs device = 'cuda' (or 'auto' on a GPU); allowed on CPU: fp32")
-        t = self.task
-        choice("task.name", t.name, TASKS)
-        number("task.digits", t.digits, 1, 9, integer=True)
-        number("task.length", t.length, 1, 64, integer=True)
-        number("task.numbers", t.numbers, 2, 6, integer=True)
-        number("task.max_value", t.max_value, 1, 9999, integer=True)
-        if t.grader:
-            choice("task.grader", t.grader, TASK_GRADERS.get(t.name, GRADERS))
-        if t.name in ("jsonl", "code") and not Path(t.path).is_file():
-            raise ValueError(f"task.path: {t.path!r} is not a file; task.name = {t.name!r} needs a local JSONL file")
-        number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
-        number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
-        w = self.warm_start
-        number("warm_start.target_success", w.target_success, 0.0, 1.0, lo_open=True)
-        for key in ("max_steps", "batch_size", "eval_every", "eval_prompts"):
-            number(f"warm_start.{key}", getattr(w, key), 1, integer=True)
-        number("warm_start.lr", w.lr, 0.0, lo_open=True)
-        number("warm_start.seed", w.seed, 0, integer=True)
-        r = self.rollout
-        number("rollout.prompts", r.prompts, 1, integer=True)
-        number("rollout.group_size", r.group_size, 2, integer=True)
-        number("rollout.temperature", r.temperature, 0.0, lo_open=True)
-        number("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
-        number("rollout.max_new_tokens", r.max_new_tokens, 1, integer=True)
-        o = self.objective
-        if o.agg:
-            choice("objective.agg", o.agg, AGG_MODES)
-        number("objective.horizon", o.horizon, 0, integer=True)
-        self.build_objective()  # unknown objective name / parameter -> ValueError naming the allowed ones
-        a = self.algo
-        choice("algo.advantage", a.advantage, ("grpo", "drgrpo"))
-        number("algo.updates_per_batch", a.updates_per_batch, 1, r.prompts * r.group_size, integer=True)
-        number("algo.staleness", a.staleness, 0, integer=True)
-        number("algo.kl_coef", a.kl_coef, 0.0)
-        op = self.optim
-        number("optim.lr", op.lr, 0.0, lo_open=True)
-        number("optim.weight_decay", op.weight_decay, 0.0)
-        number("optim.beta1", op.beta1, 0.0, 1.0)
-        number("optim.beta2", op.beta2, 0.0, 1.0)
-        number("optim.eps", op.eps, 0.0, lo_open=True)
-        number("optim.grad_clip", op.grad_clip, 0.0, lo_open=True)
-        number("optim.warmup_updates", op.warmup_updates, 0, integer=True)
-        choice("optim.schedule", op.schedule, ("constant", "linear", "cosine"))
-        number("optim.min_lr_ratio", op.min_lr_ratio, 0.0, 1.0)
-        number("optim.token_budget", op.token_budget, 0, integer=True)
-        number("optim.logprob_chunk", op.logprob_chunk, 1, integer=True)
-        number("log.log_ratios_every", self.log.log_ratios_every, 0, integer=True)
-        number("log.checkpoint_every", self.log.checkpoint_every, 1, integer=True)
-        from sspo_analysis.training.outputs import check_report_to
-
-        check_report_to(self.log.report_to)
+        """Check every field (its one type, then its range); raise ``ValueError`` naming the field and the allowed
+        values."""
+        _check_types(self)
+        for check in (_check_run, _check_model, _check_task, _check_warm_start, _check_rollout, _check_objective,
+                      _check_algo, _check_optim, _check_log):
+            check(self)
         return self
 
     def build_objective(self):
@@ -247,6 +165,147 @@ class TrainConfig:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return get_objective(o.name, agg=o.agg or None, horizon=o.horizon or None, **o.params)
+
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in ``[0, 2**63)`` (what numpy and torch generators take)."""
+
+
+def _choice(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: unknown value {value!r}; allowed values: {', '.join(map(str, allowed))}")
+
+
+def _number(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
+            integer: bool = False) -> None:
+    """``value`` is a finite number (an int if ``integer``; never a bool) in ``lo..hi``; else ValueError naming it."""
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and math.isfinite(value) and value <= hi
+    ok = ok and (value > lo if lo_open else value >= lo)
+    if not ok:
+        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
+        raise ValueError(f"{name}: must be {kind} {bound}, got {value!r}")
+
+
+_TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", list: "a list"}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Every field holds its one type (a bool field a TOML boolean, never ``"no"`` or 1; no lists or tables)."""
+    defaults = TrainConfig()
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            items = [(f"{section.name}.{f.name}", getattr(value, f.name), getattr(getattr(defaults, section.name),
+                                                                                   f.name))
+                     for f in dataclasses.fields(value) if f.name != "params"]
+        else:
+            items = [(section.name, value, getattr(defaults, section.name))]
+        for name, v, default in items:
+            kind = type(default)
+            ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+            if kind is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok:
+                raise ValueError(f"{name}: must be {_TYPE_NAMES[kind]}, got {v!r}")
+
+
+def _check_run(cfg: TrainConfig) -> None:
+    _number("seed", cfg.seed, 0, SEED_LIMIT - 1, integer=True)
+    _number("steps", cfg.steps, 1, integer=True)
+    _choice("device", cfg.device, ("cpu", "cuda", "auto"))
+    _number("threads", cfg.threads, 0, os.cpu_count() or 1, integer=True)
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    from sspo_analysis.training.models import PRESETS
+
+    m = cfg.model
+    if not m.path:
+        _choice("model.preset", m.preset, tuple(PRESETS))
+    _choice("model.precision", m.precision, ("fp32", "bf16"))
+    if m.precision == "bf16" and cfg.device == "cpu":
+        raise ValueError("model.precision: 'bf16' needs device = 'cuda' (or 'auto' on a GPU); allowed on CPU: fp32")
+
+
+def _check_task(cfg: TrainConfig) -> None:
+    from sspo_analysis.training.tasks import GRADERS, TASK_GRADERS, TASKS
+
+    t = cfg.task
+    _choice("task.name", t.name, TASKS)
+    _number("task.digits", t.digits, 1, 9, integer=True)
+    _number("task.length", t.length, 1, 64, integer=True)
+    _number("task.numbers", t.numbers, 2, 6, integer=True)
+    _number("task.max_value", t.max_value, 1, 9999, integer=True)
+    if t.grader:
+        _choice("task.grader", t.grader, TASK_GRADERS.get(t.name, GRADERS))
+    if t.name in ("jsonl", "code") and not Path(t.path).is_file():
+        raise ValueError(f"task.path: {t.path!r} is not a file; task.name = {t.name!r} needs a local JSONL file")
+    _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
+    _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
+
+
+def _check_warm_start(cfg: TrainConfig) -> None:
+    w = cfg.warm_start
+    _number("warm_start.target_success", w.target_success, 0.0, 1.0, lo_open=True)
+    for key in ("max_steps", "batch_size", "eval_every", "eval_prompts"):
+        _number(f"warm_start.{key}", getattr(w, key), 1, integer=True)
+    _number("warm_start.lr", w.lr, 0.0, lo_open=True)
+    _number("warm_start.seed", w.seed, 0, SEED_LIMIT - 1, integer=True)
+
+
+def _check_rollout(cfg: TrainConfig) -> None:
+    r = cfg.rollout
+    _number("rollout.prompts", r.prompts, 1, integer=True)
+    _number("rollout.group_size", r.group_size, 2, integer=True)
+    _number("rollout.temperature", r.temperature, 0.0, lo_open=True)
+    _number("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
+    _number("rollout.max_new_tokens", r.max_new_tokens, 1, integer=True)
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    from sspo_analysis.objectives import AGG_MODES
+
+    o = cfg.objective
+    if o.agg:
+        _choice("objective.agg", o.agg, AGG_MODES)
+    _number("objective.horizon", o.horizon, 0, integer=True)
+    try:
+        cfg.build_objective()  # unknown objective name / parameter, wrong parameter type -> ValueError
+    except (TypeError, AttributeError) as err:  # a parameter the objective's own checks did not foresee
+        raise ValueError(f"objective.{o.name}: invalid parameters {o.params!r} ({err})") from err
+
+
+def _check_algo(cfg: TrainConfig) -> None:
+    a, r = cfg.algo, cfg.rollout
+    _choice("algo.advantage", a.advantage, ("grpo", "drgrpo"))
+    _number("algo.updates_per_batch", a.updates_per_batch, 1, r.prompts * r.group_size, integer=True)
+    _number("algo.staleness", a.staleness, 0, integer=True)
+    _number("algo.kl_coef", a.kl_coef, 0.0)
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    op = cfg.optim
+    _number("optim.lr", op.lr, 0.0, lo_open=True)
+    _number("optim.weight_decay", op.weight_decay, 0.0)
+    _number("optim.beta1", op.beta1, 0.0, 1.0)
+    _number("optim.beta2", op.beta2, 0.0, 1.0)
+    _number("optim.eps", op.eps, 0.0, lo_open=True)
+    _number("optim.grad_clip", op.grad_clip, 0.0, lo_open=True)
+    _number("optim.warmup_updates", op.warmup_updates, 0, integer=True)
+    _choice("optim.schedule", op.schedule, ("constant", "linear", "cosine"))
+    _number("optim.min_lr_ratio", op.min_lr_ratio, 0.0, 1.0)
+    _number("optim.token_budget", op.token_budget, 0, integer=True)
+    _number("optim.logprob_chunk", op.logprob_chunk, 1, integer=True)
+
+
+def _check_log(cfg: TrainConfig) -> None:
+    _number("log.log_ratios_every", cfg.log.log_ratios_every, 0, integer=True)
+    _number("log.checkpoint_every", cfg.log.checkpoint_every, 1, integer=True)
+    from sspo_analysis.training.outputs import check_report_to
+
+    check_report_to(cfg.log.report_to)
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -329,8 +388,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         source = packaged_config(path)
         try:
-            data = tomllib.loads(source.read_text())
-        except tomllib.TOMLDecodeError as err:
+            data = tomllib.loads(source.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
             raise ValueError(f"config: {path}: {err}") from err
     cfg = _from_dict(data, f"{path}: " if path else "")
     for text in overrides:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -172,20 +174,16 @@ class JsonlTask(Task):
             raise ValueError(f"task.path: {self.path!r} is not a file (a local JSONL of {{prompt, answer}} records)")
         self.prompts: list[str] = []
         self.answers: list[str] = []
-        with path.open() as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                prompt = rec.get(self.prompt_key, rec.get("question"))
-                answer = rec.get(self.answer_key)
-                if prompt is None or answer is None:
-                    raise ValueError(f"task.path: {path}:{lineno} lacks {self.prompt_key!r} or {self.answer_key!r}")
-                answer = str(answer)
-                if "####" in answer:
-                    answer = answer.split("####")[-1].strip()
-                self.prompts.append(str(prompt))
-                self.answers.append(answer)
+        for lineno, rec in jsonl_records(path):
+            prompt = rec.get(self.prompt_key, rec.get("question"))
+            answer = rec.get(self.answer_key)
+            if prompt is None or answer is None:
+                raise ValueError(f"task.path: {path}:{lineno} lacks {self.prompt_key!r} or {self.answer_key!r}")
+            answer = str(answer)
+            if "####" in answer:
+                answer = answer.split("####")[-1].strip()
+            self.prompts.append(str(prompt))
+            self.answers.append(answer)
         if not self.prompts:
             raise ValueError(f"task.path: {path} has no records")
         if self.grader == "math":
@@ -327,24 +325,17 @@ class CodeTask(SandboxTask):
         if not path.is_file():
             raise ValueError(f"task.path: {self.path!r} is not a file (a local JSONL of {{prompt, tests}} records)")
         self.prompts, self.answers = [], []
-        with path.open() as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    prompt, answer = self._record(line, f"task.path: {path}:{lineno}")
-                    self.prompts.append(prompt)
-                    self.answers.append(answer)
+        for lineno, rec in jsonl_records(path):
+            prompt, answer = self._record(rec, f"task.path: {path}:{lineno}")
+            self.prompts.append(prompt)
+            self.answers.append(answer)
         if not self.prompts:
             raise ValueError(f"task.path: {path} has no records")
 
-    def _record(self, line: str, where: str) -> tuple[str, str]:
+    def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
         from sspo_analysis.training.sandbox import split_tests
 
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not a JSON object ({err.msg})") from None
-        prompt, tests, entry = (rec.get(k) if isinstance(rec, dict) else None
-                                for k in (self.prompt_key, self.tests_key, self.entry_point_key))
+        prompt, tests, entry = (rec.get(k) for k in (self.prompt_key, self.tests_key, self.entry_point_key))
         if not isinstance(prompt, str) or not isinstance(tests, str):
             raise ValueError(f"{where}: needs string fields {self.prompt_key!r} and {self.tests_key!r}")
         if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
@@ -422,6 +413,33 @@ class Synthesis(SandboxTask):
             return None
         tests = "\n".join(f"assert f({x}) == {self._value(answer, x)}" for x in self.held_out)
         return f"def f(x):\n    return ({expr})\n", tests, None
+
+
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file of objects.
+
+    A UTF-8 byte-order mark is skipped; a line that is not UTF-8, not JSON, or not a JSON
+    object is a ValueError naming the file and the line.
+    """
+    where = f"task.path: {path}"
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{where}: cannot be read ({err.strerror})") from err
+    for lineno, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}:{lineno}: not UTF-8 (byte {err.start + 1})") from None
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}:{lineno}: not JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}:{lineno}: expected a JSON object, got a JSON {type(rec).__name__}")
+        yield lineno, rec
 
 
 TASKS = ("addition", "countdown", "reversal", "jsonl", "code", "synthesis")

@@ -27,6 +27,7 @@ import random
 import shutil
 import time
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ import torch
 
 from sspo_analysis.io import atomic_path, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
+from sspo_analysis.training.health import Monitor, Verdict, nonfinite_parameters
+from sspo_analysis.training.inputs import check_alphabet, check_prompt_lengths
 from sspo_analysis.training.measure import (
     dump_log_ratios,
     entropy_change_metrics,
@@ -47,6 +50,17 @@ from sspo_analysis.training.measure import (
 from sspo_analysis.training.models import Sampling, generate, load_model
 from sspo_analysis.training.outputs import Reporters, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
+from sspo_analysis.training.runs import (
+    LOCK_NAME,
+    RunBusyError,
+    check_output_dir,
+    config_changes,
+    is_file_error,
+    is_honoured,
+    pid_alive,
+    refused_changes,
+    run_lock,
+)
 from sspo_analysis.training.state import RunState, autocast, params_of
 from sspo_analysis.training.tasks import Task, make_task
 from sspo_analysis.training.update import lr_lambda, update
@@ -125,6 +139,10 @@ def ensure_warm_start(cfg: TrainConfig, progress: bool | None = None) -> Path:
     target = cache_root(cfg) / "warm_start" / f"{cfg.model.preset}-{cfg.task.name}-{warm_start_key(cfg)}"
     if (target / "warm_start.json").exists():
         return target
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed process
+        pid = stale.name.split(".")[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     pretrain(cfg, tmp, progress=progress)
     try:
@@ -205,8 +223,21 @@ def pretrain(config: TrainConfig | str | Path | None = None, out_dir: str | Path
     a ``from_pretrained`` directory with ``warm_start.json`` (success, steps, seconds).
     """
     cfg = _resolve(config, overrides)
-    w = cfg.warm_start
     out = Path(out_dir) if out_dir else cache_root(cfg) / "warm_start" / f"{cfg.model.preset}-{cfg.task.name}-manual"
+    check_output_dir(out, "out")
+    try:
+        with run_lock(out):
+            _pretrain_locked(cfg, out, progress)
+    except OSError as err:
+        if is_file_error(err):
+            raise ValueError(f"out {str(out)!r}: {err.strerror}: {err.filename or out}") from err
+        raise
+    return out
+
+
+def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None:
+    """The supervised phase of :func:`pretrain`, writing into ``out`` (owned by this process)."""
+    w = cfg.warm_start
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
@@ -237,7 +268,6 @@ def pretrain(config: TrainConfig | str | Path | None = None, out_dir: str | Path
     tok.save_pretrained(out)
     write_json(out / "warm_start.json", {"success": success, "steps": step, "seconds": time.time() - start,
                                          "history": history, "config": cfg.to_dict()})
-    return out
 
 
 @torch.no_grad()
@@ -284,61 +314,143 @@ def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | 
           overrides=(), resume: bool = False, progress: bool | None = None) -> Path:
     """Run RL on the configured task; returns the run directory.
 
+    The run directory is owned by this process while it trains (``RUN/.lock``; a second
+    writer gets :class:`~sspo_analysis.training.runs.RunBusyError`). A run ends with
+    ``DONE``, or with ``DIVERGED`` (JSON: step, kind, reason; see
+    :mod:`sspo_analysis.training.health`) when it diverges, which stops it.
+
     Args:
         config: a :class:`TrainConfig`, a TOML path, or None for the defaults.
         out_dir: the run directory (default ``runs/<objective>_seed<seed>_<time>``).
         overrides: ``"section.field=value"`` strings.
-        resume: continue ``out_dir`` from its checkpoint with its recorded config
-            (a finished run, with ``DONE``, is returned as is).
+        resume: continue ``out_dir`` from its checkpoint with its recorded config. Overrides
+            are honoured (more ``steps`` extend even a finished run) or refused with a
+            ValueError naming each field that would change the run's meaning
+            (:func:`~sspo_analysis.training.runs.refused_changes`). A finished run without
+            overrides is returned as is.
         progress: show the progress bar (default ``log.progress``).
     """
-    cfg, run = _open_run(config, out_dir, overrides, resume)
-    if resume and (run / "DONE").exists():
-        return run
+    recorded, cfg, run = _open_run(config, out_dir, overrides, resume)
+    try:
+        with run_lock(run):
+            if not _claim(recorded, cfg, run):
+                return run
+            _train_locked(cfg, run, resume, progress, write_config=recorded is None or recorded != cfg)
+    except OSError as err:
+        if is_file_error(err):
+            raise ValueError(f"run {str(run)!r}: {err.strerror}: {err.filename or run}") from err
+        raise
+    return run
+
+
+def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | None, write_config: bool) -> None:
+    """Train ``run`` (owned by this process) to ``DONE`` or ``DIVERGED``."""
     show = cfg.log.progress if progress is None else progress
-    # the resolved config, including overrides given on resume (e.g. more steps)
-    state = _setup(cfg, run, show, write_config=not resume or bool(overrides))
+    state = _setup(cfg, run, show, write_config=write_config)
     ckpt_path, metrics_path = run / "checkpoint" / "state.pt", run / "metrics.jsonl"
     counters = {"step": 0, "elapsed": 0.0, "metrics_lines": 0, "skipped_total": 0}
     if resume and ckpt_path.exists():
         counters = _load_checkpoint(state, ckpt_path)
-    _keep_lines(metrics_path, counters["metrics_lines"])  # drop lines written after the checkpoint
+    kept = _keep_lines(metrics_path, counters["metrics_lines"])  # drop lines written after the checkpoint
+    monitor = Monitor(cfg.algo.updates_per_batch)
+    for row in kept:
+        monitor.update(row)
     if cfg.algo.staleness and not state.snapshots:
         state.snapshot()
+    verdict = _loop(state, run, counters, monitor, show)
+    if verdict.diverged:
+        write_json(run / "DIVERGED", verdict.to_dict())
+    else:
+        save_final(run, state.policy, state.tok)  # RUN/final: a transformers checkpoint of the trained policy
+        write_text(run / "DONE", f"finished {cfg.steps} steps\n")
+
+
+def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor, show: bool) -> Verdict:
+    """Steps ``counters["step"] + 1 .. cfg.steps``, one metrics line and the checkpoints; stops on divergence."""
+    cfg = state.cfg
+    ckpt_path = run / "checkpoint" / "state.pt"
     t_run = time.time() - counters["elapsed"]
     state.policy.train()
-    with _progress(show) as bar, metrics_path.open("a") as metrics_file, Reporters(run, cfg.log.report_to) as report:
+    with _progress(show) as bar, (run / "metrics.jsonl").open("a") as metrics_file, \
+            Reporters(run, cfg.log.report_to) as report:
         task_id = bar.add_task("train", total=cfg.steps, completed=counters["step"], info="")
         for step in range(counters["step"] + 1, cfg.steps + 1):
             line = rl_step(state, step, run)
             counters["skipped_total"] += line["skipped_updates"]
             line.update(skipped_updates_total=counters["skipped_total"], wall_time=time.time() - t_run)
-            metrics_file.write(json.dumps(_finite_or_none(line)) + "\n")
+            line = _finite_or_none(line)
+            metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
             report.log(line, step)
             counters.update(step=step, metrics_lines=counters["metrics_lines"] + 1)
             bar.update(task_id, completed=step, info=f"reward {line['reward_mean']:.3f} "
-                       f"entropy {line['entropy']:.3f} lr {line['lr']:.1e}")
+                       f"entropy {line['entropy'] or float('nan'):.3f} lr {line['lr'] or float('nan'):.1e}")
+            verdict = monitor.update(line)
+            if verdict.diverged:
+                return verdict
             if step % cfg.log.checkpoint_every == 0 or step == cfg.steps:
+                bad = nonfinite_parameters(state.policy)
+                if bad:
+                    return Verdict(True, step, "nonfinite", f"non-finite parameters ({bad[0]}, ...) at step {step}")
                 _save_checkpoint(state, ckpt_path, dict(counters, elapsed=time.time() - t_run))
-    save_final(run, state.policy, state.tok)  # RUN/final: a transformers checkpoint of the trained policy
-    write_text(run / "DONE", f"finished {cfg.steps} steps\n")
-    return run
+    return monitor.verdict
 
 
-def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig, Path]:
-    """The config and run directory: a new one, or the recorded config of the run to resume."""
+def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig | None, TrainConfig, Path]:
+    """``(recorded, cfg, run)``: the run's recorded config (None for a new run), the one to run, its directory.
+
+    Everything here is checked before any model is loaded: the config, and the output path.
+    """
     if resume:
-        if out_dir is None or not (Path(out_dir) / "config.toml").exists():
-            raise ValueError(f"--resume: {out_dir!r} is not a run directory (no config.toml)")
+        if out_dir is None or not (Path(out_dir) / "config.toml").is_file():
+            raise ValueError(f"--resume: {str(out_dir)!r} is not a run directory (no config.toml)")
         run = Path(out_dir)
-        return load_config(run / "config.toml", list(overrides or ())), run
+        # the honoured overrides apply to the record too: a run made with threads = 16 resumes here with threads = 2
+        honoured = [o for o in overrides or () if is_honoured(o.split("=", 1)[0].strip())]
+        recorded = load_config(run / "config.toml", honoured)
+        return recorded, load_config(run / "config.toml", list(overrides or ())), run
     cfg = _resolve(config, overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(out_dir) if out_dir else Path("runs") / f"{cfg.objective.name}_seed{cfg.seed}_{stamp}"
-    if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
-        raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
-    return cfg, run
+    check_output_dir(run, "out")
+    return None, cfg, run
+
+
+def _claim(recorded: TrainConfig | None, cfg: TrainConfig, run: Path) -> bool:
+    """Under the lock: whether there is work to do in ``run`` (ValueError if the request cannot be honoured)."""
+    for tmp in run.glob("**/.*.tmp"):  # left by a process killed mid-write; we own the run now
+        if not tmp.name.startswith(f"{LOCK_NAME}."):  # another process's lock attempt, in flight
+            tmp.unlink(missing_ok=True)
+    if recorded is None:
+        if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
+            raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
+        return True
+    if (run / "DIVERGED").exists():
+        raise ValueError(f"--resume: run {str(run)!r} diverged ({_diverged_reason(run)}); start a new run")
+    done = recorded.steps if (run / "DONE").exists() else _count_lines(run / "metrics.jsonl")
+    refused = refused_changes(recorded, cfg, done)
+    if refused:
+        raise ValueError(f"--resume: run {str(run)!r} cannot change {'; '.join(refused)} (it would change what "
+                         "the run means); start a new run in another directory")
+    if (run / "DONE").exists():
+        if cfg.steps <= recorded.steps:
+            return False
+        if not (run / "checkpoint" / "state.pt").is_file():
+            raise ValueError(f"--resume: run {str(run)!r} has no checkpoint to extend from; start a new run")
+        (run / "DONE").unlink()  # more steps: continue the finished run from its final checkpoint
+    return True
+
+
+def _diverged_reason(run: Path) -> str:
+    """The reason recorded in ``RUN/DIVERGED``."""
+    try:
+        return str(json.loads((run / "DIVERGED").read_text()).get("reason", "no reason recorded"))
+    except (OSError, ValueError, AttributeError):
+        return "no reason recorded"
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunState:
@@ -349,10 +461,17 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
         torch.set_num_threads(cfg.threads)
     task = make_task_from(cfg)
     if not cfg.model.path:  # the character tokenizer: check before the warm start is made
-        from sspo_analysis.training.models import char_tokenizer
+        from sspo_analysis.training.models import CHARS, PRESETS, char_tokenizer
 
+        check_alphabet(task, CHARS, "task.path")
         check_room(cfg, task, char_tokenizer())
+        check_prompt_lengths(task, char_tokenizer(), PRESETS[cfg.model.preset]["max_position_embeddings"],
+                             cfg.rollout.max_new_tokens)
     policy, tok = build_policy(cfg, device, progress=show)
+    context = getattr(policy.config, "max_position_embeddings", None)
+    if cfg.model.path and context:
+        check_prompt_lengths(task, tok, int(context), cfg.rollout.max_new_tokens,
+                             lambda p: format_prompts(tok, p, cfg.task.chat_template))
     run.mkdir(parents=True, exist_ok=True)
     if write_config:
         write_text(run / "config.toml", cfg.to_toml())
@@ -373,13 +492,16 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
 
 
 def _save_checkpoint(state: RunState, path: Path, counters: dict[str, Any]) -> None:
-    """Everything :func:`_load_checkpoint` needs to continue exactly, written atomically."""
-    if not all(bool(torch.isfinite(p).all()) for p in state.policy.parameters()):
-        raise RuntimeError(f"step {counters['step']}: non-finite parameters; not checkpointing")
-    with atomic_path(path) as tmp:
-        torch.save({"model": state.policy.state_dict(), "optimizer": state.opt.state_dict(),
-                    "scheduler": state.sched.state_dict(), "snapshots": list(state.snapshots),
-                    "rng": state.rng_state(), **counters}, tmp)
+    """Everything :func:`_load_checkpoint` needs to continue exactly, written atomically (the temporary file is
+    removed when the write fails; a full or read-only disk becomes one ValueError line)."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"model": state.policy.state_dict(), "optimizer": state.opt.state_dict(),
+                        "scheduler": state.sched.state_dict(), "snapshots": list(state.snapshots),
+                        "rng": state.rng_state(), **counters}, tmp)
+    except RuntimeError as err:  # torch reports a failed write (disk full) as a RuntimeError
+        raise ValueError(f"checkpoint {str(path)!r}: could not be written ({str(err).splitlines()[0]}); "
+                         "is the disk full or read-only?") from err
 
 
 def _load_checkpoint(state: RunState, path: Path) -> dict[str, Any]:
@@ -393,11 +515,12 @@ def _load_checkpoint(state: RunState, path: Path) -> dict[str, Any]:
     return {k: ckpt[k] for k in ("step", "elapsed", "metrics_lines", "skipped_total")}
 
 
-def _keep_lines(path: Path, n_lines: int) -> None:
-    """Keep the first ``n_lines`` lines of ``path`` (creating it empty if missing)."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+def _keep_lines(path: Path, n_lines: int) -> list[dict[str, Any]]:
+    """Keep the first ``n_lines`` lines of ``path`` (creating it empty if missing); returns them parsed."""
+    lines = path.read_text().splitlines(keepends=True)[:n_lines] if path.exists() else []
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(lines[:n_lines]))
+        tmp.write_text("".join(lines))
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _flatten_overrides(cfg: TrainConfig) -> list[str]:
@@ -421,26 +544,69 @@ def _finite_or_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None, out_dir: str | Path = "runs/sweep",
-          overrides=(), *, tag: str = "", progress: bool | None = None) -> list[Path]:
+          overrides=(), *, tag: str = "", progress: bool | None = None, rerun: bool = False) -> list[Path]:
     """Run every ``objective x seed`` from one warm start, one directory per run.
 
-    Runs go to ``out_dir/<objective>_seed<seed>[_<tag>]``. A run with ``DONE`` is
-    skipped; one with a checkpoint resumes; a crashed run writes ``FAILED``
-    (the traceback) and the sweep goes on. Returns the finished run directories.
-    All configs are validated before the first run starts.
+    Runs go to ``out_dir/<objective>_seed<seed>[_<tag>]``. A finished run (``DONE`` or
+    ``DIVERGED``) is reused and a killed one resumes, but only when its recorded config
+    gives the requested run (:func:`~sspo_analysis.training.runs.refused_changes`; more
+    ``steps`` extend it); otherwise the sweep refuses before any run starts, naming the
+    differing fields, unless ``rerun`` (then those runs start again from scratch). A
+    crashed run writes ``FAILED`` (the traceback) and the sweep goes on; so does one
+    whose directory cannot be made. Returns the finished run directories, diverged ones
+    included (their ``DIVERGED`` says why). All configs are validated before the first run.
     """
     configs = _sweep_configs(objectives, seeds, base_config, overrides)
+    runs = {key: Path(out_dir) / f"{key[0]}_seed{key[1]}{'_' + tag if tag else ''}" for key in configs}
+    stale = _stale_runs(configs, runs, rerun)
     finished = []
-    for (name, seed), cfg in configs.items():
-        run = Path(out_dir) / f"{name}_seed{seed}{'_' + tag if tag else ''}"
+    for key, cfg in configs.items():
+        run = runs[key]
         try:
-            _finish_run(cfg, run, progress)
+            _finish_run(cfg, run, progress, run in stale)
             finished.append(run)
+        except RunBusyError as err:  # another process owns it: not ours to mark
+            print(f"sweep: run {run} skipped: {err}")
         except Exception:  # a crashed run must not stop the others
-            run.mkdir(parents=True, exist_ok=True)
-            write_text(run / "FAILED", traceback.format_exc())
-            print(f"sweep: run {run} failed; see {run / 'FAILED'}")
+            _record_failure(run, traceback.format_exc())
     return finished
+
+
+def _record_failure(run: Path, text: str) -> None:
+    """Write ``RUN/FAILED``, or say why it cannot be written (the run's path is a file, ...)."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        write_text(run / "FAILED", text)
+        print(f"sweep: run {run} failed; see {run / 'FAILED'}")
+    except OSError as err:
+        print(f"sweep: run {run} failed and could not be recorded ({err.strerror}): {text.splitlines()[-1]}")
+
+
+def _stale_runs(configs: dict[tuple[str, int], TrainConfig], runs: dict[tuple[str, int], Path],
+                rerun: bool) -> set[Path]:
+    """The runs made with settings that differ from the requested ones; ValueError naming them unless ``rerun``."""
+    stale, messages = set(), []
+    for key, cfg in configs.items():
+        run = runs[key]
+        if not _has_progress(run):
+            continue
+        try:
+            refused = refused_changes(load_config(run / "config.toml"), cfg, _count_lines(run / "metrics.jsonl"))
+        except ValueError as err:  # an unreadable or outdated config.toml
+            refused = [f"config.toml ({err})"]
+        if refused:
+            stale.add(run)
+            messages.append(f"{run}: {', '.join(refused)}")
+    if messages and not rerun:
+        raise ValueError(f"sweep: {len(messages)} existing run(s) were made with other settings ({'; '.join(messages)}"
+                         "); use --rerun (rerun=True) to run them again, or another --out or --tag")
+    return stale
+
+
+def _has_progress(run: Path) -> bool:
+    """Whether ``run`` holds a result or a checkpoint worth reusing."""
+    markers = ("DONE", "DIVERGED", "checkpoint/state.pt")
+    return run.is_dir() and (run / "config.toml").is_file() and any((run / m).exists() for m in markers)
 
 
 def _sweep_configs(objectives, seeds, base_config, overrides) -> dict[tuple[str, int], TrainConfig]:
@@ -448,7 +614,10 @@ def _sweep_configs(objectives, seeds, base_config, overrides) -> dict[tuple[str,
     if isinstance(objectives, str):
         objectives = [x for x in objectives.split(",") if x]
     if isinstance(seeds, (str, int)):
-        seeds = [int(x) for x in str(seeds).split(",") if x != ""]
+        try:
+            seeds = [int(x) for x in str(seeds).split(",") if x.strip() != ""]
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
     base_over = list(overrides or ())
     if isinstance(base_config, TrainConfig):
         base_over = _flatten_overrides(base_config) + base_over
@@ -463,36 +632,72 @@ def _sweep_configs(objectives, seeds, base_config, overrides) -> dict[tuple[str,
     return configs
 
 
-def _finish_run(cfg: TrainConfig, run: Path, progress: bool | None) -> None:
-    """Leave a finished run in ``run``: skip it when done, resume it from a checkpoint, else start afresh."""
-    if (run / "DONE").exists():
-        return
-    if (run / "checkpoint" / "state.pt").exists():
-        train(None, run, resume=True, progress=progress)
+def _finish_run(cfg: TrainConfig, run: Path, progress: bool | None, restart: bool) -> None:
+    """Leave a finished run in ``run``: reuse it, extend or resume it, or start it afresh (``restart``)."""
+    if _has_progress(run) and not restart:
+        if (run / "DIVERGED").exists():
+            return
+        changed = set(config_changes(load_config(run / "config.toml"), cfg))
+        extra = [s for s in _flatten_overrides(cfg) if s.split("=", 1)[0] in changed]
+        train(None, run, overrides=extra, resume=True, progress=progress)
     else:
-        if run.exists():
-            shutil.rmtree(run)
+        if run.is_dir():
+            with run_lock(run):  # never delete a run another process is writing
+                for child in run.iterdir():
+                    if child.name != LOCK_NAME:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
         train(cfg, run, progress=progress)
     (run / "FAILED").unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: str | Path):
-    """``RUN/metrics.jsonl`` as a pandas DataFrame (one row per step), with ``objective`` and ``seed`` columns."""
+    """``RUN/metrics.jsonl`` as a pandas DataFrame (one row per step), with ``objective`` and ``seed`` columns.
+
+    A cut-off last line (a killed run's normal state) is skipped with a warning; any
+    other malformed line is a ValueError naming the file and the line.
+    """
     import pandas as pd
 
     run = Path(run_dir)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(_metrics_rows(run / "metrics.jsonl"))
     cfg_path = run / "config.toml"
     if cfg_path.exists():
         from sspo_analysis.training.config import tomllib
 
-        cfg = tomllib.loads(cfg_path.read_text())
-        df["objective"] = cfg["objective"]["name"]
-        df["seed"] = cfg["seed"]
-        df["staleness"] = cfg["algo"]["staleness"]
+        try:
+            cfg = tomllib.loads(cfg_path.read_text())
+            df["objective"] = cfg["objective"]["name"]
+            df["seed"] = cfg["seed"]
+            df["staleness"] = cfg["algo"]["staleness"]
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{cfg_path}: not a run config ({err})") from err
     df["run"] = str(run)
     return df
+
+
+def _metrics_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of ``path``, one per line (see :func:`read_metrics`)."""
+    import warnings
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read ({err})") from err
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines):
+                warnings.warn(f"{path}: line {i} is cut off (a killed run); skipped", stacklevel=3)
+                break
+            raise ValueError(f"{path}: line {i}: not JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def read_log_ratios(run_dir: str | Path, steps=None) -> dict[int, dict[str, np.ndarray]]:
@@ -501,6 +706,9 @@ def read_log_ratios(run_dir: str | Path, steps=None) -> dict[int, dict[str, np.n
     for path in sorted((Path(run_dir) / "log_ratios").glob("step_*.npz")):
         step = int(path.stem.split("_")[1])
         if steps is None or step in steps:
-            with np.load(path) as data:
-                out[step] = {k: data[k] for k in data.files}
+            try:
+                with np.load(path) as data:
+                    out[step] = {k: data[k] for k in data.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"{path}: not a readable log-ratio file ({type(err).__name__}: {err})") from err
     return out
