@@ -34,7 +34,7 @@ class ModelConfig:
     preset: str = "tiny"  # a training.models.PRESETS name, used when path is empty
     path: str = ""  # local checkpoint directory (from_pretrained); wins over preset and warm_start
     warm_start: bool = True  # start the preset from the cached supervised warm start (made on first use)
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on the run's device, CUDA or CPU)
     gradient_checkpointing: bool = False
 
 
@@ -181,8 +181,6 @@ class TrainConfig:
         if not m.path:
             choice("model.preset", m.preset, tuple(PRESETS))
         choice("model.precision", m.precision, ("fp32", "bf16"))
-        if m.precision == "bf16" and self.device == "cpu":
-            raise ValueError("model.precision: 'bf16' needs device = 'cuda' (or 'auto' on a GPU); allowed on CPU: fp32")
         t = self.task
         choice("task.name", t.name, TASKS)
         number("task.digits", t.digits, 1, 9, integer=True)
