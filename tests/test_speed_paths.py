@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sspo_analysis.training import load_config, read_metrics, train
-from sspo_analysis.training.models import char_tokenizer
+from sspo_analysis.training.models import Sampling, char_tokenizer, generate, load_model, sequence_logprobs
 from sspo_analysis.training.rollout import rollout
 from sspo_analysis.training.trainer import _setup
 from sspo_analysis.training.update import _micro_loss, minibatch_update
@@ -125,3 +125,24 @@ def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
         r = result[trainer]
         assert r["completion_tokens_per_s"] > 0 and r["generation_s"] > 0 and r["training_s"] > 0
         assert r["step_s"] >= r["generation_s"]
+
+
+@pytest.mark.parametrize("prompts", [["<bos>1+2=", "<bos>13+4="], ["<bos>11+2=", "<bos>13+4="]])
+def test_grouped_prompts_are_prefilled_once_with_the_same_result(prompts):
+    """Repeated prompts run once in the prefill; the behaviour log-probs still match a plain full forward."""
+    model, tok = load_model("micro", seed=0)
+    enc = tok(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
+    ids, attn = enc.input_ids.repeat_interleave(4, 0), enc.attention_mask.repeat_interleave(4, 0)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    tokens, logp, mask, entropy = generate(model, ids, attn, Sampling(max_new_tokens=6), eos_id=tok.eos_token_id,
+                                           pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert batch_sizes[0] == 2 and set(batch_sizes[1:]) == {8}  # one prefill row per group, then every row
+    assert len({tuple(t) for t in tokens.tolist()}) > 2  # the rows of a group sample independently
+    with torch.no_grad():
+        lp_full, ent_full = sequence_logprobs(model, torch.cat([ids, tokens], 1),
+                                              torch.cat([attn, mask.long()], 1), ids.shape[1], mask)
+    assert torch.allclose(logp[mask], lp_full[mask], atol=1e-5)
+    assert torch.allclose(entropy[mask], ent_full[mask], atol=1e-5)

@@ -209,6 +209,30 @@ class Sampling:
     top_p: float = 1.0
 
 
+def _prefill(model, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor) -> tuple[Any, Tensor]:
+    """``(KV cache, last logits)`` of the prompts; each run of identical rows is computed once.
+
+    A rollout repeats every prompt ``group_size`` times in consecutive rows: the model
+    runs on one row per group and the cache and logits are repeated, which is the same
+    computation on ``1 / group_size`` of the rows (row-wise identical on CPU, where a
+    row's matmul result does not depend on the batch size; see tests/test_speed_paths.py).
+    """
+    rows = torch.cat([prompt_ids, pos] + ([attn] if attn is not None else []), 1)
+    unique, counts = torch.unique_consecutive(rows, dim=0, return_counts=True)
+    group = int(counts[0])
+    shared = group > 1 and bool((counts == group).all())
+    if shared:
+        first = torch.arange(0, prompt_ids.shape[0], group, device=prompt_ids.device)
+        prompt_ids, pos = prompt_ids[first], pos[first]
+        attn = attn[first] if attn is not None else None
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    past, logits = _cache_of(out), out.logits[:, -1]
+    if shared:
+        past.batch_repeat_interleave(group)
+        logits = logits.repeat_interleave(group, 0)
+    return past, logits
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, *, eos_id: int | list[int],
              pad_id: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -227,10 +251,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     attn = prompt_mask.long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attn.all())  # without left padding the causal path needs no mask tensor
-    out = model(input_ids=prompt_ids, attention_mask=attn if padded else None, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
+    past, logits = _prefill(model, prompt_ids, attn if padded else None, pos)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    past, logits = _cache_of(out), out.logits[:, -1]
     pos = pos[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     toks, logps, masks, ents = [], [], [], []
