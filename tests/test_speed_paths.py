@@ -146,3 +146,36 @@ def test_grouped_prompts_are_prefilled_once_with_the_same_result(prompts):
                                               torch.cat([attn, mask.long()], 1), ids.shape[1], mask)
     assert torch.allclose(logp[mask], lp_full[mask], atol=1e-5)
     assert torch.allclose(entropy[mask], ent_full[mask], atol=1e-5)
+
+
+@pytest.mark.parametrize("prompts", [["<bos>1+2=", "<bos>13+4="], ["<bos>11+2=", "<bos>13+4=", "<bos>5+5="]])
+def test_shared_prompt_training_forward_matches_a_full_forward(prompts):
+    """Rows sharing a prompt (shuffled, left-padded, right-padded after <eos>) run the prompt once; the
+    log-probs, entropies and parameter gradients equal a plain full forward's up to float rounding."""
+    model, tok = load_model("micro", seed=0)
+    model.train()
+    enc = tok(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
+    order = torch.randperm(3 * len(prompts), generator=torch.Generator().manual_seed(0))
+    ids, attn = enc.input_ids.repeat_interleave(3, 0)[order], enc.attention_mask.repeat_interleave(3, 0)[order]
+    completion = torch.randint(4, len(tok), (ids.shape[0], 5), generator=torch.Generator().manual_seed(1))
+    lengths = torch.arange(ids.shape[0]) % 5 + 1
+    mask = torch.arange(5)[None] < lengths[:, None]
+    full_ids = torch.cat([ids, torch.where(mask, completion, tok.pad_token_id)], 1)
+    full_attn = torch.cat([attn, mask.long()], 1)
+    n = ids.shape[1]
+    calls = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    lp, ent = sequence_logprobs(model, full_ids, full_attn, n, mask)
+    hook.remove()
+    assert calls[0] == (len(prompts), n)  # each distinct prompt ran once
+    grads = torch.autograd.grad(lp.sum() + ent.sum(), list(model.parameters()))
+    # the oracle: one plain forward of every row through the full model, log-softmax of its logits
+    logits = model(input_ids=full_ids, attention_mask=full_attn,
+                   position_ids=(full_attn.cumsum(-1) - 1).clamp(min=0)).logits[:, n - 1:-1].float()
+    logp_all = torch.log_softmax(logits, -1)
+    lp_ref = torch.where(mask, logp_all.gather(-1, full_ids[:, n:, None]).squeeze(-1), 0.0)
+    ent_ref = torch.where(mask, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    grads_ref = torch.autograd.grad(lp_ref.sum() + ent_ref.sum(), list(model.parameters()))
+    assert torch.allclose(lp, lp_ref, atol=1e-5) and torch.allclose(ent, ent_ref, atol=1e-5)
+    assert _relative_error(list(grads), list(grads_ref)) < 1e-5

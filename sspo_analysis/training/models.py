@@ -166,7 +166,8 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
     """Log-probs and entropies (B, T_c) of the completion ``input_ids[:, n_prompt:]`` under ``model``.
 
     Runs the base model once and projects only completion positions (see
-    :func:`token_logprobs`). Assumes ``logits = lm_head(last_hidden_state)``
+    :func:`token_logprobs`); rows that share a prompt (a rollout group) run it once
+    (:func:`_completion_hidden`). Assumes ``logits = lm_head(last_hidden_state)``
     (true for Qwen2, Llama, Mistral and most causal LMs; not for models with
     logit soft-capping).
     """
@@ -176,11 +177,56 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
         attention_mask, position_ids = None, None
     else:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
-    hidden = out.last_hidden_state[:, n_prompt - 1:-1]
+    hidden = _completion_hidden(model, input_ids, attention_mask, position_ids, n_prompt)
+    if hidden is None:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
+        hidden = out.last_hidden_state[:, n_prompt - 1:-1]
     return token_logprobs(hidden, model.get_output_embeddings(), input_ids[:, n_prompt:], completion_mask,
                           temperature=temperature, chunk_tokens=chunk_tokens)
+
+
+def _prompt_groups(model, input_ids: Tensor, attention_mask: Tensor | None, n_prompt: int
+                   ) -> tuple[Tensor, Tensor] | None:
+    """``(a row of each distinct prompt, each row's prompt index)``, or None when sharing does not apply."""
+    if input_ids.shape[1] - n_prompt < 2 or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return None
+    prompts = input_ids[:, :n_prompt]
+    if attention_mask is not None:
+        prompts = torch.cat([prompts, attention_mask[:, :n_prompt]], 1)
+    unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return torch.zeros_like(rows[:unique.shape[0]]).scatter_(0, inverse, rows), inverse
+
+
+def _completion_hidden(model, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                       n_prompt: int) -> Tensor | None:
+    """Final hidden states (B, T_c, H) at the positions that predict the completion, each distinct prompt run once.
+
+    The prompts run as a batch of distinct rows with a KV cache; each row's cache is
+    selected (differentiably) for the completions that follow it. The same values as
+    one full forward up to float rounding (attention over a cache instead of one square
+    causal block; gradients of a shared prompt summed once). None when no two rows share
+    a prompt, or under gradient checkpointing (recomputing a layer would grow the cache twice).
+    """
+    groups = _prompt_groups(model, input_ids, attention_mask, n_prompt)
+    if groups is None:
+        return None
+    first, inverse = groups
+    prompt_mask = None if attention_mask is None else attention_mask[first, :n_prompt]
+    prompt_pos = None if position_ids is None else position_ids[first, :n_prompt]
+    out = model.base_model(input_ids=input_ids[first, :n_prompt], attention_mask=prompt_mask,
+                           position_ids=prompt_pos, use_cache=True)
+    cache = _cache_of(out)
+    cache.batch_select_indices(inverse)
+    completion_pos = (torch.arange(n_prompt, input_ids.shape[1], device=input_ids.device)[None]
+                      if position_ids is None else position_ids[:, n_prompt:])
+    rest = model.base_model(input_ids=input_ids[:, n_prompt:-1], attention_mask=None if attention_mask is None
+                            else attention_mask[:, :-1], position_ids=completion_pos[:, :-1], use_cache=True,
+                            **{_cache_arg(model.base_model): cache})
+    return torch.cat([out.last_hidden_state[inverse, -1:], rest.last_hidden_state], 1)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -198,6 +244,11 @@ def _cache_of(out):
     """The KV cache of a model output (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def _cache_arg(model) -> str:
+    """The forward argument that takes a KV cache (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -252,7 +303,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attn.all())  # without left padding the causal path needs no mask tensor
     past, logits = _prefill(model, prompt_ids, attn if padded else None, pos)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = _cache_arg(model)
     pos = pos[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     toks, logps, masks, ents = [], [], [], []
