@@ -11,29 +11,31 @@ prediction: TRL computes none of them); ``--price`` prices each of them separate
 
 The two trainers are interleaved in this one process (their order alternates from
 run to run), so load drift on the machine hits both. Each measures the rollout
-steps after its first (warm-up) one:
-
-- sequences/s and completion tokens/s (tokens up to and including ``<eos>``);
-- peak RSS: the largest resident set size of this whole process (psutil, sampled
-  every 5 ms) while that trainer ran, which includes the interpreter, torch and
-  both libraries' imports; the "+" figure is the rise over the RSS at its start.
+steps after its first (warm-up) one: sequences/s and completion tokens/s (tokens
+up to and including ``<eos>``). Peak memory is measured apart, since one process's
+high-water mark cannot be split between two trainers: each trainer runs alone in
+a fresh child process, which reports its peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the interpreter, torch, the
+trainer's imports, model, optimiser and activations together).
 
 The random-init model rarely emits ``<eos>``, so the 64- and 128-token rows are
 decode-dominated, long-response work.
 
     python benchmarks/trainer_vs_trl.py [--steps 8] [--threads 1] [--runs 3] [--long 64,128] [--price]
+                                        [--no-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 P, G, UPDATES = 8, 8, 2
@@ -44,32 +46,22 @@ MEASUREMENTS = ("algo.track_kl_ref", "log.entropy_taylor", "log.entropy_change")
 class Result:
     sequences_per_s: float
     tokens_per_s: float
-    peak_rss_mib: float = 0.0
-    rss_rise_mib: float = 0.0
 
 
-class PeakRss:
-    """The largest RSS of this process while the context is open (a sampling thread)."""
+def child_peak_rss_mib(trainer: str, args, new_tokens: int) -> float:
+    """Peak RSS (MiB) of a fresh process that runs only ``trainer`` ("ours" or "trl") on the work."""
+    out = subprocess.run([sys.executable, __file__, "--child", trainer, "--steps", str(args.steps), "--threads",
+                          str(args.threads), "--child-tokens", str(new_tokens)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
-    def __enter__(self) -> PeakRss:
-        self.proc, self.stop = psutil.Process(), threading.Event()
-        self.start = self.peak = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
 
-    def _sample(self) -> None:
-        while not self.stop.wait(0.005):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def fill(self, result: Result) -> Result:
-        result.peak_rss_mib, result.rss_rise_mib = self.peak / 2**20, (self.peak - self.start) / 2**20
-        return result
+def _child(args) -> None:
+    """Run one trainer, then print this process's peak RSS in MiB (ru_maxrss is in KiB on Linux)."""
+    with tempfile.TemporaryDirectory() as d:
+        run = run_ours if args.child == "ours" else run_trl
+        run(args.steps, args.threads, args.child_tokens, Path(d) / "run")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tuple[str, ...] = ()) -> Result:
@@ -82,13 +74,12 @@ def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tup
         f"algo.updates_per_batch={UPDATES}", 'objective.name="sapo"', "algo.kl_coef=0.0", "optim.lr=1e-5",
         *flags, "log.log_ratios_every=0", f"log.checkpoint_every={steps}", "log.progress=false",
     ])
-    with PeakRss() as rss:
-        run = train(cfg, out)
+    run = train(cfg, out)
     df = read_metrics(run)
     later = df.iloc[1:]  # the first step is warm-up
     seconds = float(later.wall_time.iloc[-1] - df.wall_time.iloc[0])
     tokens = float(later.response_length.sum()) * P * G
-    return rss.fill(Result(len(later) * P * G / seconds, tokens / seconds))
+    return Result(len(later) * P * G / seconds, tokens / seconds)
 
 
 def _trl_setup(steps: int, new_tokens: int, tmp: Path):
@@ -134,18 +125,16 @@ def run_trl(steps: int, threads: int, new_tokens: int, tmp: Path) -> Result:
         num_iterations=1, max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
         loss_type="sapo", dataloader_num_workers=0, shuffle_dataset=False, gradient_checkpointing=False,
     )
-    with PeakRss() as rss:
-        trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
-                              processing_class=tok, callbacks=[Clock()])
-        trainer.train()
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[Clock()])
+    trainer.train()
     # one entry per optimiser step; a rollout batch every UPDATES steps, the first one is warm-up
     seconds = times[-1] - times[UPDATES - 1]
-    return rss.fill(Result((steps - 1) * P * G / seconds, sum(counts[1:steps]) / seconds))
+    return Result((steps - 1) * P * G / seconds, sum(counts[1:steps]) / seconds)
 
 
 def _line(name: str, r: Result) -> str:
-    return (f"{name:<6}{r.sequences_per_s:8.1f} seq/s {r.tokens_per_s:9.0f} tok/s  "
-            f"peak RSS {r.peak_rss_mib:6.0f} MiB (+{r.rss_rise_mib:4.0f})")
+    return f"{name:<5}{r.sequences_per_s:7.1f} seq/s {r.tokens_per_s:7.0f} tok/s"
 
 
 def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
@@ -161,6 +150,10 @@ def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
         print(f"[{new_tokens:3d} new tokens, run {i + 1}] ratio {ours.sequences_per_s / trl.sequences_per_s:.2f}x "
               f"seq/s, {ours.tokens_per_s / trl.tokens_per_s:.2f}x tok/s | {_line('TRL', trl)} | "
               f"{_line('sspo', ours)}", flush=True)
+    if args.memory:
+        trl_mib, ours_mib = child_peak_rss_mib("trl", args, new_tokens), child_peak_rss_mib("ours", args, new_tokens)
+        print(f"[{new_tokens:3d} new tokens, memory] peak RSS of a process running only one trainer: "
+              f"TRL {trl_mib:.0f} MiB, sspo {ours_mib:.0f} MiB", flush=True)
 
 
 def price(args, tmp: Path) -> None:
@@ -181,8 +174,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs at 16 new tokens")
     parser.add_argument("--long", default="64,128", help="longer rows (one run each); '' for none")
     parser.add_argument("--price", action="store_true", help="price the optional measurements separately")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS child runs")
+    parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-tokens", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child:
+        return _child(args)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         compare(args, 16, args.runs, tmp)
