@@ -14,9 +14,10 @@ run to run), so load drift on the machine hits both. Each measures the rollout
 steps after its first (warm-up) one: sequences/s and completion tokens/s (tokens
 up to and including ``<eos>``). Peak memory is measured apart, since one process's
 high-water mark cannot be split between two trainers: each trainer runs alone in
-a fresh child process, which reports its peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the interpreter, torch, the
-trainer's imports, model, optimiser and activations together).
+a fresh child process, which reports its peak resident set size (``VmHWM`` in
+``/proc/self/status``: the interpreter, torch, the trainer's imports, model,
+optimiser and activations together; not ``ru_maxrss``, which on Linux keeps the
+forking parent's peak across ``exec``).
 
 The random-init model rarely emits ``<eos>``, so the 64- and 128-token rows are
 decode-dominated, long-response work.
@@ -28,7 +29,6 @@ decode-dominated, long-response work.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,11 +57,12 @@ def child_peak_rss_mib(trainer: str, args, new_tokens: int) -> float:
 
 
 def _child(args) -> None:
-    """Run one trainer, then print this process's peak RSS in MiB (ru_maxrss is in KiB on Linux)."""
+    """Run one trainer, then print this process's peak RSS in MiB (Linux: VmHWM, in kB)."""
     with tempfile.TemporaryDirectory() as d:
         run = run_ours if args.child == "ours" else run_trl
         run(args.steps, args.threads, args.child_tokens, Path(d) / "run")
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024)
 
 
 def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tuple[str, ...] = ()) -> Result:
