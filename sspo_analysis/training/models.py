@@ -264,12 +264,12 @@ def _prefill(model, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor) -> tup
     """``(KV cache, last logits)`` of the prompts; each run of identical rows is computed once.
 
     A rollout repeats every prompt ``group_size`` times in consecutive rows: the model
-    runs on one row per group and the cache and logits are repeated, which is the same
-    computation on ``1 / group_size`` of the rows (row-wise identical on CPU, where a
-    row's matmul result does not depend on the batch size; see tests/test_speed_paths.py).
+    runs on one row per group and the cache and logits are repeated: the same computation
+    on ``1 / group_size`` of the rows (a row's result does not depend on the batch around it;
+    on CPU a fixed-seed run's metrics were bitwise unchanged by this).
     """
     rows = torch.cat([prompt_ids, pos] + ([attn] if attn is not None else []), 1)
-    unique, counts = torch.unique_consecutive(rows, dim=0, return_counts=True)
+    _, counts = torch.unique_consecutive(rows, dim=0, return_counts=True)
     group = int(counts[0])
     shared = group > 1 and bool((counts == group).all())
     if shared:
