@@ -1,59 +1,96 @@
 """Throughput of this trainer versus TRL's GRPOTrainer on identical work (CPU).
 
 Identical work: the ``tiny`` preset (random init, same seed), the character
-tokenizer, 2-digit addition, 8 prompts x 8 samples per rollout batch, at most 16
+tokenizer, 2-digit addition, 8 prompts x 8 samples per rollout batch, at most N
 new tokens, 2 minibatch updates per rollout batch (32 sequences each), objective
 ``sapo`` (TRL ``loss_type="sapo"``), no KL, AdamW, temperature 1, top-p 1, CPU.
-The two run back to back in this process; each measures the rollout steps after
-the first (warm-up) one. TRL runs with gradient checkpointing off (its default
-turns it on, which only adds recomputation for a model this small). This trainer
-runs twice: with its extra per-step measurements off (reference KL, the entropy
-after the updates, the entropy Taylor prediction: TRL computes none of them), and
-with its default measurements on (one more forward and one more backward per step).
+TRL runs with gradient checkpointing off (its default turns it on, which only adds
+recomputation for a model this small). This trainer runs with its optional
+measurements off (reference KL, the entropy after the updates, the entropy Taylor
+prediction: TRL computes none of them); ``--price`` prices each of them separately.
 
-    python benchmarks/trainer_vs_trl.py [--steps 6] [--threads 2]
+The two trainers are interleaved in this one process (their order alternates from
+run to run), so load drift on the machine hits both. Each measures the rollout
+steps after its first (warm-up) one: sequences/s and completion tokens/s (tokens
+up to and including ``<eos>``). Peak memory is measured apart, since one process's
+high-water mark cannot be split between two trainers: each trainer runs alone in
+a fresh child process, which reports its peak resident set size (``VmHWM`` in
+``/proc/self/status``: the interpreter, torch, the trainer's imports, model,
+optimiser and activations together; not ``ru_maxrss``, which on Linux keeps the
+forking parent's peak across ``exec``).
+
+The random-init model rarely emits ``<eos>``, so the 64- and 128-token rows are
+decode-dominated, long-response work.
+
+    python benchmarks/trainer_vs_trl.py [--steps 8] [--threads 1] [--runs 3] [--long 64,128] [--price]
+                                        [--no-memory]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-P, G, MAX_NEW, UPDATES = 8, 8, 16, 2
+P, G, UPDATES = 8, 8, 2
+MEASUREMENTS = ("algo.track_kl_ref", "log.entropy_taylor", "log.entropy_change")
 
 
-def run_ours(steps: int, threads: int, measurements: bool, out: Path) -> float:
+@dataclass
+class Result:
+    sequences_per_s: float
+    tokens_per_s: float
+
+
+def child_peak_rss_mib(trainer: str, args, new_tokens: int) -> float:
+    """Peak RSS (MiB) of a fresh process that runs only ``trainer`` ("ours" or "trl") on the work."""
+    out = subprocess.run([sys.executable, __file__, "--child", trainer, "--steps", str(args.steps), "--threads",
+                          str(args.threads), "--child-tokens", str(new_tokens)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _child(args) -> None:
+    """Run one trainer, then print this process's peak RSS in MiB (Linux: VmHWM, in kB)."""
+    with tempfile.TemporaryDirectory() as d:
+        run = run_ours if args.child == "ours" else run_trl
+        run(args.steps, args.threads, args.child_tokens, Path(d) / "run")
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024)
+
+
+def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tuple[str, ...] = ()) -> Result:
     from sspo_analysis.training import load_config, read_metrics, train
 
+    flags = [f"{m}={str(m in measures).lower()}" for m in MEASUREMENTS]
     cfg = load_config(None, [
         f"steps={steps}", f"threads={threads}", "model.warm_start=false", 'task.name="addition"', "task.digits=2",
-        f"rollout.prompts={P}", f"rollout.group_size={G}", f"rollout.max_new_tokens={MAX_NEW}",
+        f"rollout.prompts={P}", f"rollout.group_size={G}", f"rollout.max_new_tokens={new_tokens}",
         f"algo.updates_per_batch={UPDATES}", 'objective.name="sapo"', "algo.kl_coef=0.0", "optim.lr=1e-5",
-        f"algo.track_kl_ref={str(measurements).lower()}", f"log.entropy_taylor={str(measurements).lower()}",
-        f"log.entropy_change={str(measurements).lower()}",
-        "log.log_ratios_every=0", f"log.checkpoint_every={steps}", "log.progress=false",
+        *flags, "log.log_ratios_every=0", f"log.checkpoint_every={steps}", "log.progress=false",
     ])
     run = train(cfg, out)
     df = read_metrics(run)
     later = df.iloc[1:]  # the first step is warm-up
     seconds = float(later.wall_time.iloc[-1] - df.wall_time.iloc[0])
-    return len(later) * P * G / seconds
+    tokens = float(later.response_length.sum()) * P * G
+    return Result(len(later) * P * G / seconds, tokens / seconds)
 
 
-def run_trl(steps: int, threads: int, tmp: Path) -> float:
+def _trl_setup(steps: int, new_tokens: int, tmp: Path):
+    """``(model_dir, dataset, reward function, per-rollout completion token counts)`` for TRL."""
     import numpy as np
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     from sspo_analysis.training.models import load_model
     from sspo_analysis.training.tasks import Addition
 
-    torch.set_num_threads(threads)
     model, tok = load_model("tiny", seed=0)
     model_dir = tmp / "tiny"
     model.save_pretrained(model_dir)
@@ -61,47 +98,97 @@ def run_trl(steps: int, threads: int, tmp: Path) -> float:
     task = Addition(digits=2)
     prompts, answers = task.sample(np.random.default_rng(0), P * (steps + 1))
     data = Dataset.from_dict({"prompt": [tok.bos_token + p for p in prompts], "answer": answers})
+    counts: list[int] = []
 
-    def reward(prompts, completions, answer, **kwargs):
+    def reward(prompts, completions, answer, completion_ids=(), **kwargs):
+        counts.append(sum(len(c) for c in completion_ids))  # one call per rollout batch of P x G
         return [task.reward(c, a) for c, a in zip(completions, answer)]
 
+    return model_dir, tok, data, reward, counts
+
+
+def run_trl(steps: int, threads: int, new_tokens: int, tmp: Path) -> Result:
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(threads)
+    model_dir, tok, data, reward, counts = _trl_setup(steps, new_tokens, tmp)
+    times: list[float] = []
+
     class Clock(TrainerCallback):
-        times: list[float] = []
-
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
+            times.append(time.perf_counter())
 
-    clock = Clock()
     args = GRPOConfig(
         output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
         logging_steps=10_000, disable_tqdm=True, seed=0, learning_rate=1e-5, max_steps=steps * UPDATES,
         per_device_train_batch_size=P * G // UPDATES, steps_per_generation=UPDATES, num_generations=G,
-        num_iterations=1, max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+        num_iterations=1, max_completion_length=new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
         loss_type="sapo", dataloader_num_workers=0, shuffle_dataset=False, gradient_checkpointing=False,
     )
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[clock])
+                          processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    t = clock.times  # one entry per optimiser step; a rollout batch every UPDATES steps
-    rollouts_after_first = steps - 1
-    seconds = t[-1] - t[UPDATES - 1]
-    return rollouts_after_first * P * G / seconds
+    # one entry per optimiser step; a rollout batch every UPDATES steps, the first one is warm-up
+    seconds = times[-1] - times[UPDATES - 1]
+    return Result((steps - 1) * P * G / seconds, sum(counts[1:steps]) / seconds)
+
+
+def _line(name: str, r: Result) -> str:
+    return f"{name:<5}{r.sequences_per_s:7.1f} seq/s {r.tokens_per_s:7.0f} tok/s"
+
+
+def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
+    """``runs`` interleaved TRL / sspo runs at ``new_tokens``, one line each with the ratio."""
+    for i in range(runs):
+        d = tmp / f"n{new_tokens}_r{i}"
+        if i % 2 == 0:
+            trl = run_trl(args.steps, args.threads, new_tokens, d)
+            ours = run_ours(args.steps, args.threads, new_tokens, d / "ours")
+        else:
+            ours = run_ours(args.steps, args.threads, new_tokens, d / "ours")
+            trl = run_trl(args.steps, args.threads, new_tokens, d)
+        print(f"[{new_tokens:3d} new tokens, run {i + 1}] ratio {ours.sequences_per_s / trl.sequences_per_s:.2f}x "
+              f"seq/s, {ours.tokens_per_s / trl.tokens_per_s:.2f}x tok/s | {_line('TRL', trl)} | "
+              f"{_line('sspo', ours)}", flush=True)
+    if args.memory:
+        trl_mib, ours_mib = child_peak_rss_mib("trl", args, new_tokens), child_peak_rss_mib("ours", args, new_tokens)
+        print(f"[{new_tokens:3d} new tokens, memory] peak RSS of a process running only one trainer: "
+              f"TRL {trl_mib:.0f} MiB, sspo {ours_mib:.0f} MiB", flush=True)
+
+
+def price(args, tmp: Path) -> None:
+    """Each optional measurement on its own, next to a run with none: seconds per step it adds."""
+    base = run_ours(args.steps, args.threads, 16, tmp / "price_none")
+    print(f"[price] none                : {base.sequences_per_s:8.1f} seq/s")
+    for m in (*MEASUREMENTS, "all"):
+        on = MEASUREMENTS if m == "all" else (m,)
+        r = run_ours(args.steps, args.threads, 16, tmp / f"price_{m}", on)
+        extra = P * G / r.sequences_per_s - P * G / base.sequences_per_s
+        print(f"[price] {m:<20}: {r.sequences_per_s:8.1f} seq/s  {1e3 * extra:+7.1f} ms per step", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="rollout steps per trainer (first one is warm-up)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="rollout steps per trainer (first one is warm-up)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs at 16 new tokens")
+    parser.add_argument("--long", default="64,128", help="longer rows (one run each); '' for none")
+    parser.add_argument("--price", action="store_true", help="price the optional measurements separately")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS child runs")
+    parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-tokens", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child:
+        return _child(args)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        trl = run_trl(args.steps, args.threads, tmp)
-        ours = run_ours(args.steps, args.threads, False, tmp / "ours")
-        ours_full = run_ours(args.steps, args.threads, True, tmp / "ours_full")
-    print(f"TRL GRPOTrainer            : {trl:8.1f} sequences/s")
-    print(f"sspo trainer (same work)   : {ours:8.1f} sequences/s  ratio {ours / trl:.2f}x")
-    print(f"sspo trainer (+ measures)  : {ours_full:8.1f} sequences/s  ratio {ours_full / trl:.2f}x")
+        compare(args, 16, args.runs, tmp)
+        for n in [int(x) for x in args.long.split(",") if x]:
+            compare(args, n, 1, tmp)
+        if args.price:
+            price(args, tmp)
 
 
 if __name__ == "__main__":

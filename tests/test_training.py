@@ -166,7 +166,7 @@ def test_config_defaults_match_default_toml():
     ("optim.schedule=\"step\"", "allowed values: constant, linear, cosine"),
     ("task.name=\"chess\"", "task.name: unknown value 'chess'; allowed values: addition, countdown"),
     ("model.preset=\"huge\"", "model.preset: unknown value 'huge'; allowed values: tiny"),
-    ("model.precision=\"bf16\"", "model.precision"),
+    ("model.precision=\"fp16\"", "model.precision: unknown value 'fp16'; allowed values: fp32, bf16"),
     ("rollout.nonsense=1", "rollout.nonsense: unknown field; allowed in [rollout]: prompts"),
     ("steps=0", "steps: must be an integer >= 1"),
     ("log.progress=3", "log.progress: must be true or false"),

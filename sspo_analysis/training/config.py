@@ -35,7 +35,7 @@ class ModelConfig:
     preset: str = "tiny"  # a training.models.PRESETS name, used when path is empty
     path: str = ""  # local checkpoint directory (from_pretrained); wins over preset and warm_start
     warm_start: bool = True  # start the preset from the cached supervised warm start (made on first use)
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast, CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on the run's device, CUDA or CPU)
     gradient_checkpointing: bool = False
 
 
@@ -225,8 +225,6 @@ def _check_model(cfg: TrainConfig) -> None:
     if not m.path:
         _choice("model.preset", m.preset, tuple(PRESETS))
     _choice("model.precision", m.precision, ("fp32", "bf16"))
-    if m.precision == "bf16" and cfg.device == "cpu":
-        raise ValueError("model.precision: 'bf16' needs device = 'cuda' (or 'auto' on a GPU); allowed on CPU: fp32")
 
 
 def _check_task(cfg: TrainConfig) -> None:

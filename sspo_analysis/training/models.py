@@ -166,7 +166,8 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
     """Log-probs and entropies (B, T_c) of the completion ``input_ids[:, n_prompt:]`` under ``model``.
 
     Runs the base model once and projects only completion positions (see
-    :func:`token_logprobs`). Assumes ``logits = lm_head(last_hidden_state)``
+    :func:`token_logprobs`); rows that share a prompt (a rollout group) run it once
+    (:func:`_completion_hidden`). Assumes ``logits = lm_head(last_hidden_state)``
     (true for Qwen2, Llama, Mistral and most causal LMs; not for models with
     logit soft-capping).
     """
@@ -176,11 +177,56 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
         attention_mask, position_ids = None, None
     else:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
-    hidden = out.last_hidden_state[:, n_prompt - 1:-1]
+    hidden = _completion_hidden(model, input_ids, attention_mask, position_ids, n_prompt)
+    if hidden is None:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
+        hidden = out.last_hidden_state[:, n_prompt - 1:-1]
     return token_logprobs(hidden, model.get_output_embeddings(), input_ids[:, n_prompt:], completion_mask,
                           temperature=temperature, chunk_tokens=chunk_tokens)
+
+
+def _prompt_groups(model, input_ids: Tensor, attention_mask: Tensor | None, n_prompt: int
+                   ) -> tuple[Tensor, Tensor] | None:
+    """``(a row of each distinct prompt, each row's prompt index)``, or None when sharing does not apply."""
+    if input_ids.shape[1] - n_prompt < 2 or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return None
+    prompts = input_ids[:, :n_prompt]
+    if attention_mask is not None:
+        prompts = torch.cat([prompts, attention_mask[:, :n_prompt]], 1)
+    unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return torch.zeros_like(rows[:unique.shape[0]]).scatter_(0, inverse, rows), inverse
+
+
+def _completion_hidden(model, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                       n_prompt: int) -> Tensor | None:
+    """Final hidden states (B, T_c, H) at the positions that predict the completion, each distinct prompt run once.
+
+    The prompts run as a batch of distinct rows with a KV cache; each row's cache is
+    selected (differentiably) for the completions that follow it. The same values as
+    one full forward up to float rounding (attention over a cache instead of one square
+    causal block; gradients of a shared prompt summed once). None when no two rows share
+    a prompt, or under gradient checkpointing (recomputing a layer would grow the cache twice).
+    """
+    groups = _prompt_groups(model, input_ids, attention_mask, n_prompt)
+    if groups is None:
+        return None
+    first, inverse = groups
+    prompt_mask = None if attention_mask is None else attention_mask[first, :n_prompt]
+    prompt_pos = None if position_ids is None else position_ids[first, :n_prompt]
+    out = model.base_model(input_ids=input_ids[first, :n_prompt], attention_mask=prompt_mask,
+                           position_ids=prompt_pos, use_cache=True)
+    cache = _cache_of(out)
+    cache.batch_select_indices(inverse)
+    completion_pos = (torch.arange(n_prompt, input_ids.shape[1], device=input_ids.device)[None]
+                      if position_ids is None else position_ids[:, n_prompt:])
+    rest = model.base_model(input_ids=input_ids[:, n_prompt:-1], attention_mask=None if attention_mask is None
+                            else attention_mask[:, :-1], position_ids=completion_pos[:, :-1], use_cache=True,
+                            **{_cache_arg(model.base_model): cache})
+    return torch.cat([out.last_hidden_state[inverse, -1:], rest.last_hidden_state], 1)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -200,6 +246,11 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
+def _cache_arg(model) -> str:
+    """The forward argument that takes a KV cache (``cache`` in transformers >= 5.24, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How :func:`generate` samples: at most ``max_new_tokens``, softmax temperature (0: greedy), top-p."""
@@ -207,6 +258,30 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+
+
+def _prefill(model, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor) -> tuple[Any, Tensor]:
+    """``(KV cache, last logits)`` of the prompts; each run of identical rows is computed once.
+
+    A rollout repeats every prompt ``group_size`` times in consecutive rows: the model
+    runs on one row per group and the cache and logits are repeated: the same computation
+    on ``1 / group_size`` of the rows (a row's result does not depend on the batch around it;
+    on CPU a fixed-seed run's metrics were bitwise unchanged by this).
+    """
+    rows = torch.cat([prompt_ids, pos] + ([attn] if attn is not None else []), 1)
+    _, counts = torch.unique_consecutive(rows, dim=0, return_counts=True)
+    group = int(counts[0])
+    shared = group > 1 and bool((counts == group).all())
+    if shared:
+        first = torch.arange(0, prompt_ids.shape[0], group, device=prompt_ids.device)
+        prompt_ids, pos = prompt_ids[first], pos[first]
+        attn = attn[first] if attn is not None else None
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    past, logits = _cache_of(out), out.logits[:, -1]
+    if shared:
+        past.batch_repeat_interleave(group)
+        logits = logits.repeat_interleave(group, 0)
+    return past, logits
 
 
 @torch.no_grad()
@@ -227,10 +302,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     attn = prompt_mask.long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attn.all())  # without left padding the causal path needs no mask tensor
-    out = model(input_ids=prompt_ids, attention_mask=attn if padded else None, position_ids=pos, use_cache=True,
-                logits_to_keep=1)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    past, logits = _cache_of(out), out.logits[:, -1]
+    past, logits = _prefill(model, prompt_ids, attn if padded else None, pos)
+    cache_arg = _cache_arg(model)
     pos = pos[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     toks, logps, masks, ents = [], [], [], []

@@ -17,9 +17,13 @@ from sspo_analysis.training.tasks import Task
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast when the config asks for it on CUDA, else a no-op context."""
-    if cfg.model.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on ``device`` (CUDA or CPU) when the config asks for it, else a no-op context.
+
+    Parameters, gradients and optimiser state stay float32; the log-probs are
+    reduced in float32 (``models.token_logprobs`` upcasts the logits).
+    """
+    if cfg.model.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
