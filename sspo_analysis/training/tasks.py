@@ -169,25 +169,19 @@ class JsonlTask(Task):
     def __post_init__(self) -> None:
         if self.grader not in GRADERS:
             raise ValueError(f"task.grader: unknown value {self.grader!r}; allowed values: {', '.join(GRADERS)}")
-        path = Path(self.path)
-        if not path.is_file():
-            raise ValueError(f"task.path: {self.path!r} is not a file (a local JSONL of {{prompt, answer}} records)")
-        self.prompts: list[str] = []
-        self.answers: list[str] = []
-        for lineno, rec in jsonl_records(path):
-            prompt = rec.get(self.prompt_key, rec.get("question"))
-            answer = rec.get(self.answer_key)
-            if prompt is None or answer is None:
-                raise ValueError(f"task.path: {path}:{lineno} lacks {self.prompt_key!r} or {self.answer_key!r}")
-            answer = str(answer)
-            if "####" in answer:
-                answer = answer.split("####")[-1].strip()
-            self.prompts.append(str(prompt))
-            self.answers.append(answer)
-        if not self.prompts:
-            raise ValueError(f"task.path: {path} has no records")
+        self.prompts, self.answers = load_records(self.path, "{prompt, answer}", self._record)
         if self.grader == "math":
             self._math()  # fail before any work if the extra is missing
+
+    def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
+        prompt = rec.get(self.prompt_key, rec.get("question"))
+        answer = rec.get(self.answer_key)
+        if prompt is None or answer is None:
+            raise ValueError(f"{where} lacks {self.prompt_key!r} or {self.answer_key!r}")
+        answer = str(answer)
+        if "####" in answer:  # GSM8K: the final answer follows ####
+            answer = answer.split("####")[-1].strip()
+        return str(prompt), answer
 
     @staticmethod
     def _math():
@@ -321,16 +315,7 @@ class CodeTask(SandboxTask):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        path = Path(self.path)
-        if not path.is_file():
-            raise ValueError(f"task.path: {self.path!r} is not a file (a local JSONL of {{prompt, tests}} records)")
-        self.prompts, self.answers = [], []
-        for lineno, rec in jsonl_records(path):
-            prompt, answer = self._record(rec, f"task.path: {path}:{lineno}")
-            self.prompts.append(prompt)
-            self.answers.append(answer)
-        if not self.prompts:
-            raise ValueError(f"task.path: {path} has no records")
+        self.prompts, self.answers = load_records(self.path, "{prompt, tests}", self._record)
 
     def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
         from sspo_analysis.training.sandbox import split_tests
@@ -440,6 +425,20 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(rec, dict):
             raise ValueError(f"{where}:{lineno}: expected a JSON object, got a JSON {type(rec).__name__}")
         yield lineno, rec
+
+
+def load_records(path: str, fields: str, parse) -> tuple[list[str], list[str]]:
+    """``(prompts, answers)`` of a local JSONL task file, ``parse(record, where)`` giving each pair.
+
+    ``where`` names the file and line for ``parse``'s errors; ``fields`` describes a record in the
+    message for a missing file.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"task.path: {path!r} is not a file (a local JSONL of {fields} records)")
+    pairs = [parse(rec, f"task.path: {path}:{lineno}") for lineno, rec in jsonl_records(path)]
+    if not pairs:
+        raise ValueError(f"task.path: {path} has no records")
+    return [p for p, _ in pairs], [a for _, a in pairs]
 
 
 TASKS = ("addition", "countdown", "reversal", "jsonl", "code", "synthesis")
