@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Any
 
 # area module -> the sub-commands it registers
@@ -67,8 +68,24 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     return run_args(parser.parse_args(argv))
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as one line (no source file, no code line): what a CLI user needs is the message."""
+    return f"sspo: warning: {message}\n"
+
+
+def _quiet_transformers() -> None:
+    """``--no-progress`` silences transformers' own bars too (loading and saving weights)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run_args(args: argparse.Namespace) -> int:
     """Run the parsed command ``args.func``; a ``ValueError`` becomes one line on stderr and status 2."""
+    warnings.formatwarning = _one_line_warning
+    if getattr(args, "no_progress", False):
+        _quiet_transformers()
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad input: one clear line, no traceback

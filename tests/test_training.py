@@ -511,3 +511,16 @@ def test_update_metrics_reduce_as_declared():
                                           "grad_norm": 2.0}
     with pytest.raises(ValueError, match=r"metrics \['ratio_p90'\]: no reduction declared"):
         reduce_updates([{"ratio_p90": 1.0}])
+
+
+def test_load_tokenizer_keeps_spaces_from_a_string_path_and_refuses_a_missing_one(tmp_path):
+    """The saved character tokenizer comes back as itself (AutoTokenizer's Qwen2Tokenizer would drop spaces)."""
+    from sspo_analysis.training.models import char_tokenizer, load_model, load_tokenizer
+
+    model, _ = load_model("micro")
+    model.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.decode(tok("1 + 2").input_ids) == "1 + 2"
+    with pytest.raises(ValueError, match="not a local directory"):
+        load_tokenizer(tmp_path / "missing")

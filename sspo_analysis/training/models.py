@@ -57,8 +57,8 @@ def char_tokenizer(chars: str = CHARS):
                                    unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
 
 
-def load_tokenizer(path: Path):
-    """The tokenizer saved in ``path``; the character tokenizer when there is none.
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in the directory ``path``; the character tokenizer when it holds none.
 
     A tokenizer saved as a plain ``tokenizers`` backend (the character tokenizer)
     is loaded as such: ``AutoTokenizer`` would pick the model type's tokenizer
@@ -68,6 +68,9 @@ def load_tokenizer(path: Path):
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer path: {str(path)!r} is not a local directory (nothing is downloaded)")
     config = path / "tokenizer_config.json"
     if not config.exists() and not (path / "tokenizer.json").exists():
         return char_tokenizer()
