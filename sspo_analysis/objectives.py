@@ -239,13 +239,19 @@ def get_spec(name: str, *, include_references: bool = False) -> ObjectiveSpec:
 # --------------------------------------------------------------------------- helpers
 
 
+def _by_sign(side: Tensor, pos: float, neg: float, like: Tensor) -> Tensor:
+    """``pos`` where ``side`` is True, else ``neg``, in ``like``'s shape and dtype (a parameter per sign of A)."""
+    return torch.where(side, torch.full_like(like, pos), torch.full_like(like, neg))
+
+
 def _sign_select(adv: Tensor, pos: float, neg: float) -> Tensor:
     """Per-element parameter chosen by the advantage's sign (``A > 0`` -> ``pos``)."""
-    return torch.where(adv > 0, torch.full_like(adv, pos), torch.full_like(adv, neg))
+    return _by_sign(adv > 0, pos, neg, adv)
 
 
-def _token_count(mask: Tensor) -> Tensor:
-    return mask.sum(-1).to(torch.float32)
+def _token_count(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Unmasked tokens per sequence (B,), at least 1 so that an empty sequence divides safely."""
+    return mask.sum(-1).clamp(min=1).to(dtype)
 
 
 def _ppo_clip(ratio: Tensor, adv: Tensor, eps_lo: float, eps_hi: float) -> Terms:
@@ -266,7 +272,7 @@ def _geometric_mean(log_ratio: Tensor, adv: Tensor, mask: Tensor, log_gate: LogG
     """
     positive = (adv > 0)[:, None].expand_as(log_ratio)
     phi, dphi = log_gate(log_ratio, positive)
-    n = _token_count(mask).clamp(min=1.0).to(log_ratio.dtype)
+    n = _token_count(mask, log_ratio.dtype)
     w = geometric_mean_weight(phi, mask)
     dphi = torch.where(mask, dphi, 0.0)
     coefficient = (adv[:, None] * w[:, None] * dphi / n[:, None]).detach()
@@ -370,7 +376,7 @@ def sapo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, gate: str, tau_pos: fl
 )
 def gspo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi: float) -> Terms:
     """Sequence-level PPO-clip on ``s_i = exp(mean_t l)``; ``c = A s_i 1[kept_i] / T_i``."""
-    n = _token_count(mask).clamp(min=1.0).to(log_ratio.dtype)
+    n = _token_count(mask, log_ratio.dtype)
     s = geometric_mean_weight(log_ratio, mask)
     t = _ppo_clip(s, adv, eps_lo, eps_hi)
     coefficient = torch.where(mask, t.coefficient[:, None] / n[:, None], 0.0)
@@ -407,7 +413,7 @@ def gmpo(log_ratio: Tensor, adv: Tensor, mask: Tensor, *, eps_lo: float, eps_hi:
 
 def _sspo_log_gate(gate: str, tau_pos: float, tau_neg: float, one_sided: bool, eps_lo: float, eps_hi: float) -> LogGate:
     def log_gate(l: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
-        tau = torch.where(positive, torch.full_like(l, tau_pos), torch.full_like(l, tau_neg))
+        tau = _by_sign(positive, tau_pos, tau_neg, l)
         g = gates.get_gate(gate, tau=tau, eps=(eps_lo, eps_hi), space="log")
         if one_sided:
             return gates.one_sided(g, l, positive)
@@ -449,7 +455,7 @@ def sspo(  # noqa: PLR0913 - the registry passes each of the paper's parameters 
 
 def _sspo_sigmoid_log_gate(tau_pos: float, tau_neg: float) -> LogGate:
     def log_gate(l: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
-        tau = torch.where(positive, torch.full_like(l, tau_pos), torch.full_like(l, tau_neg))
+        tau = _by_sign(positive, tau_pos, tau_neg, l)
         z = tau * torch.expm1(l)  # tau (r - 1)
         # log(f_tau(r) / f_tau(1)) = log(2 sigmoid(z)); derivative in l: tau r (1 - sigmoid(z)).
         return F.logsigmoid(z) + math.log(2.0), tau * l.exp() * torch.sigmoid(-z)
@@ -509,7 +515,7 @@ def is_seq(log_ratio: Tensor, adv: Tensor, mask: Tensor) -> Terms:
     model. The ``1 / T`` keeps the normalised coefficient ``c T / A = W``, so that
     it is 1 on-policy like every sequence-level objective's.
     """
-    n = _token_count(mask).clamp(min=1).to(log_ratio.dtype)
+    n = _token_count(mask, log_ratio.dtype)
     w = torch.where(mask, log_ratio, 0.0).sum(-1).clamp(-SEQ_LOG_WEIGHT_CLAMP, SEQ_LOG_WEIGHT_CLAMP).exp()
     coefficient = torch.where(mask, (adv * w / n)[:, None], 0.0).detach()
     return Terms(w * adv / n, coefficient, w)
@@ -867,11 +873,6 @@ def vespo_log_phi(log_w: Tensor, k: Tensor | float, lam: Tensor | float) -> Tens
     return lam + k * log_w - lam * log_w.exp()
 
 
-def _by_sign(nonneg: Tensor, pos: float, neg: float, like: Tensor) -> Tensor:
-    """``pos`` where ``nonneg`` else ``neg``, in ``like``'s dtype (VESPO splits at ``A >= 0``, as TRL)."""
-    return torch.where(nonneg, torch.full_like(like, pos), torch.full_like(like, neg))
-
-
 @register_objective(
     "vespo",
     level="token",
@@ -892,7 +893,7 @@ def vespo(
     sequence importance sampling.
     """
     log_w = masked_sum(log_ratio, mask, dim=-1).clamp(VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)[:, None]
-    nonneg = adv >= 0
+    nonneg = adv >= 0  # VESPO splits at A >= 0, as TRL does
     k = _by_sign(nonneg, k_pos, k_neg, log_ratio)
     lam = _by_sign(nonneg, max(lambda_pos, VESPO_LAMBDA_MIN), max(lambda_neg, VESPO_LAMBDA_MIN), log_ratio)
     log_phi = vespo_log_phi(log_w, k, lam).detach()
