@@ -21,7 +21,6 @@ import collections
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sspo_analysis.io import atomic_path, write_json, write_text
+from sspo_analysis.io import atomic_path, json_safe, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
 from sspo_analysis.training.health import Monitor, Verdict, nonfinite_parameters
 from sspo_analysis.training.inputs import check_alphabet, check_prompt_lengths
@@ -378,7 +377,7 @@ def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor
             line = rl_step(state, step, run)
             counters["skipped_total"] += line["skipped_updates"]
             line.update(skipped_updates_total=counters["skipped_total"], wall_time=time.time() - t_run)
-            line = _finite_or_none(line)
+            line = json_safe(line)  # a non-finite metric is written as null
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
             report.log(line, step)
@@ -534,10 +533,6 @@ def _flatten_overrides(cfg: TrainConfig) -> list[str]:
             key = f"{section}.{k}" if k is not None else section
             out.append(f"{key}={tomli_w.dumps({'v': v})[4:].strip()}")
     return out
-
-
-def _finite_or_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 # --------------------------------------------------------------------------- sweeps and reading runs
