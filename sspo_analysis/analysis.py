@@ -343,3 +343,83 @@ def predict_from_log_ratios(objective: str, params: Mapping[str, Any],
         out[f"{kind}_var_coefficient"] = float(np.mean([v[0] for v in vals])) if vals else float("nan")
         out[f"{kind}_dead_fraction"] = float(np.mean([v[1] for v in vals])) if vals else float("nan")
     return out
+
+
+# --------------------------------------------------------------------------- instability (the stability study)
+
+REWARD_SMOOTHING = 3
+"""Instability is judged on the reward's rolling mean over this many steps (one noisy batch is not a collapse)."""
+REWARD_COLLAPSE_FRACTION = 0.5
+"""Reward collapse: the smoothed reward ends below this fraction of its running peak and never climbs back."""
+ENTROPY_COLLAPSE_FRACTION = 0.1
+"""Entropy collapse: the token entropy falls below this fraction of its first step's value ..."""
+ENTROPY_COLLAPSE_STEPS = 3
+"""... for this many consecutive steps, while the reward is below :data:`SOLVED_REWARD`."""
+SOLVED_REWARD = 0.9
+"""A policy this good may be deterministic: its low entropy is not a collapse."""
+INSTABILITY_KINDS = ("trainer", "reward_collapse", "entropy_collapse")
+"""Criteria of :func:`instability`, in the order they are reported when two trip at the same step."""
+
+
+def instability(steps: Any, trainer_verdict: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """When, and how, a run became unstable: the one definition of the stability study.
+
+    ``steps`` is the run's per-step metrics (``step``, ``reward_mean``, ``entropy``; a
+    DataFrame sorted by step) and ``trainer_verdict`` the trainer's ``RUN/DIVERGED``
+    record (``{"step", "kind", "reason"}``) or ``None``. A run is unstable at the
+    first step where one of these holds:
+
+    - ``trainer``: the trainer stopped it (a non-finite reward, entropy or parameter,
+      most updates skipped for a non-finite loss, or entropy below 1e-3 nats; see
+      :mod:`sspo_analysis.training.health`);
+    - ``reward_collapse``: the reward's rolling mean over :data:`REWARD_SMOOTHING` steps
+      falls below :data:`REWARD_COLLAPSE_FRACTION` of its running peak and stays below it
+      to the end of the run (the step reported is where it fell for the last time);
+    - ``entropy_collapse``: the token entropy stays below :data:`ENTROPY_COLLAPSE_FRACTION`
+      of its first step's value for :data:`ENTROPY_COLLAPSE_STEPS` consecutive steps while
+      the reward is below :data:`SOLVED_REWARD` (deterministic before the task is solved).
+
+    Grad-norm spikes are counted (:func:`spike_count`) but are not instability: a clipped
+    spike that the run survives is not a failure. Returns ``unstable``, ``step_unstable``
+    (``None`` when stable), ``kind`` (one of :data:`INSTABILITY_KINDS`, or ``""``).
+    """
+    found: list[tuple[int, int]] = []  # (step, criterion index)
+    if trainer_verdict is not None:
+        found.append((int(trainer_verdict.get("step") or 0), 0))
+    if len(steps):
+        step = steps.step.to_numpy(dtype=int)
+        reward = steps.reward_mean.to_numpy(dtype=float)
+        for index, at in ((1, _reward_collapse(reward)),
+                          (2, _entropy_collapse(steps.entropy.to_numpy(dtype=float), reward))):
+            if at is not None:
+                found.append((int(step[at]), index))
+    if not found:
+        return {"unstable": False, "step_unstable": None, "kind": ""}
+    at, index = min(found)
+    return {"unstable": True, "step_unstable": at, "kind": INSTABILITY_KINDS[index]}
+
+
+def _reward_collapse(reward: np.ndarray) -> int | None:
+    """Index of the step from which the smoothed reward stays below the collapse line of its running peak."""
+    import pandas as pd
+
+    smooth = pd.Series(reward).rolling(REWARD_SMOOTHING, min_periods=1).mean().to_numpy()
+    peak = np.fmax.accumulate(np.where(np.isfinite(smooth), smooth, -np.inf))
+    below = ~(smooth >= REWARD_COLLAPSE_FRACTION * peak)  # NaN counts as below
+    if len(below) == 0 or not below[-1] or peak[-1] <= 0:
+        return None
+    above = np.flatnonzero(~below)
+    return int(above[-1] + 1) if above.size else 0
+
+
+def _entropy_collapse(entropy: np.ndarray, reward: np.ndarray) -> int | None:
+    """Index of the first step of :data:`ENTROPY_COLLAPSE_STEPS` low-entropy unsolved steps in a row."""
+    if len(entropy) == 0 or not np.isfinite(entropy[0]) or entropy[0] <= 0:
+        return None
+    low = (entropy < ENTROPY_COLLAPSE_FRACTION * entropy[0]) & (reward < SOLVED_REWARD)
+    run = 0
+    for i, flag in enumerate(low):
+        run = run + 1 if flag else 0
+        if run == ENTROPY_COLLAPSE_STEPS:
+            return i - ENTROPY_COLLAPSE_STEPS + 1
+    return None

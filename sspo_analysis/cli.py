@@ -33,6 +33,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.simulation.cli": ("simulate",),
     "sspo_analysis.training.cli": ("pretrain", "train", "sweep", "config", "export", "plot"),
     "sspo_analysis.check_cli": ("check",),
+    "sspo_analysis.study.cli": ("study",),
 }
 EXTENSION_GROUP = "sspo_analysis.commands"
 """The entry-point group through which installed packages add ``sspo`` sub-commands."""

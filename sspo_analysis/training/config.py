@@ -47,7 +47,7 @@ class TaskConfig:
     numbers: int = 3  # countdown
     max_value: int = 9  # countdown
     path: str = ""  # jsonl, code
-    grader: str = ""  # jsonl: exact | number | math; code, synthesis: tests-fraction | tests-all; "": the default
+    grader: str = ""  # "": the default; jsonl: exact, number, math; reversal: exact, chars; code: tests-fraction, ...
     prompt_key: str = "prompt"  # jsonl, code
     answer_key: str = "answer"  # jsonl
     tests_key: str = "tests"  # code

@@ -27,7 +27,9 @@ GRADERS = ("exact", "number", "math")
 """Graders of the ``jsonl`` task."""
 TEST_GRADERS = ("tests-fraction", "tests-all")
 """Graders of the ``code`` and ``synthesis`` tasks: the fraction of tests passed, or 1 only when all pass."""
-TASK_GRADERS = {"jsonl": GRADERS, "code": TEST_GRADERS, "synthesis": TEST_GRADERS}
+REVERSAL_GRADERS = ("exact", "chars")
+"""Graders of the ``reversal`` task: the whole string, or the fraction of characters in place."""
+TASK_GRADERS = {"jsonl": GRADERS, "code": TEST_GRADERS, "synthesis": TEST_GRADERS, "reversal": REVERSAL_GRADERS}
 """Allowed ``task.grader`` values per task (an empty ``task.grader`` means the task's default, listed first)."""
 
 
@@ -67,10 +69,28 @@ class Addition(Task):
 
 @dataclass
 class Reversal(Task):
-    """``"abcd>"`` -> ``"dcba"``: reverse a random lowercase string of ``length`` letters."""
+    """``"abcd>"`` -> ``"dcba"``: reverse a random lowercase string of ``length`` letters.
+
+    ``grader``: ``exact`` (1 for the whole string, else 0) or ``chars`` (partial credit: the
+    characters in their place, over the longer of answer and completion, so padding a
+    completion out or cutting it short both cost). ``chars`` gives a long answer a reward
+    that moves with every token, which sparse exact match does not.
+    """
 
     length: int = 5
+    grader: str = "exact"
     name = "reversal"
+
+    def __post_init__(self) -> None:
+        if self.grader not in REVERSAL_GRADERS:
+            raise ValueError(f"task.grader: unknown value {self.grader!r} for task 'reversal'; "
+                             f"allowed values: {', '.join(REVERSAL_GRADERS)}")
+
+    def reward(self, completion: str, answer: str) -> float:
+        got, want = completion.strip(), answer.strip()
+        if self.grader == "exact":
+            return float(got == want)
+        return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want), 1)
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
         letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
@@ -446,7 +466,7 @@ TASKS = ("addition", "countdown", "reversal", "jsonl", "code", "synthesis")
 
 def make_task(name: str, **params) -> Task:
     """Build a task by name: ``addition`` (digits), ``countdown`` (numbers, max_value),
-    ``reversal`` (length), ``jsonl`` (path, grader, prompt_key, answer_key), ``code`` (path, grader,
+    ``reversal`` (length, grader), ``jsonl`` (path, grader, prompt_key, answer_key), ``code`` (path, grader,
     prompt_key, tests_key, entry_point_key, timeout_s, memory_mb), ``synthesis`` (grader, timeout_s,
     memory_mb). An empty ``grader`` means the task's default."""
     classes = {"addition": Addition, "countdown": Countdown, "reversal": Reversal, "jsonl": JsonlTask,

@@ -95,7 +95,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 def make_task_from(cfg: TrainConfig) -> Task:
     t = cfg.task
     sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb)
-    params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length),
+    params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length, grader=t.grader),
               "countdown": dict(numbers=t.numbers, max_value=t.max_value),
               "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key),
               "code": dict(path=t.path, prompt_key=t.prompt_key, tests_key=t.tests_key,

@@ -1,0 +1,55 @@
+"""``sspo study stability``: the stability study's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="studies built from many training runs (stability)")
+    studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
+    s = studies.add_parser(
+        "stability", help="where and how each objective becomes unstable: a map, a paired headline comparison, "
+        "theory's ranking",
+        description="Train every objective over a grid of regimes (learning rate, updates per rollout batch, "
+        "staleness, answer length) and seeds; report which runs become unstable and when, a paired comparison "
+        "with bootstrap CIs in the headline regime, and theory's predicted ranking. Finished runs are reused, "
+        "killed runs resume, a crashed run is recorded and the others go on.")
+    s.add_argument("--quick", action="store_true", help="the CI smoke plan (a few minutes; no conclusions)")
+    s.add_argument("--out", default=None, help="output directory (default: study_stability[_quick]/)")
+    s.add_argument("--seeds", default=None, metavar="LIST",
+                   help="headline seeds, comma-separated (the map uses the first of them); default: the plan's")
+    s.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default 2)")
+    s.add_argument("--rerun", action="store_true", help="train again the runs that exist (made with other settings)")
+    s.add_argument("--no-progress", action="store_true", help="no live display (one line per finished run)")
+    s.set_defaults(func=run_stability)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers >= 0, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds: expected comma-separated integers >= 0, got {text!r}")
+    return seeds
+
+
+def run_stability(args: argparse.Namespace) -> int:
+    """Entry point of ``sspo study stability``."""
+    import os
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from sspo_analysis.study import PLANS
+    from sspo_analysis.study.stability import stability
+
+    plan = PLANS["quick" if args.quick else "full"]
+    if args.seeds is not None:
+        plan = plan.with_seeds(_seeds(args.seeds))
+    out = args.out or f"study_stability{'_quick' if args.quick else ''}"
+    command = "sspo study stability " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "stability"] else ""
+    paths = stability(plan, out, jobs=args.jobs, progress=not args.no_progress, rerun=args.rerun,
+                      command=command.strip())
+    print(f"study: wrote {len(paths)} files under {out}/ (results.md, stability.csv, summary.csv, figures/)")
+    return 0

@@ -1,0 +1,141 @@
+"""Training a plan's runs: parallel jobs over the trainer's sweep, with a live display of runs and time left.
+
+Each run goes through :func:`sspo_analysis.training.sweep`, so a finished run
+(``DONE`` or ``DIVERGED``) is reused, a killed one resumes from its checkpoint,
+a crashed one writes ``FAILED`` and the others go on, and a run directory made
+with other settings is refused (``rerun`` starts it again). Jobs are separate
+processes with one torch thread each; the warm starts (one per answer length)
+are made first, once, and cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from sspo_analysis.study.design import Plan, RunSpec
+
+Report = Callable[[str], None]
+
+
+def _quiet_worker() -> None:
+    """A job process: no transformers chatter, one torch thread."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _warm_start(overrides: list[str]) -> str:
+    from sspo_analysis.training import load_config
+    from sspo_analysis.training.trainer import ensure_warm_start
+
+    return str(ensure_warm_start(load_config(None, overrides), progress=False))
+
+
+def _train(objective: str, seed: int, group: str, overrides: list[str], tag: str, rerun: bool) -> tuple[str, float]:
+    """Job: one run through the trainer's sweep; returns its printed messages and seconds."""
+    from sspo_analysis.training import sweep
+
+    t0 = time.perf_counter()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sweep([objective], [seed], None, group, overrides, tag=tag, progress=False, rerun=rerun)
+    return out.getvalue().strip(), time.perf_counter() - t0
+
+
+def run_state(run: Path) -> str:
+    """``done``, ``diverged``, ``failed`` or ``missing``: what a run directory holds."""
+    for marker, state in (("DIVERGED", "diverged"), ("DONE", "done"), ("FAILED", "failed")):
+        if (run / marker).exists():
+            return state
+    return "missing"
+
+
+def validate(plan: Plan, root: Path) -> None:
+    """Every run's settings are valid and every existing run can be reused, before any work starts."""
+    from sspo_analysis.training.trainer import _stale_runs, _sweep_configs
+
+    for spec in plan.runs():
+        configs = _sweep_configs([spec.arm.objective], [spec.seed], None, spec.overrides(plan, root / "cache"))
+        _stale_runs(configs, {key: spec.run_dir(root / "runs") for key in configs}, rerun=False)
+
+
+def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = False) -> None:
+    """Train every run of ``plan`` under ``root/runs`` that is not finished, ``jobs`` at a time."""
+    specs = plan.runs()
+    todo = [s for s in specs if run_state(s.run_dir(root / "runs")) in ("missing", "failed") or rerun]
+    display.start(len(specs), len(specs) - len(todo))
+    if not todo:
+        return
+    cache = root / "cache"
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_quiet_worker) as pool:
+        lengths = {s.regime.length: s for s in todo}
+        display.phase(f"warm starts for answer lengths {', '.join(map(str, sorted(lengths)))} (made once, cached)")
+        for fut in [pool.submit(_warm_start, s.overrides(plan, cache)) for s in lengths.values()]:
+            fut.result()
+        display.phase(f"training ({jobs} jobs)")
+        pending: dict[Future, RunSpec] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < jobs:
+                spec = queue.pop(0)
+                group = spec.run_dir(root / "runs").parent
+                pending[pool.submit(_train, spec.arm.objective, spec.seed, str(group),
+                                    spec.overrides(plan, cache), spec.arm.tag, rerun)] = spec
+                display.running(spec)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                spec = pending.pop(fut)
+                messages, seconds = fut.result()
+                display.finished(spec, run_state(spec.run_dir(root / "runs")), seconds, messages)
+
+
+class Display:
+    """The study's live display: a bar over all runs with the time left, and one line per run in progress."""
+
+    def __init__(self, console, enabled: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console,
+                                 disable=not enabled)
+        self.overall = self.progress.add_task("runs", total=1)
+        self.active: dict[str, int] = {}
+        self.counts = {"done": 0, "diverged": 0, "failed": 0}
+
+    def start(self, total: int, reused: int) -> None:
+        self.progress.update(self.overall, total=total, completed=reused)
+        self.console.print(f"study: {total} runs, {reused} reused, {total - reused} to train")
+
+    def phase(self, text: str) -> None:
+        self.progress.update(self.overall, description=text)
+
+    def running(self, spec: RunSpec) -> None:
+        self.active[spec.name] = self.progress.add_task(f"  {spec.arm.label} | {spec.regime.label} | "
+                                                        f"seed {spec.seed}", total=None)
+
+    def finished(self, spec: RunSpec, state: str, seconds: float, messages: str) -> None:
+        self.progress.remove_task(self.active.pop(spec.name))
+        self.progress.advance(self.overall)
+        if state in self.counts:
+            self.counts[state] += 1
+        note = f" ({messages.splitlines()[-1]})" if state == "failed" and messages else ""
+        self.console.print(f"{state:>8} {spec.arm.label} | {spec.regime.label} | seed {spec.seed} "
+                           f"in {seconds:.0f} s{note}")

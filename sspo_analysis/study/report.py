@@ -1,0 +1,299 @@
+"""The study's figures (PNG, PDF and the CSV of the plotted numbers) and ``results.md``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sspo_analysis import analysis
+from sspo_analysis.study.collect import OUTCOMES, PREDICTORS
+from sspo_analysis.study.stats import ALPHA, mean_ci
+
+BAND = "band / bars: 95% bootstrap CI of the mean over seeds"
+
+
+def _color(arm: str) -> str:
+    from sspo_analysis.plotting import style
+
+    return style.color(arm) if arm in style.OBJECTIVE_COLORS else style.color(arm.split("-tau")[0])
+
+
+def _figure(nrows: int, ncols: int, height: float, width: float | None = None) -> tuple[Any, Any]:
+    import matplotlib.pyplot as plt
+
+    from sspo_analysis.plotting import style
+
+    style.apply()
+    return plt.subplots(nrows, ncols, figsize=(width or style.FULL_WIDTH, height), constrained_layout=True,
+                        squeeze=False)
+
+
+def save(fig: Any, stem: Path, data: Any) -> list[Path]:
+    """``stem``.png, .pdf and .csv (the plotted numbers), each written atomically; closes ``fig``."""
+    import matplotlib.pyplot as plt
+
+    from sspo_analysis.io import atomic_path
+    from sspo_analysis.plotting import style
+
+    paths = [Path(p) for p in style.save(fig, stem)]
+    plt.close(fig)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        data.to_csv(tmp, index=False, float_format="%.6g")
+    return [*paths, stem.with_suffix(".csv")]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_map(summary: Any, arms: Sequence[str], regimes: Sequence[str], headline: str) -> Any:
+    """Heat map: the fraction of seeds unstable per arm (rows) and regime (columns), annotated ``k/n``."""
+    fig, axes = _figure(1, 1, 0.32 * len(arms) + 1.6)
+    ax = axes[0, 0]
+    table = summary.pivot(index="arm", columns="regime", values="unstable").reindex(index=arms, columns=regimes)
+    counts = summary.assign(k=summary.unstable * summary.n).pivot(index="arm", columns="regime", values="k")
+    n = summary.pivot(index="arm", columns="regime", values="n")
+    im = ax.imshow(table.to_numpy(dtype=float), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    for i, arm in enumerate(arms):
+        for j, regime in enumerate(regimes):
+            if np.isfinite(table.loc[arm, regime]):
+                k, total = counts.loc[arm, regime], n.loc[arm, regime]
+                ax.text(j, i, f"{k:.0f}/{total:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if table.loc[arm, regime] > 0.6 else "black")
+    ax.set_xticks(range(len(regimes)), [r.replace(" ", "\n") + ("\n(headline)" if r == headline else "")
+                                       for r in regimes], fontsize=6)
+    ax.set_yticks(range(len(arms)), arms)
+    ax.set_title("Runs unstable (k of n seeds) per objective and regime\n"
+                 "L: answer letters, lr: learning rate, u: updates per rollout batch, k: staleness")
+    fig.colorbar(im, ax=ax, label="fraction of seeds unstable", shrink=0.8)
+    return fig
+
+
+def plot_headline(summary: Any, comparisons: Any, arms: Sequence[str], regime: str) -> Any:
+    """One panel per outcome: each arm's mean and 95% CI in the headline regime; * marks a significant
+    paired difference from grpo, + from gmpo."""
+    head = summary[summary.regime == regime].set_index("arm").reindex(arms)
+    fig, axes = _figure(2, 3, 4.6)
+    y = np.arange(len(arms))[::-1]
+    for ax, (key, meaning) in zip(axes.ravel(), OUTCOMES.items()):
+        for yi, arm in zip(y, arms):
+            mean, lo, hi = head.loc[arm, [key, f"{key}_ci_low", f"{key}_ci_high"]].to_numpy(dtype=float)
+            err = [[max(mean - lo, 0)], [max(hi - mean, 0)]] if np.isfinite(lo) else None
+            ax.errorbar(mean, yi, xerr=err, fmt="o", color=_color(arm), ms=4, capsize=2)
+            ax.annotate(_marks(comparisons, arm, key), (mean, yi), xytext=(4, 3), textcoords="offset points",
+                        fontsize=7)
+        ax.set_yticks(y, arms if ax in axes[:, 0] else [""] * len(arms))
+        ax.set_title(meaning, fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Headline regime {regime}: {BAND}; * / + significant paired difference from grpo / gmpo "
+                 f"(sign-flip test p < {ALPHA} and CI excluding 0)", fontsize=7)
+    return fig
+
+
+def _marks(comparisons: Any, arm: str, key: str) -> str:
+    rows = comparisons[(comparisons.arm == arm) & (comparisons.outcome == key)]
+    marks = {"grpo": "*", "gmpo": "+"}
+    return "".join(marks[r.reference] for r in rows.itertuples() if r.verdict != "no significant difference")
+
+
+def curves(metrics: Any, key: str) -> Any:
+    """Per arm and step: mean of ``key`` over seeds and its 95% bootstrap CI (the plotted numbers)."""
+    import pandas as pd
+
+    rows = []
+    for (arm, step), g in metrics.groupby(["arm", "step"], sort=False):
+        mean, lo, hi = mean_ci(g[key].to_numpy(dtype=float))
+        rows.append({"arm": arm, "step": step, "metric": key, "mean": mean, "ci_low": lo, "ci_high": hi,
+                     "n": int(g[key].notna().sum())})
+    return pd.DataFrame(rows)
+
+
+def plot_curves(data: Any, arms: Sequence[str], ylabel: str, regime: str) -> Any:
+    """Small multiples, one panel per arm: its mean curve with a CI band, grpo's mean in grey in every panel."""
+    ncols = 4
+    nrows = -(-len(arms) // ncols)
+    fig, axes = _figure(nrows, ncols, 1.35 * nrows + 0.5)
+    ref = data[data.arm == "grpo"]
+    for ax, arm in zip(axes.ravel(), arms):
+        d = data[data.arm == arm]
+        if arm != "grpo" and len(ref):
+            ax.plot(ref.step, ref["mean"], color="0.6", lw=1, label="grpo")
+        ax.fill_between(d.step, d.ci_low, d.ci_high, color=_color(arm), alpha=0.25, lw=0)
+        ax.plot(d.step, d["mean"], color=_color(arm), label=arm)
+        ax.set_title(arm, fontsize=7)
+        ax.set_xlabel("RL step", fontsize=6)
+        ax.set_ylabel(ylabel, fontsize=6)
+    for ax in axes.ravel()[len(arms):]:
+        ax.axis("off")
+    fig.suptitle(f"{ylabel} in the headline regime {regime}: mean over seeds; {BAND} (pointwise); "
+                 "grey: grpo's mean", fontsize=7)
+    return fig
+
+
+def plot_theory(per_arm: Any, corr: Any, arms: Sequence[str]) -> Any:
+    """One panel per theory prediction: predicted value (x) against the observed fraction unstable (y),
+    one point per arm and regime."""
+    fig, axes = _figure(1, len(PREDICTORS), 2.6)
+    labels = {"shrinkage": "predicted mean coefficient E[c/A]", "dead_fraction": "predicted dead fraction",
+              "var_coefficient": "predicted coefficient variance"}
+    for ax, key in zip(axes[0], PREDICTORS):
+        for arm in arms:
+            d = per_arm[per_arm.arm == arm]
+            ax.scatter(d[key], d.observed_unstable, s=12, color=_color(arm), label=arm, alpha=0.85)
+        rho = corr[corr.predictor == key].spearman_rho.to_numpy(dtype=float)
+        rho = rho[np.isfinite(rho)]
+        med = f"median Spearman rho over regimes {np.median(rho):+.2f} ({len(rho)} regimes)" if rho.size else \
+            "no regime with spread in both"
+        ax.set_title(med, fontsize=6.5)
+        ax.set_xlabel(labels[key])
+        ax.set_ylabel("observed fraction of seeds unstable")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=6, fontsize=6)
+    fig.suptitle("Theory at each regime's logged log-ratio spread and length against observed instability "
+                 "(one point per objective and regime)", fontsize=7)
+    return fig
+
+
+def figures(out: Path, data: dict[str, Any], arms: Sequence[str], regimes: Sequence[str], headline: str) -> list[Path]:
+    """Every figure of the study under ``out/figures``."""
+    fig_dir = out / "figures"
+    summary, comparisons = data["summary"], data["comparisons"]
+    paths = save(plot_map(summary, arms, regimes, headline), fig_dir / "map",
+                 summary[["regime", "arm", "n", "unstable", "final_reward"]])
+    head = summary[summary.regime == headline]
+    paths += save(plot_headline(summary, comparisons, arms, headline), fig_dir / "headline", head)
+    for key, ylabel in (("reward_mean", "reward"), ("entropy", "entropy (nats per token)")):
+        d = curves(data["metrics"], key)
+        paths += save(plot_curves(d, arms, ylabel, headline), fig_dir / f"curves_{key}", d)
+    paths += save(plot_theory(data["theory"], data["theory_corr"], arms), fig_dir / "theory", data["theory"])
+    return paths
+
+
+# --------------------------------------------------------------------------- results.md
+
+
+def _fmt(mean: float, low: float, high: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    ci = f" [{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low) else ""
+    return f"{mean:.{digits}f}{ci}"
+
+
+def headline_table(summary: Any, arms: Sequence[str], regime: str) -> list[str]:
+    """Markdown: every outcome per arm in the headline regime, mean [95% CI]."""
+    head = summary[summary.regime == regime].set_index("arm")
+    lines = ["| objective | n | " + " | ".join(OUTCOMES) + " |", "|---|---|" + "---|" * len(OUTCOMES)]
+    for arm in arms:
+        if arm not in head.index:
+            continue
+        r = head.loc[arm]
+        cells = [_fmt(r[k], r[f"{k}_ci_low"], r[f"{k}_ci_high"], 1 if k == "time_to_instability" else 3)
+                 for k in OUTCOMES]
+        lines.append(f"| {arm} | {int(r.n)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparison_table(comparisons: Any, keys: Sequence[str] = ("unstable", "final_reward", "reward_auc")) -> list[str]:
+    """Markdown: arm minus reference, paired by seed, with CI, p-value and verdict."""
+    lines = ["| objective | vs | outcome | difference [95% CI] | p | verdict |", "|---|---|---|---|---|---|"]
+    for r in comparisons[comparisons.outcome.isin(keys)].itertuples():
+        lines.append(f"| {r.arm} | {r.reference} | {r.outcome} | {_fmt(r.diff, r.ci_low, r.ci_high)} | "
+                     f"{r.p_value:.3f} | {r.verdict} |")
+    return lines
+
+
+def map_table(summary: Any, arms: Sequence[str], regimes: Sequence[str]) -> list[str]:
+    """Markdown: unstable runs ``k/n`` and mean final reward per arm and regime."""
+    lines = ["| objective | " + " | ".join(regimes) + " |", "|---|" + "---|" * len(regimes)]
+    index = summary.set_index(["arm", "regime"])
+    for arm in arms:
+        cells = []
+        for regime in regimes:
+            if (arm, regime) not in index.index:
+                cells.append("")
+                continue
+            r = index.loc[(arm, regime)]
+            cells.append(f"{r.unstable * r.n:.0f}/{int(r.n)} ({r.final_reward:.2f})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def theory_table(corr: Any) -> list[str]:
+    lines = ["| regime | predictor | Spearman rho | p | objectives |", "|---|---|---|---|---|"]
+    for r in corr.itertuples():
+        rho = "n/a (no spread)" if not np.isfinite(r.spearman_rho) else f"{r.spearman_rho:+.2f}"
+        p = "" if not np.isfinite(r.p_value) else f"{r.p_value:.3f}"
+        lines.append(f"| {r.regime} | {r.predictor} | {rho} | {p} | {r.n_arms} |")
+    return lines
+
+
+def definitions() -> list[str]:
+    """The instability definition, stated from the constants :func:`sspo_analysis.analysis.instability` uses."""
+    a = analysis
+    return [
+        "A run is **unstable** from the first step where one of these holds "
+        "(`sspo_analysis.analysis.instability`):",
+        "- `trainer`: the trainer stopped it (non-finite reward, entropy or parameters; most updates skipped "
+        "for a non-finite loss; entropy below 1e-3 nats);",
+        f"- `reward_collapse`: the reward's rolling mean over {a.REWARD_SMOOTHING} steps falls below "
+        f"{a.REWARD_COLLAPSE_FRACTION:g} x its running peak and stays there to the end of the run;",
+        f"- `entropy_collapse`: the token entropy stays below {a.ENTROPY_COLLAPSE_FRACTION:g} x its first step's "
+        f"value for {a.ENTROPY_COLLAPSE_STEPS} steps in a row while the reward is below {a.SOLVED_REWARD:g}.",
+        "Grad-norm spikes are counted (`spikes` in `stability.csv`) but are not instability. "
+        "`time_to_instability` is the step a run became unstable, or the run length when it never did "
+        "(censored), so its mean understates how long stable runs would last.",
+    ]
+
+
+def findings(df: Any, comparisons: Any, headline: str) -> list[str]:
+    """Plain statements read off the numbers (no interpretation): instability counts and significant pairs."""
+    lines = []
+    per_arm = df.groupby("arm", sort=False).unstable.agg(["sum", "count"])
+    never = [a for a, r in per_arm.iterrows() if r["sum"] == 0]
+    lines.append(f"- Unstable runs over the whole map: {int(per_arm['sum'].sum())} of {int(per_arm['count'].sum())}. "
+                 f"Never unstable in any regime: {', '.join(never) if never else 'none'}.")
+    worst = per_arm.assign(rate=per_arm["sum"] / per_arm["count"]).sort_values("rate", ascending=False)
+    lines.append("- Fraction of runs unstable over the map, per objective: "
+                 + ", ".join(f"{a} {r.rate:.2f}" for a, r in worst.iterrows()) + ".")
+    sig = comparisons[comparisons.verdict != "no significant difference"]
+    for ref in ("grpo", "gmpo"):
+        part = sig[sig.reference == ref]
+        text = "; ".join(f"{r.arm} {r.outcome} {r.verdict} ({r.diff:+.3f}, p={r.p_value:.3f})"
+                         for r in part.itertuples()) or "no significant difference on any outcome"
+        lines.append(f"- Headline regime {headline}, paired against {ref}: {text}.")
+    return lines
+
+
+def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: float, load: str) -> str:
+    """``results.md``: how it was made, the definitions, the headline, the comparisons, the map and the theory."""
+    arms = [a.label for a in plan.arms]
+    regimes = list(dict.fromkeys([plan.headline.label, *(r.label for r in plan.regimes)]))
+    head = plan.headline.label
+    parts = [
+        f"# Stability study ({plan.name})", "",
+        f"Made by `{command}` in {seconds / 60:.1f} minutes ({load}). Runs: {len(data['tidy'])}; "
+        f"{plan.steps} RL steps each; map seeds {list(plan.seeds)}, headline seeds {list(plan.headline_seeds)}, "
+        "paired by seed (same warm start, same prompts and sampling stream).",
+        "", "Task: reversal of L letters with partial credit (the fraction of characters in place), "
+        "tiny Qwen2 preset from a supervised warm start per L; 16 prompts x 8 samples per step.", "",
+        "## Definitions", "", *definitions(), "",
+        "## What the numbers say", "", *findings(data["tidy"], data["comparisons"], head), "",
+        f"## Headline regime: {head}", "", "Mean over seeds [95% percentile-bootstrap CI].", "",
+        *headline_table(data["summary"], arms, head), "",
+        "### Paired comparisons (objective minus reference, same seeds)", "",
+        f"Exact sign-flip permutation test; significant when p < {ALPHA} and the CI excludes 0. With n paired "
+        "seeds the smallest possible p is 2/2^n (0.031 for 6 seeds, 0.0625 for 5).", "",
+        *comparison_table(data["comparisons"]), "",
+        "## Stability map", "", "Unstable runs k/n (mean final reward).", "",
+        *map_table(data["summary"], arms, regimes), "",
+        "## Theory's ranking against the observed one", "",
+        "Per regime, each objective's predicted mean coefficient, dead fraction and coefficient variance "
+        "(`sspo_analysis.theory`, log-normal ratios at the regime's median early log-ratio spread and mean "
+        "length), rank-correlated with the observed fraction of seeds unstable (`theory.csv` has every value).",
+        "", *theory_table(data["theory_corr"]), "",
+        "## Files", "", "`stability.csv` (one row per run), `summary.csv` (mean and CI per objective and regime), "
+        "`comparisons.csv`, `theory.csv`, `theory_correlations.csv`, `figures/` (PNG, PDF and CSV of each figure).",
+    ]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,99 @@
+"""``sspo study stability`` as a function: train the plan (or reuse it), then write the tables, figures and report.
+
+Outputs under ``out``: ``runs/`` (one trainer run directory per arm, regime and
+seed), ``cache/`` (the warm starts), ``stability.csv``, ``summary.csv``,
+``comparisons.csv``, ``theory.csv``, ``theory_correlations.csv``, ``figures/``,
+``timing.json`` and ``results.md``. The study directory is owned by one process
+at a time (a lock file); every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sspo_analysis.io import atomic_path, write_json, write_text
+from sspo_analysis.study import collect, report
+from sspo_analysis.study.design import Plan
+from sspo_analysis.study.execute import Display, execute, validate
+
+
+def _timing(root: Path, seconds: float, trained: int, load: tuple[float, ...]) -> dict[str, Any]:
+    """Add this call's training time to ``timing.json`` (the wall time summed over every call that trained)."""
+    import json
+
+    path = root / "timing.json"
+    old = json.loads(path.read_text()) if path.exists() else {"train_seconds": 0.0, "calls": []}
+    if trained:
+        old["train_seconds"] += seconds
+        old["calls"].append({"seconds": round(seconds, 1), "runs_trained": trained, "cpus": os.cpu_count(),
+                             "load_average_1min_start_end": [round(x, 2) for x in load]})
+    write_json(path, old)
+    return old
+
+
+def analyse(plan: Plan, root: Path) -> dict[str, Any]:
+    """Every table of the study from its runs (no training)."""
+    import pandas as pd
+
+    from sspo_analysis.training import read_metrics
+
+    df = collect.tidy(plan, root)
+    head = [s for s in plan.runs() if s.regime == plan.headline]
+    frames = [read_metrics(s.run_dir(root / "runs")).assign(arm=s.arm.label, seed=s.seed) for s in head
+              if (s.run_dir(root / "runs") / "metrics.jsonl").exists()]
+    per_arm, corr = collect.theory_ranking(df, plan)
+    return {"tidy": df, "summary": collect.summarise(df), "comparisons": collect.compare(df, plan.headline.label),
+            "theory": per_arm, "theory_corr": corr,
+            "metrics": pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()}
+
+
+def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, timing: dict[str, Any]) -> list[Path]:
+    """The CSVs, figures and ``results.md`` of a study."""
+    paths = []
+    for stem, key in (("stability", "tidy"), ("summary", "summary"), ("comparisons", "comparisons"),
+                      ("theory", "theory"), ("theory_correlations", "theory_corr")):
+        with atomic_path(root / f"{stem}.csv") as tmp:
+            data[key].to_csv(tmp, index=False, float_format="%.6g")
+        paths.append(root / f"{stem}.csv")
+    arms = [a.label for a in plan.arms]
+    regimes = list(dict.fromkeys([plan.headline.label, *(r.label for r in plan.regimes)]))
+    paths += report.figures(root, data, arms, regimes, plan.headline.label)
+    calls = timing["calls"]
+    loads = [x for c in calls for x in c["load_average_1min_start_end"]]
+    load = (f"{calls[-1]['cpus']} CPUs, 1-minute load average {min(loads):.1f} to {max(loads):.1f} at the start "
+            "and end of training") if calls else "all runs reused"
+    text = report.results_markdown(data, plan, command, timing["train_seconds"], load)
+    paths.append(write_text(root / "results.md", text))
+    return paths
+
+
+def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None, progress: bool = True,
+              rerun: bool = False, command: str = "") -> list[Path]:
+    """Train (or reuse) every run of ``plan`` under ``out`` with ``jobs`` processes, then write the outputs.
+
+    Returns the written paths. A ValueError before any work if a setting is invalid,
+    ``out`` cannot be written, or an existing run was made with other settings (unless ``rerun``).
+    """
+    from rich.console import Console
+
+    from sspo_analysis.training.runs import check_output_dir, run_lock
+
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"--jobs: must be an integer >= 1, got {jobs!r}")
+    root = check_output_dir(out, "--out")
+    root.mkdir(parents=True, exist_ok=True)
+    console = console or Console()
+    with run_lock(root):
+        if not rerun:
+            validate(plan, root)
+        display = Display(console, progress)
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        with display.progress:
+            execute(plan, root, jobs, display, rerun)
+        trained = sum(display.counts.values())
+        timing = _timing(root, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
+        console.print("study: analysing the runs and drawing the figures")
+        return write_outputs(plan, root, analyse(plan, root), command or f"sspo study stability --out {out}", timing)
