@@ -7,8 +7,9 @@ numbers it plots) into ``out_dir``, and returns the paths it wrote.
 :func:`make_figures` or the figure modules' ``data_*`` / ``plot_*`` functions.
 
 - :mod:`paper_figures.gates_fig`: figure 1 (gate families);
-- :mod:`paper_figures.theory_figs`: figures 2-4 and the bandit half of 7
-  (``sspo_analysis.theory`` and ``sspo_analysis.simulation``);
+- :mod:`paper_figures.theory_figs`: figures 2-4, the bandit half of 7 and figure 9
+  (``sspo_analysis.theory`` and ``sspo_analysis.simulation``; figure 9's drawing is
+  :mod:`sspo_analysis.plotting.staleness`);
 - :mod:`paper_figures.experiments`: the training runs behind figures 5-8 and the
   results table (``sspo_analysis.training``);
 - :mod:`paper_figures.training_figs`: figures 5-8 and the results table.
@@ -56,13 +57,15 @@ class Settings:
     staleness_objectives: tuple[str, ...]
     staleness_seeds: tuple[int, ...]
     log_ratios_every: int
+    # exact-gradient staleness study (figure 9): sampled batches per objective and lag
+    gradient_batches: int = 1000
 
 
 QUICK = Settings(
     name="quick", n_stds=25, mc_samples=20_000, mc_points=5, lengths=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
     frontier_points=9, bandit_steps=60, bandit_seeds=1,
     preset="tiny", task_digits=1, train_steps=10, seeds=(0, 1, 2), staleness=(0, 2, 8),
-    staleness_objectives=("grpo", "sspo"), staleness_seeds=(0,), log_ratios_every=2,
+    staleness_objectives=("grpo", "sspo"), staleness_seeds=(0,), log_ratios_every=2, gradient_batches=500,
 )
 FULL = Settings(
     name="full", n_stds=60, mc_samples=200_000, mc_points=8,
@@ -70,13 +73,13 @@ FULL = Settings(
     frontier_points=17, bandit_steps=300, bandit_seeds=3,
     preset="tiny", task_digits=2, train_steps=50, seeds=(0, 1, 2), staleness=(0, 2, 8),
     staleness_objectives=("grpo", "dapo", "gspo", "gmpo", "sapo", "sspo"), staleness_seeds=(0, 1, 2),
-    log_ratios_every=5,
+    log_ratios_every=5, gradient_batches=4000,
 )
 SMOKE = Settings(
     name="smoke", n_stds=12, mc_samples=4_000, mc_points=3, lengths=(1, 4, 16, 64, 256, 1024),
     frontier_points=5, bandit_steps=20, bandit_seeds=1,
     preset="micro", task_digits=1, train_steps=4, seeds=(0, 1), staleness=(0, 2),
-    staleness_objectives=("sspo",), staleness_seeds=(0,), log_ratios_every=2,
+    staleness_objectives=("sspo",), staleness_seeds=(0,), log_ratios_every=2, gradient_batches=100,
 )
 """Smoke settings for the notebooks in CI: the micro preset, a few steps; exercises every code path in seconds."""
 SETTINGS: dict[str, Settings] = {"smoke": SMOKE, "quick": QUICK, "full": FULL}
@@ -191,19 +194,21 @@ def color(name: str) -> str:
     return style.color(name)
 
 
-LINESTYLES: dict[str, str] = {"dapo": "--", "gmpo": "--", "cispo": ":", "sspo-sigmoid": "-."}
-MARKERS: dict[str, str] = {"pg": "", "is-token": "x", "is-seq": "x", "grpo": "o", "dapo": "v", "cispo": "P",
-                           "sapo": "D", "gspo": "s", "gmpo": "^", "sspo": "o", "sspo-sigmoid": "d",
-                           "vespo": "*", "luspo": "s", "clip-cov": "v", "kl-cov": "P"}
+def line_style(name: str, marker: bool = False, every: int | None = None, index: int = 0) -> dict[str, Any]:
+    """Matplotlib keywords for an objective: its colour, dash pattern and optionally its marker
+    (:func:`sspo_analysis.plotting.style.line_kw`; ``every``/``index`` stagger sparse markers)."""
+    from sspo_analysis.plotting import style
+
+    return style.line_kw(name, markers=marker, every=every, index=index)
 
 
-def line_style(name: str, marker: bool = False) -> dict[str, Any]:
-    """Matplotlib keywords for an objective: its colour (``style.color``), a dash pattern that tells
-    overlapping curves apart (dapo/gmpo dashed, cispo dotted, sspo-sigmoid dash-dot) and optionally a marker."""
-    kw: dict[str, Any] = {"color": color(name), "ls": LINESTYLES.get(name, "-")}
-    if marker:
-        kw.update(marker=MARKERS.get(name, "o"), ms=3, mfc="white", mew=0.8)
-    return kw
+def note(ax: Any, text: str, loc: str = "lower left", **kw: Any) -> None:
+    """A small grey note inside ``ax`` (what coincides by construction, what a band is)."""
+    x = 0.02 if "left" in loc else 0.98
+    y = 0.03 if "lower" in loc else 0.97
+    ann = ax.annotate(text, (x, y), xycoords="axes fraction", ha="left" if "left" in loc else "right",
+                      va="bottom" if "lower" in loc else "top", fontsize=6, color="#444444", **kw)
+    ann.set_in_layout(False)  # a note never resizes the panels
 
 
 def legend_below(fig: Any, ax: Any, ncols: int = 6, **kw: Any) -> None:

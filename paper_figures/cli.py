@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "figures",
         help="make every paper figure (PNG, PDF, CSV) and the results table",
-        description="Make the paper figures 1-8 and figures/results.{md,csv}. Training runs are kept under "
+        description="Make the paper figures 1-9 and figures/results.{md,csv}. Training runs are kept under "
         "<out>/runs and reused, so a second call only replots.",
     )
     p.add_argument("--quick", action="store_true", help="fewer steps, seeds and samples (CI: <= 5 min on 2 cores)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,27 +140,55 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
         over = overrides(ctx.settings, 0, cache)
         load_config(None, over)  # validates every setting before any work
         ctx.report(f"{len(specs) - len(todo)} of {len(specs)} runs reused; training {len(todo)} under {root}")
-        ctx.advance(0, len(todo), "warm start (supervised, made once, then cached)")
+        ctx.advance(0, len(todo), "training runs: warm start (supervised, made once, then cached)")
         with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_quiet_worker) as pool:
             t0 = time.perf_counter()
             warm = pool.submit(_warm_start, over).result()
             ctx.report(f"warm start {Path(warm).name} ready ({time.perf_counter() - t0:.0f} s)")
-            done = 0
-            ctx.advance(done, len(todo), f"training runs ({WORKERS} at a time)")
             futures = {pool.submit(_train_one, s.objective, s.seed, str(s.group),
                                    overrides(ctx.settings, s.staleness, cache)): s for s in todo}
-            for fut in as_completed(futures):
-                spec = futures[fut]
-                run_dir, seconds, ok = fut.result()
-                done += 1
-                status = "done" if ok else f"FAILED (see {spec.run_dir / 'FAILED'})"
-                ctx.report(f"run {spec.name}: {status} in {seconds:.0f} s")
-                ctx.advance(done, len(todo), f"training runs ({WORKERS} at a time): {spec.name}")
+            _follow(ctx, futures)
     else:
         ctx.report(f"all {len(specs)} runs reused from {root}")
     return [{"name": s.name, "objective": s.objective, "seed": s.seed, "staleness": s.staleness,
              "run_dir": s.run_dir, "done": (s.run_dir / "DONE").exists()} for s in specs]
+
+
+POLL_SECONDS = 2.0
+"""How often the progress line of the training phase is refreshed (the runs in progress and their time)."""
+
+
+def training_status(done: int, total: int, running: dict[str, float], now: float) -> str:
+    """The progress line of the training phase: runs done, and each run in progress with its elapsed time.
+
+    ``running`` maps a run's name to the time it was first seen running; the
+    :data:`WORKERS` oldest are shown (the pool hands out one run ahead of time).
+    """
+    oldest = sorted(running.items(), key=lambda item: item[1])[:WORKERS]
+    busy = ", ".join(f"{name} ({now - t0:.0f} s)" for name, t0 in oldest) or "starting"
+    return f"training runs: {done}/{total} done ({WORKERS} at a time); running {busy}"
+
+
+def _follow(ctx: Context, futures: dict) -> None:
+    """Report each run as it ends and keep the progress line current (which runs train, for how long)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending, done, started = set(futures), 0, {}
+    while pending:
+        finished, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+        now = time.perf_counter()
+        for fut in finished:
+            spec = futures[fut]
+            _, seconds, ok = fut.result()
+            done += 1
+            started.pop(spec.name, None)
+            status = "done" if ok else f"FAILED (see {spec.run_dir / 'FAILED'})"
+            ctx.report(f"run {spec.name}: {status} in {seconds:.0f} s")
+        for fut in pending:
+            if fut.running():
+                started.setdefault(futures[fut].name, now)
+        ctx.advance(done, len(futures), training_status(done, len(futures), started, now))
 
 
 def _check_reusable(spec: RunSpec, settings: Settings) -> None:

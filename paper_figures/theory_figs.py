@@ -16,7 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import Context, color, figure, legend_below, line_style, new_figure, save, stem, write_frame
+from paper_figures import (
+    Context,
+    color,
+    figure,
+    legend_below,
+    line_style,
+    new_figure,
+    note,
+    save,
+    stem,
+    write_frame,
+)
 from sspo_analysis.analysis import frontier_summary, lowest_mse
 
 TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
@@ -78,27 +89,53 @@ def data_token_bias(
     return curves, pd.DataFrame(rows)
 
 
+COINCIDE_NOTES = {
+    "token": {-1: "dapo = grpo for A < 0 by construction:\nthey differ only in the upper clip (eps_high),\n"
+                  "which A < 0 never reaches",
+              1: "is-token = pg = 1 by construction (E[r] = 1)"},
+}
+"""Figure 2: where two curves coincide by construction, said on the panel."""
+
+
+def _dodge(x, j: int, n: int, step: float = 0.035):
+    """``x`` times the ``j``-th of ``n`` small factors (a log axis): equal points drawn side by side."""
+    return np.asarray(x, float) * np.exp((j - (n - 1) / 2) * step)
+
+
 def plot_token_bias(curves, mc):
-    """Figure 2: one panel per advantage sign; curves analytic, points Monte Carlo (error bars: 2 s.e.)."""
-    fig, axes = new_figure(1, 2, 2.9, sharey=True)
+    """Figure 2: one panel per advantage sign; curves analytic, points Monte Carlo (error bars: 2 s.e.).
+
+    Coinciding curves are dashed apart and the Monte Carlo points shifted sideways a
+    little (each objective its own marker), so every objective stays visible.
+    """
+    from matplotlib.lines import Line2D
+
+    fig, axes = new_figure(1, 2, 3.0, sharey=True)
+    names = list(dict.fromkeys(curves.objective))
     for ax, sign in zip(axes[0], (1, -1)):
-        ax.axhline(1.0, color=color("pg"), lw=0.8, ls=":", label="pg (on-policy) = 1")
-        for name, g in curves[curves.advantage_sign == sign].groupby("objective", sort=False):
-            g = g.sort_values("log_ratio_std")
-            ax.plot(g.log_ratio_std, g.mean_coefficient, label=name, **line_style(name))
+        ax.axhline(1.0, color=color("pg"), lw=0.8, ls=":", zorder=0)
+        for j, name in enumerate(names):
+            g = curves[(curves.advantage_sign == sign) & (curves.objective == name)].sort_values("log_ratio_std")
+            ax.plot(g.log_ratio_std, g.mean_coefficient, lw=1.2, **line_style(name))
             m = mc[(mc.objective == name) & (mc.advantage_sign == sign)]
-            ax.errorbar(m.log_ratio_std, m.mean_coefficient, yerr=2 * m.mean_coefficient_se, fmt="o", ms=3,
-                        color=color(name), mfc="white", mew=0.9, lw=0.8, capsize=0)
+            kw = line_style(name, marker=True)
+            ax.errorbar(_dodge(m.log_ratio_std, j, len(names)), m.mean_coefficient, yerr=2 * m.mean_coefficient_se,
+                        fmt=kw["marker"], ms=3.5, color=kw["color"], mfc="white", mew=0.9, lw=0.8, capsize=0)
         ax.set(xscale="log", xlabel="token log-ratio std s (nats)", title=f"advantage {SIGN_STYLE[sign][0]}")
+        note(ax, COINCIDE_NOTES["token"][sign])
     axes[0, 0].set_ylabel("mean coefficient E[c / A]  (1 = unbiased)")
-    legend_below(fig, axes[0, 0], ncols=6)
-    fig.suptitle("Token-level gating bias (lines: closed form / quadrature; circles: Monte Carlo ± 2 s.e.)")
+    handles = [Line2D([], [], color=color("pg"), lw=0.8, ls=":")] + [Line2D([], [], **line_style(n, marker=True))
+                                                                     for n in names]
+    fig.legend(handles, ["pg (on-policy) = 1"] + names, loc="outside lower center", ncols=len(names) + 1)
+    fig.suptitle("Token-level gating bias. Lines: closed form / quadrature; markers: Monte Carlo ± 2 s.e.\n"
+                 "(shifted sideways a little so that equal points stay visible)")
     return fig
 
 
 @figure(2, "token_bias", "token-level gating bias against log-ratio std")
 def figure_2(out_dir: Path, ctx: Context) -> list[Path]:
     st = ctx.settings
+    ctx.advance(0, 1, "theory: closed form, quadrature and Monte Carlo")
     curves, mc = ctx.cached("fig2", lambda: data_token_bias(
         stds=np.geomspace(0.02, 2.0, st.n_stds), mc_stds=np.geomspace(0.03, 1.5, st.mc_points),
         mc_samples=st.mc_samples))
@@ -122,39 +159,71 @@ def data_sequence_weights(
     return sweep(list(objectives), stds=list(stds), lengths=[int(x) for x in lengths], signs=(1, -1))
 
 
-def plot_sequence_weights(df, sign: int = 1):
+def coinciding(df, keys: Sequence[str], rtol: float = 0.01, by: str = "length") -> list[list[str]]:
+    """Groups of objectives whose curves (columns ``keys`` against ``by``) agree within ``rtol`` everywhere.
+
+    Two objectives agree when ``|a - b| <= rtol * max(|a|, |b|)`` at every point of
+    every key; groups are the connected sets of agreeing pairs, in first-seen order.
+    """
+    names = list(dict.fromkeys(df.objective))
+    table = {n: df[df.objective == n].set_index(by).sort_index()[list(keys)].to_numpy(float) for n in names}
+    group = {n: n for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = table[a], table[b]
+            if x.shape == y.shape and np.all(np.abs(x - y) <= rtol * np.maximum(np.abs(x), np.abs(y)) + 1e-15):
+                root = group[a]
+                group.update({n: root for n in names if group[n] == group[b]})
+    groups = [[n for n in names if group[n] == root] for root in dict.fromkeys(group.values())]
+    return [g for g in groups if len(g) > 1]
+
+
+def plot_sequence_weights(df, sign: int = 1, rtol: float = 0.01):
     """Figure 3: rows mean / variance of the weight, columns the stds; log length axis, log variance axis.
 
     ``is-seq``'s variance ``exp(L s^2) - 1`` leaves the panel at large ``L``: its
-    last value is written beside the cut.
+    last value is written beside the cut. Curves that agree within ``rtol`` are
+    named on the panel; their markers are staggered so that each stays visible.
     """
     stds = sorted(df.log_ratio_std.unique())
-    fig, axes = new_figure(2, len(stds), 4.4, sharex=True)
+    fig, axes = new_figure(2, len(stds), 4.6, sharex=True)
     d = df[df.advantage_sign == sign]
+    names = list(dict.fromkeys(d.objective))
+    every = len(names)  # each curve its own marker positions: no marker hides another
+
     for j, s in enumerate(stds):
         ds = d[np.isclose(d.log_ratio_std, s)]
         others = ds[ds.objective != "is-seq"].var_weight
         top = 10 ** np.ceil(np.log10(max(float(others.max()), 1e-12)) + 3)
-        for name, g in ds.groupby("objective", sort=False):
-            g = g.sort_values("length")
-            axes[0, j].plot(g.length, g.mean_weight, label=name, **line_style(name, marker=True))
-            axes[1, j].plot(g.length, g.var_weight.clip(lower=1e-12), label=name, **line_style(name, marker=True))
+        for i, name in enumerate(names):
+            g = ds[ds.objective == name].sort_values("length")
+            kw = {**line_style(name, marker=True, every=every, index=i), "lw": 1.1}
+            axes[0, j].plot(g.length, g.mean_weight, label=name, **kw)
+            axes[1, j].plot(g.length, g.var_weight.clip(lower=1e-12), label=name, **kw)
             last = g.iloc[-1]
             if last.var_weight > top:
                 axes[1, j].annotate(f"{name}: {last.var_weight:.1e}\nat L = {int(last.length)}",
                                     xy=(0.98, 0.97), xycoords="axes fraction", ha="right", va="top", fontsize=6,
                                     color=color(name))
+        for row, key in ((0, "mean_weight"), (1, "var_weight")):
+            same = coinciding(ds[ds.objective != "is-seq"] if row else ds, [key], rtol)
+            if same:
+                note(axes[row, j], f"within {rtol:.0%} of each other: " + "; ".join(" ≈ ".join(g) for g in same))
         axes[0, j].set(xscale="log", title=f"log-ratio std s = {s:g} nats, {SIGN_STYLE[sign][0]}",
                        ylabel="mean weight E[w]")
         axes[1, j].set(xscale="log", yscale="log", xlabel="sequence length L (tokens)",
                        ylabel="weight variance Var[w]")
         axes[1, j].set_ylim(float(ds.var_weight.clip(lower=1e-12).min()) / 3, top)
     legend_below(fig, axes[0, 0])
+    fig.suptitle("Sequence weights against length. gspo, gmpo and sspo nearly coincide while little is clipped or "
+                 "gated:\neach weights a sequence by about exp(mean token log-ratio); dashes and staggered markers "
+                 "keep each curve visible", fontsize=7.5)
     return fig
 
 
 @figure(3, "sequence_weights", "sequence weight mean and variance against length")
 def figure_3(out_dir: Path, ctx: Context) -> list[Path]:
+    ctx.advance(0, 1, "theory: sequence weights")
     df = ctx.cached("fig3", lambda: data_sequence_weights(lengths=ctx.settings.lengths))
     return save(plot_sequence_weights(df), stem(out_dir, 3), df)
 
@@ -201,36 +270,56 @@ def data_frontier(
     return pd.DataFrame(rows)
 
 
+def _sweep_arrow(ax, x, y, col: str) -> None:
+    """An arrowhead on a frontier curve, midway, pointing the way its parameter grows."""
+    i = max(0, len(x) // 2 - 1)
+    if len(x) > 1:
+        ax.annotate("", xy=(x[i + 1], y[i + 1]), xytext=(x[i], y[i]),
+                    arrowprops={"arrowstyle": "-|>", "color": col, "lw": 0.9, "mutation_scale": 9})
+
+
+def winner_text(best: dict) -> str:
+    """The lowest-MSE setting of a frontier, ties named as ties (``lowest_mse``'s ``"overall"`` row)."""
+    tied = best.get("tied", [best["objective"]])
+    if len(tied) > 1:
+        return (f"lowest MSE {best['mse']:.3g}: {' = '.join(tied)} (tie: within {best['rtol']:.0%})")
+    return f"lowest MSE {best['mse']:.3g}: {best['objective']} {best['param']} = {best['value']:.3g}"
+
+
 def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
     """Figure 4: MSE against variance per objective (one panel per std); stars mark each lowest-MSE setting.
 
     The vertical distance above the diagonal is the squared bias. MSE above
-    ``mse_cap`` is cut off (``sspo-sigmoid`` at large tau, whose on-policy scale is tau/2).
+    ``mse_cap`` is cut off (``sspo-sigmoid`` at large tau, whose on-policy scale is
+    tau/2). Arrows point the way each swept parameter grows (its range is in the
+    legend); objectives tied at the lowest MSE are named as a tie.
     """
-    fig, axes = new_figure(1, len(dfs), 3.2)
+    fig, axes = new_figure(1, len(dfs), 3.4)
     for ax, (std, df) in zip(axes[0], dfs.items()):
         shown = df[df.mse <= mse_cap]
         lo = max(shown.var_coefficient.min(), 1e-8) / 2
         hi = min(df.mse.max(), mse_cap) * 2
         ax.plot([lo, hi], [lo, hi], color="#bbbbbb", lw=0.7, zorder=0, label="MSE = variance (no bias)")
         best = lowest_mse(df)
-        for name, g in df.groupby("objective", sort=False):
+        for j, (name, g) in enumerate(df.groupby("objective", sort=False)):
             d = g[g.is_default]
             g = g[~g.is_default].sort_values("value")
-            ax.plot(g.var_coefficient.clip(lower=1e-8), g.mse, marker=".", ms=3, lw=1.0,
-                    label=f"{name} ({g.param.iloc[0]})", **line_style(name))
-            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=color(name), ms=4, mfc="white")
+            x, y = g.var_coefficient.clip(lower=1e-8).to_numpy(), g.mse.to_numpy()
+            ax.plot(x, y, lw=1.0, label=f"{name}: {g.param.iloc[0]} {g.value.min():.3g} → {g.value.max():.3g}",
+                    **line_style(name, marker=True, every=4, index=j))
+            _sweep_arrow(ax, x, y, color(name))
+            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=color(name), ms=5, mfc="none", mew=1.0)
             b = best[name]
-            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=color(name), ms=8, mec="black", mew=0.4)
-        b = best["overall"]
+            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=color(name), ms=9, mec="black", mew=0.4,
+                    zorder=3)
         ax.set(xscale="log", yscale="log", ylim=(max(shown.mse.min() / 2, 1e-8), hi),
                xlim=(lo, shown.var_coefficient.max() * 2), xlabel="coefficient variance Var[c/A]",
                ylabel="MSE of c/A  (bias² + variance)",
-               title=f"s = {std:g} nats, L = {int(df.length.max())}: lowest MSE {b['objective']} "
-                     f"{b['param']} = {b['value']:.3g}")
-    legend_below(fig, axes[0, 0], ncols=4)
-    fig.suptitle("Bias-variance frontier as eps or tau sweeps (A > 0 and A < 0 averaged)\n"
-                 "square: default parameters; star: lowest MSE of each objective")
+               title=f"s = {std:g} nats, L = {int(df.length.max())}\n{winner_text(best['overall'])}")
+    legend_below(fig, axes[0, 0], ncols=3)
+    fig.suptitle("Bias-variance frontier as eps or tau sweeps (A > 0 and A < 0 averaged). Arrows: the way the "
+                 "parameter grows (range in the legend);\nopen square: default parameters; star: lowest MSE of each "
+                 "objective; MSEs within 1 % of each other count as a tie", fontsize=7.5)
     return fig
 
 
@@ -239,19 +328,20 @@ def figure_4(out_dir: Path, ctx: Context) -> list[Path]:
     import pandas as pd
 
     stds = (0.1, 0.3)
+    ctx.advance(0, 1, "theory: frontier sweeps")
     dfs = ctx.cached("fig4", lambda: {s: data_frontier(std=s, points=ctx.settings.frontier_points) for s in stds})
     data = pd.concat(dfs.values(), ignore_index=True)
     summary = pd.concat([frontier_summary(df) for df in dfs.values()], ignore_index=True)
     notes = []
     for s, g in summary.groupby("log_ratio_std", sort=False):
-        b, length = g[g.overall_best].iloc[0], g.length.max()
+        winners = g[g.overall_best]
+        b, length = winners.iloc[0], g.length.max()
         d = g.sort_values("default_mse").iloc[0]
         edge = " (at the edge of its range: effectively the least gating swept)" if b.best_at_grid_edge else ""
-        ties = [f"{t.objective} {t.param} = {t.best_value:.3g}" for t in g.itertuples()
-                if t.objective != b.objective and t.best_mse <= 1.02 * b.best_mse]
-        tie = f"; within 2 %: {', '.join(ties)}" if ties else ""
-        notes.append(f"- Figure 4 (s = {s:g}, L = {int(length)}): the lowest-MSE setting is {b.objective} with "
-                     f"{b.param} = {b.best_value:.3g}{edge}: MSE {b.best_mse:.3g} (variance {b.best_var:.3g}){tie}. "
+        who = " = ".join(f"{t.objective} ({t.param} = {t.best_value:.3g})" for t in winners.itertuples())
+        tie = f" (a tie: MSEs within {b.tie_rtol:.0%})" if len(winners) > 1 else f"{edge}"
+        notes.append(f"- Figure 4 (s = {s:g}, L = {int(length)}): the lowest-MSE setting is {who}{tie}: "
+                     f"MSE {b.best_mse:.3g} (variance {b.best_var:.3g}). "
                      f"At default parameters the lowest MSE is {d.objective}'s, {d.default_mse:.3g}.")
     ctx.cache.setdefault("notes", {})[4] = notes
     base = stem(out_dir, 4)
@@ -274,3 +364,20 @@ def data_bandit(objectives: Sequence[str], steps: int = 200, seeds: Sequence[int
         for seed in seeds:
             frames.append(run_bandit(name, steps=steps, seed=seed, **kwargs).assign(objective=name, seed=seed))
     return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- figure 9
+
+
+@figure(9, "staleness_gradient", "exact-gradient staleness: gradient bias and variance against policy lag")
+def figure_9(out_dir: Path, ctx: Context) -> list[Path]:
+    """Each objective's gradient error against the exact gradient as the policy lag k grows
+    (:mod:`sspo_analysis.plotting.staleness`; ``Settings.gradient_batches`` sampled batches per lag)."""
+    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+
+    def progress(done: int, total: int, name: str) -> None:
+        ctx.advance(done, total, f"theory: exact-gradient staleness study, {name}")
+
+    df = ctx.cached("fig9", lambda: staleness_data(n_batches=ctx.settings.gradient_batches, progress=progress))
+    ctx.advance(1, 1, "plotting")
+    return save(plot_staleness(df), stem(out_dir, 9), df)

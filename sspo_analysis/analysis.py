@@ -237,11 +237,19 @@ def frontier_errors(results: Mapping[int, Any]) -> dict[str, float]:
             "dead_fraction": float(np.mean([r.dead_fraction for r in results.values()]))}
 
 
-def lowest_mse(df: Any) -> dict[str, dict]:
+TIE_RTOL = 0.01
+"""Frontier MSEs within this relative tolerance of the lowest count as a tie (:func:`lowest_mse`)."""
+
+
+def lowest_mse(df: Any, rtol: float = TIE_RTOL) -> dict[str, dict]:
     """Per objective of a frontier table, the row of the lowest-MSE swept setting; ``"overall"``: the best of all.
 
     ``df`` has columns ``objective, value, mse, is_default``; each row gets
-    ``at_edge``: whether the best value is an end of the swept range.
+    ``at_edge``: whether the best value is an end of the swept range. The
+    ``"overall"`` row also gets ``tied``: every objective whose lowest MSE is within
+    ``rtol`` (relative) of the overall lowest, the winner first, and ``rtol``; so
+    two objectives that reach the same MSE (gspo and gmpo, which coincide once
+    neither clips) are reported as a tie, not as one winner.
     """
     swept = df[~df.is_default]
     best = {}
@@ -249,15 +257,24 @@ def lowest_mse(df: Any) -> dict[str, dict]:
         row = g.loc[g.mse.idxmin()].to_dict()
         row["at_edge"] = bool(row["value"] in (g.value.min(), g.value.max()))
         best[name] = row
-    best["overall"] = min((b for b in best.values()), key=lambda b: b["mse"])
+    overall = dict(min(best.values(), key=lambda b: b["mse"]))
+    ranked = sorted(best.values(), key=lambda b: b["mse"])
+    overall["tied"] = [b["objective"] for b in ranked if b["mse"] <= overall["mse"] * (1.0 + rtol)]
+    overall["rtol"] = rtol
+    best["overall"] = overall
     return best
 
 
-def frontier_summary(df: Any) -> Any:
-    """Per objective: the lowest-MSE setting (and whether it sits at the edge of the swept range) and the defaults."""
+def frontier_summary(df: Any, rtol: float = TIE_RTOL) -> Any:
+    """Per objective: the lowest-MSE setting (and whether it sits at the edge of the swept range) and the defaults.
+
+    ``overall_best`` is true for every objective tied at the lowest MSE (within
+    ``rtol``, relative; see :func:`lowest_mse`), ``tie_rtol`` records the tolerance.
+    """
     import pandas as pd
 
-    best = lowest_mse(df)
+    best = lowest_mse(df, rtol)
+    tied = set(best["overall"]["tied"])
     rows = []
     for name, g in df.groupby("objective", sort=False):
         b, d = best[name], g[g.is_default].iloc[0]
@@ -266,7 +283,7 @@ def frontier_summary(df: Any) -> Any:
                      "best_mse": b["mse"], "best_var": b["var_coefficient"], "best_bias_pos": b["bias_pos"],
                      "best_bias_neg": b["bias_neg"], "default_params": d["params"], "default_mse": d["mse"],
                      "default_var": d["var_coefficient"], "default_bias_pos": d["bias_pos"],
-                     "default_bias_neg": d["bias_neg"], "overall_best": name == best["overall"]["objective"]})
+                     "default_bias_neg": d["bias_neg"], "overall_best": name in tied, "tie_rtol": rtol})
     return pd.DataFrame(rows)
 
 

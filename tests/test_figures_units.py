@@ -17,15 +17,15 @@ from sspo_analysis.analysis import frontier_summary, results_frame, summarise_ru
 
 
 def test_every_figure_is_registered_with_a_unique_stem():
-    assert sorted(paper_figures.FIGURES) == list(range(1, 9))
+    assert sorted(paper_figures.FIGURES) == list(range(1, 10))
     stems = {paper_figures.stem(paper_figures.Path("x"), n).name for n in paper_figures.FIGURES}
-    assert len(stems) == 8
+    assert len(stems) == 9
     assert all(s.startswith(f"fig{n}_") for n, s in zip(sorted(paper_figures.FIGURES), sorted(stems)))
 
 
 @pytest.mark.parametrize("text, numbers, table", [
-    (None, list(range(1, 9)), True),
-    ("", list(range(1, 9)), True),
+    (None, list(range(1, 10)), True),
+    ("", list(range(1, 10)), True),
     ("3,5", [3, 5], False),
     ("2-4,table", [2, 3, 4], True),
     ("table", [], True),
@@ -35,7 +35,7 @@ def test_parse_only(text, numbers, table):
     assert paper_figures.parse_only(text) == (numbers, table)
 
 
-@pytest.mark.parametrize("text, fragment", [("9", "no figure 9"), ("x", "cannot read 'x'"), ("0-2", "no figure 0")])
+@pytest.mark.parametrize("text, fragment", [("10", "no figure 10"), ("x", "cannot read 'x'"), ("0-2", "no figure 0")])
 def test_parse_only_rejects_bad_input_naming_the_allowed_values(text, fragment):
     with pytest.raises(ValueError, match="--only") as err:
         paper_figures.parse_only(text)
@@ -137,3 +137,69 @@ def test_the_plan_covers_the_main_grid_and_the_staleness_study(tmp_path):
     assert {s.staleness for s in specs} == set(FULL.staleness)
     assert len({s.run_dir for s in specs}) == len(specs)
     assert all(str(s.run_dir).startswith(str(tmp_path / "full")) for s in specs)
+
+
+# --------------------------------------------------------------------------- what a newcomer misread
+
+
+def test_figure_4_names_a_tie_as_a_tie():
+    from paper_figures import theory_figs
+    from sspo_analysis.analysis import lowest_mse
+
+    mse = [6.41e-4, 7e-4, 8e-4, 6.41e-4, 9e-4, 9e-4, 1e-3, 2e-3, 2e-3]
+    df = pd.DataFrame({"objective": ["gspo"] * 3 + ["gmpo"] * 3 + ["grpo"] * 3, "param": "eps",
+                       "value": [0.1, 0.2, np.nan] * 3, "mse": mse, "var_coefficient": 1e-4, "bias_pos": 0.0,
+                       "bias_neg": 0.0, "log_ratio_std": 0.1, "length": 16,
+                       "is_default": [False, False, True] * 3, "params": "{}"})
+    best = lowest_mse(df)
+    assert best["overall"]["tied"] == ["gspo", "gmpo"]
+    assert "gspo = gmpo (tie: within 1%)" in theory_figs.winner_text(best["overall"])
+    summary = frontier_summary(df)
+    assert summary.overall_best.tolist() == [True, True, False] and (summary.tie_rtol == 0.01).all()
+    # a strict tolerance breaks the tie only where the MSEs differ
+    assert lowest_mse(df.assign(mse=df.mse * [1, 1, 1, 1.001, 1, 1, 1, 1, 1]), rtol=1e-4)["overall"]["tied"] == ["gspo"]
+
+
+def test_coinciding_curves_are_grouped():
+    from paper_figures.theory_figs import coinciding
+
+    df = pd.DataFrame({"objective": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "length": [1, 2, 3] * 3,
+                       "v": [1.0, 2.0, 3.0, 1.001, 2.0, 3.0, 1.0, 5.0, 3.0]})
+    assert coinciding(df, ["v"]) == [["a", "b"]]
+    assert coinciding(df, ["v"], rtol=1e-6) == []
+
+
+@pytest.mark.parametrize("r, text", [
+    ([0.9996, 0.9999], "Pearson r 0.9996 to 0.9999"),
+    ([0.99991, 0.99992], "Pearson r = 1.000 (all objectives)"),
+    ([0.06, 0.43, np.nan], "Pearson r 0.06 to 0.43"),
+    ([np.nan], "Pearson r n/a"),
+])
+def test_figure_7_writes_the_correlation_range_so_its_ends_differ(r, text):
+    assert tf.r_range_text(r) == text
+
+
+def test_figure_7_axes_are_robust_to_one_outlier():
+    values = np.r_[np.linspace(-1, 1, 199), 1000.0]
+    lo, hi = tf.robust_limits(values)
+    assert -1.3 < lo < -0.9 and 0.9 < hi < 30
+
+
+def test_figure_7_bandit_panel_is_in_nats_not_per_token():
+    metrics, _ = synthetic_metrics()
+    fig = tf.plot_entropy_mechanism(metrics, metrics)
+    assert fig.axes[0].get_ylabel() == "measured entropy change (nats)"
+    assert fig.axes[1].get_ylabel().endswith("(nats / token)")
+
+
+def test_the_training_progress_line_names_the_runs_in_progress():
+    from paper_figures.experiments import training_status
+
+    line = training_status(4, 22, {"gspo_k0_seed1": 100.0, "sapo_k0_seed0": 130.0, "x_k2_seed0": 140.0}, 160.0)
+    assert line.startswith("training runs: 4/22 done") and "gspo_k0_seed1 (60 s)" in line
+    assert "sapo_k0_seed0 (30 s)" in line and "x_k2_seed0" not in line  # two workers: the two oldest
+
+
+def test_figure_9_is_registered_cheaply_for_quick_mode():
+    assert paper_figures.QUICK.gradient_batches <= 1000 and paper_figures.SMOKE.gradient_batches <= 200
+    assert paper_figures.FIGURES[9].name == "staleness_gradient" and not paper_figures.FIGURES[9].needs_training

@@ -1,0 +1,137 @@
+"""The exact-gradient staleness figure: each objective's gradient error as the policy lag grows.
+
+The numbers are :func:`sspo_analysis.simulation.staleness_study`'s (a tabular
+sequence policy whose sequences can be enumerated, so the target gradient is
+exact); this module only gathers them for several objectives
+(:func:`staleness_data`) and draws them (:func:`plot_staleness`). Paper figure 9
+and the stability study both call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+STALENESS_OBJECTIVES: tuple[str, ...] = ("grpo", "dapo", "cispo", "gspo", "gmpo", "sapo", "sspo", "sspo-sigmoid",
+                                         "vespo")
+"""The objectives of the figure (default)."""
+STALENESS_LAGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
+"""The policy lags k (updates between the behaviour and the current policy)."""
+
+Entry = str | tuple[str, str, Mapping[str, Any]]
+
+
+def staleness_data(
+    objectives: Sequence[Entry] = STALENESS_OBJECTIVES,
+    lags: Sequence[int] = STALENESS_LAGS,
+    n_batches: int = 1000,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+    **study: Any,
+):
+    """One :func:`~sspo_analysis.simulation.staleness_study` per objective, stacked in one table.
+
+    ``objectives`` holds registered names or ``(label, name, params)`` triples
+    (a variant, e.g. ``("sspo-sigmoid@tau=2", "sspo-sigmoid", {"tau": 2.0})``);
+    the ``objective`` column holds the name or the label. Every objective sees
+    the same policy path and the same samples (the same ``seed``), so the
+    differences between them are the objectives', not the sampling's.
+    ``progress(done, total, name)`` is called before each objective; ``study``
+    goes to ``staleness_study`` (``length``, ``vocab``, ``group_size``, ...).
+    Runs on one torch thread (restored afterwards).
+    """
+    import pandas as pd
+    import torch
+
+    from sspo_analysis.simulation import staleness_study
+
+    frames = []
+    threads = torch.get_num_threads()
+    # The tensors are tiny: one thread is fastest, and several slow to a crawl on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        for i, entry in enumerate(objectives):
+            label, name, params = (entry, entry, {}) if isinstance(entry, str) else entry
+            if progress is not None:
+                progress(i, len(objectives), label)
+            df = staleness_study(name, lags, n_batches=n_batches, seed=seed, **study, **dict(params))
+            frames.append(df.assign(objective=label))
+    finally:
+        torch.set_num_threads(threads)
+    if progress is not None:
+        progress(len(objectives), len(objectives), "done")
+    return pd.concat(frames, ignore_index=True)
+
+
+PANELS = (
+    ("bias", "relative bias |E ĝ − g*| / |g*|", "linear"),
+    ("variance", "relative variance E|ĝ − E ĝ|² / |g*|²", "log"),
+    ("mse", "relative MSE (bias² + variance)", "log"),
+    ("cosine", "cosine(E ĝ, g*)", "linear"),
+)
+"""The panels: column of the study, y label, y scale."""
+
+
+def _draw(ax, df, key: str, lags: list[int], names: list[str]) -> None:
+    """One panel: each objective's values at the lags, dodged sideways so that equal values stay visible."""
+    from sspo_analysis.plotting import style
+
+    for j, name in enumerate(names):
+        g = df[df.objective == name].set_index("staleness").reindex(lags)
+        x = np.arange(len(lags)) + (j - (len(names) - 1) / 2) * 0.07
+        kw = style.line_kw(name)
+        ax.plot(x, g[key], label=name, lw=1.0, **kw)
+        if key == "bias":  # the Monte Carlo error of the mean: 2 standard errors
+            ax.errorbar(x, g[key], yerr=2 * g.mean_stderr, fmt="none", ecolor=kw["color"], lw=0.7, capsize=0)
+
+
+def _notes(df, names: list[str]) -> str:
+    """The figure's footnote: what is exact, what is estimated, what coincides by construction."""
+    s = df.iloc[0]
+    text = (f"Exact (enumeration of all {int(s.vocab)}^{int(s.length)} sequences): the target g* = (1 − 1/G)/L ∇J "
+            "at the current policy, and the KL. Estimated: E ĝ and Var ĝ from "
+            f"{int(s.n_batches)} sampled batches (groups of G = {int(s.group_size)})\ndrawn from the policy k exact "
+            "gradient steps old (ĝ = −∇ loss, autograd). Bias: sampling noise of the mean removed; bars: ± 2 "
+            "standard errors of the mean.\nk = 0: all ratios are 1, so every objective gives the same estimate "
+            "(coinciding points are shifted sideways to show them)")
+    if "sspo-sigmoid" in names:
+        text += ",\nexcept sspo-sigmoid, whose on-policy scale is tau/2 (bias 1 − tau/2 by construction)"
+    return text + "."
+
+
+def plot_staleness(df):
+    """Bias, variance, MSE and direction of each objective's gradient estimate against the policy lag k.
+
+    ``df`` is :func:`staleness_data`'s table (several objectives, one row per
+    objective and lag). Returns the matplotlib figure (not saved).
+    """
+    import matplotlib.pyplot as plt
+
+    from sspo_analysis.plotting import style
+
+    style.apply()
+    lags = sorted(int(k) for k in df.staleness.unique())
+    names = list(dict.fromkeys(df.objective))
+    fig, axes = plt.subplots(2, 2, figsize=(style.FULL_WIDTH, 5.4), layout="constrained", sharex=True)
+    kl = df.groupby("staleness").kl.first().reindex(lags)
+    for ax, (key, ylabel, scale) in zip(axes.flat, PANELS):
+        _draw(ax, df, key, lags, names)
+        ax.set(ylabel=ylabel, yscale=scale, xticks=range(len(lags)), xticklabels=[str(k) for k in lags])
+    for ax in axes[0]:
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(range(len(lags)), [f"{v:.2g}" for v in kl])
+        top.tick_params(labelsize=6)
+        top.set_xlabel("exact KL(π_old ‖ π), nats", fontsize=6)
+    axes[0, 0].axhline(0, color="#bbbbbb", lw=0.6, zorder=0)
+    axes[1, 1].axhline(1, color="#bbbbbb", lw=0.6, zorder=0)
+    for ax in axes[1]:
+        ax.set_xlabel("policy lag k (exact ascent steps, behaviour to current policy)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    # The notes ride as the legend's title, so that the layout keeps them clear of the panels and the entries.
+    leg = fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 9), fontsize=6.5,
+                     title=_notes(df, names), title_fontsize=6)
+    leg.get_title().set_color("#444444")
+    fig.suptitle("Exact-gradient staleness: the error of each objective's gradient estimate as the policy lag grows")
+    return fig

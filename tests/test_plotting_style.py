@@ -1,0 +1,91 @@
+"""The shared plotting helpers: the palette (distinct colours and markers), the seed bands and the
+exact-gradient staleness figure (sspo_analysis/plotting/staleness.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sspo_analysis.plotting import style
+from sspo_analysis.plotting.bands import band_label, mean_ci
+
+TRAINED = ("grpo", "dapo", "gspo", "gmpo", "sapo", "sspo")
+STALENESS = ("grpo", "dapo", "cispo", "gspo", "gmpo", "sapo", "sspo", "sspo-sigmoid", "vespo")
+
+
+def _lab(hex_color: str) -> np.ndarray:
+    """CIE L*a*b* (D65) of an sRGB colour."""
+    from matplotlib.colors import to_rgb
+
+    c = np.array(to_rgb(hex_color))
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def _min_distance(names) -> float:
+    return min(float(np.linalg.norm(_lab(style.color(a)) - _lab(style.color(b))))
+               for a, b in itertools.combinations(names, 2))
+
+
+def test_every_objective_has_its_own_colour_and_marker():
+    assert len(set(style.OBJECTIVE_COLORS.values())) == len(style.OBJECTIVE_COLORS)
+    assert set(style.OBJECTIVE_MARKERS) == set(style.OBJECTIVE_COLORS)
+    shown = [n for n in style.OBJECTIVE_MARKERS if n != "pg"]  # pg is the reference line, drawn without markers
+    assert len({style.marker(n) for n in shown}) == len(shown)
+    assert _min_distance(style.OBJECTIVE_COLORS) > 18  # CIE76 Delta E: no two alike
+    assert _min_distance(TRAINED) > 35  # grpo and the former sspo vermillion were 33 apart
+    assert _min_distance(STALENESS) > 25
+
+
+@pytest.mark.parametrize("name, base", [("sspo-sigmoid@tau=2", "sspo-sigmoid"), ("sspo@tau=0.5", "sspo"),
+                                        ("sspo-sigmoid-tau3", "sspo-sigmoid"), ("gspo-token", "gspo")])
+def test_a_variant_takes_its_base_colour_and_marker_with_its_own_dashes(name, base):
+    assert style.base_name(name) == base and style.is_variant(name)
+    assert style.color(name) == style.color(base) and style.marker(name) == style.marker(base)
+    assert style.linestyle(name) != style.linestyle(base)
+    assert style.linestyle(name) == style.linestyle(name)  # stable
+
+
+def test_named_variants_and_unknown_names():
+    assert style.color("sspo-erf") != style.color("sspo") and not style.is_variant("sspo-erf")
+    assert style.color("sspo-sigmoid-tau2") != style.color("sspo-sigmoid")
+    assert style.color("nonsense") == "#777777" and style.marker("nonsense") == "o"
+    assert style.color("arctan") == style.GATE_COLORS["arctan"]
+    kw = style.line_kw("gmpo", every=4, index=5)
+    assert kw["markevery"] == (1, 4) and kw["marker"] == "^" and kw["ls"] != "-"
+
+
+def test_mean_ci_is_a_t_interval_of_the_mean_over_seeds():
+    from scipy.stats import t
+
+    vals = np.array([[1.0, 2.0, 3.0], [2.0, np.nan, 4.0], [5.0, np.nan, np.nan]])
+    mean, lo, hi = mean_ci(vals)
+    assert mean.tolist() == [2.0, 3.0, 5.0]
+    assert hi[0] - mean[0] == pytest.approx(t.ppf(0.975, 2) * 1.0 / np.sqrt(3))
+    assert hi[1] - mean[1] == pytest.approx(t.ppf(0.975, 1) * np.sqrt(2) / np.sqrt(2))
+    assert lo[2] == hi[2] == 5.0  # one seed: no interval
+    gmean, glo, ghi = mean_ci([[1.0, 100.0]], log=True)
+    assert gmean[0] == pytest.approx(10.0) and glo[0] * ghi[0] == pytest.approx(100.0)
+    assert "95% t CI" in band_label(3) and "no band" in band_label(1)
+
+
+def test_staleness_on_policy_is_unbiased_and_the_figure_draws_every_objective():
+    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+
+    df = staleness_data(("grpo", "sspo", "sspo-sigmoid", ("sspo@tau=2", "sspo", {"tau": 2.0})), lags=(0, 4),
+                        n_batches=200)
+    k0 = df[df.staleness == 0].set_index("objective")
+    # on-policy: every ratio is 1, the estimate unbiased within Monte Carlo error ...
+    for name in ("grpo", "sspo", "sspo@tau=2"):
+        assert k0.loc[name, "bias_raw"] < 4 * k0.loc[name, "mean_stderr"], name
+    # ... except sspo-sigmoid, whose on-policy scale is tau / 2 (tau = 1: half the gradient)
+    assert k0.loc["sspo-sigmoid", "scale"] == pytest.approx(0.5, abs=0.1)
+    fig = plot_staleness(df)
+    assert len(fig.axes) >= 4
+    assert all(len(ax.get_lines()) >= 4 for ax in fig.axes[:4])
+    assert "Exact" in fig.legends[0].get_title().get_text()
