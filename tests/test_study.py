@@ -250,6 +250,20 @@ def test_summarise_gives_means_with_intervals_per_arm():
     assert sspo.reward_auc_ci_low == sspo.reward_auc_ci_high == 0.5
 
 
+@pytest.mark.xfail(strict=True, reason="summarise's n counts a crashed run (NaN outcomes) while unstable is the mean "
+                   "over the finished runs, so report.map_table / plot_map print unstable * n = 0.5 * 3 -> '2/3' for "
+                   "one unstable run of two finished (reported to the lead)")
+def test_map_counts_a_crashed_run_neither_as_unstable_nor_twice():
+    from sspo_analysis.study import report
+
+    regime = Regime(6, 1e-3, 8)
+    rows = [{"arm": "grpo", **regime.as_columns(), "seed": seed, "unstable": unstable, "time_to_instability": t,
+             "final_reward": reward, "reward_auc": reward, "end_entropy": 1.0, "weight_var": 0.1}
+            for seed, unstable, t, reward in [(0, 1.0, 3.0, 0.1), (1, 0.0, 10.0, 0.5), (2, np.nan, np.nan, np.nan)]]
+    cell = report.map_table(collect.summarise(pd.DataFrame(rows)), ["grpo"], [regime.label])[-1]
+    assert cell.startswith("| grpo | 1/"), cell  # one run became unstable, whatever n counts
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -279,7 +293,7 @@ def test_a_tiny_study_end_to_end_and_a_second_call_trains_nothing(tmp_path, one_
     assert {"unstable_ci_low", "unstable_ci_high", "final_reward_ci_low", "final_reward_ci_high"} <= set(
         tables["summary"].columns)
     assert (tmp_path / "results.md").read_text().startswith("# Stability study (test)")
-    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == {"map", "headline", "curves_reward_mean",
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} >= {"map", "headline", "curves_reward_mean",
                                                                      "curves_entropy", "theory"}
     timing = json.loads((tmp_path / "timing.json").read_text())
     assert [c["runs_trained"] for c in timing["calls"]] == [4]
