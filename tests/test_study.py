@@ -198,10 +198,12 @@ def test_two_arms_of_one_objective_get_their_own_run_directories(tmp_path):
 
 
 def test_with_seeds_sets_the_headline_seeds_and_the_first_as_map_seeds():
-    plan = PLANS["full"].with_seeds((3, 4, 5))
-    assert plan.headline_seeds == (3, 4, 5) and plan.seeds == (3, 4)
-    assert PLANS["full"].with_seeds((7,)).seeds == (7,)
-    assert plan.arms == PLANS["full"].arms and plan.regimes == PLANS["full"].regimes
+    full = PLANS["full"]
+    seeds = tuple(range(20, 22 + len(full.seeds)))  # two more than the plan's map seeds
+    plan = full.with_seeds(seeds)
+    assert plan.headline_seeds == seeds and plan.seeds == seeds[:len(full.seeds)]
+    assert full.with_seeds((7,)).seeds == (7,) and full.with_seeds((7,)).headline_seeds == (7,)
+    assert plan.arms == full.arms and plan.regimes == full.regimes and plan.headline == full.headline
 
 
 # --------------------------------------------------------------------------- collect
