@@ -1,7 +1,8 @@
 """The notebooks: committed without outputs, and each runs top to bottom on smoke settings (``SSPO_QUICK=1``).
 
 Execution is slow-marked (about a minute for all three on 2 cores); ``pytest --nbmake notebooks/`` with
-``SSPO_QUICK=1`` is the equivalent check.
+``SSPO_QUICK=1`` is the equivalent check. 03 ignores ``SSPO_QUICK``: it reads the committed stability study
+(``docs/results/stability/*.csv``) and trains nothing; without those files its cells print a note instead.
 """
 
 from __future__ import annotations
