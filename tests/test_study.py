@@ -1,8 +1,9 @@
 """The stability study: its statistics, the instability definition, the partial-credit grader, the plans,
 the tables, one tiny study end to end and its command line.
 
-Known values are worked out by hand in the comments; the end-to-end test (about 20 s) trains four
-micro-preset runs of two steps.
+Known values are worked out by hand in the comments. The end-to-end test trains four micro-preset runs of two
+steps in one job process (about 20 s on a busy 2-core machine); it is slow-marked like the other end-to-end
+tests, and CI's plain ``pytest -q`` runs it.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ STABILITY_COLUMNS = ("arm", "objective", "regime", "length", "lr", "updates", "s
 
 
 @pytest.mark.slow
-def test_a_tiny_study_end_to_end_and_a_second_call_trains_nothing(tmp_path, one_thread):
+def test_a_tiny_study_end_to_end_and_a_second_call_trains_nothing(tmp_path):
     from sspo_analysis.study import load_results
     from sspo_analysis.study.stability import stability
 
