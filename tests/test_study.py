@@ -253,9 +253,6 @@ def test_summarise_gives_means_with_intervals_per_arm():
     assert sspo.reward_auc_ci_low == sspo.reward_auc_ci_high == 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="summarise's n counts a crashed run (NaN outcomes) while unstable is the mean "
-                   "over the finished runs, so report.map_table / plot_map print unstable * n = 0.5 * 3 -> '2/3' for "
-                   "one unstable run of two finished (reported to the lead)")
 def test_map_counts_a_crashed_run_neither_as_unstable_nor_twice():
     from sspo_analysis.study import report
 

@@ -34,6 +34,12 @@ OUTCOMES: dict[str, str] = {
     "weight_var": "importance-weight variance (per step, mean over steps)",
 }
 """The outcomes every arm is summarised and compared on, with their meaning."""
+SHORT_NAMES: dict[str, str] = {
+    "unstable": "fraction unstable", "time_to_instability": "steps to instability\n(censored at run length)",
+    "final_reward": "final reward\n(last 20% of steps)", "reward_auc": "reward AUC\n(mean over steps)",
+    "end_entropy": "end entropy\n(nats/token, last 20%)", "weight_var": "importance-weight variance\n(mean over steps)",
+}
+"""Panel titles of :data:`OUTCOMES`."""
 EARLY_STEPS = 3
 """Theory is fed the log-ratio spread of the first steps, before any run has become unstable."""
 REFERENCES = ("grpo", "gmpo")
@@ -88,14 +94,15 @@ def tidy(plan: Plan, root: Path) -> Any:
 
 
 def summarise(df: Any) -> Any:
-    """Per (regime, arm): ``n`` and, per outcome of :data:`OUTCOMES`, ``<outcome>``, ``<outcome>_ci_low`` and
-    ``<outcome>_ci_high`` (mean over seeds, 95% percentile bootstrap)."""
+    """Per (regime, arm): ``n`` (runs with metrics; a crashed run counts in ``n_without_metrics`` only) and, per
+    outcome of :data:`OUTCOMES`, ``<outcome>``, ``<outcome>_ci_low`` and ``<outcome>_ci_high`` (mean over seeds,
+    95% percentile bootstrap)."""
     import pandas as pd
 
     rows = []
     for (regime, arm), g in df.groupby(["regime", "arm"], sort=False):
         row = {"regime": regime, "arm": arm, **{k: g[k].iloc[0] for k in ("length", "lr", "updates", "staleness")},
-               "n": len(g)}
+               "n": int(g.unstable.notna().sum()), "n_without_metrics": int(g.unstable.isna().sum())}
         for key in OUTCOMES:
             mean, low, high = mean_ci(g[key].to_numpy(dtype=float))
             row.update({key: mean, f"{key}_ci_low": low, f"{key}_ci_high": high})

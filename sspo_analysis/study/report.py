@@ -9,10 +9,12 @@ from typing import Any
 import numpy as np
 
 from sspo_analysis import analysis
-from sspo_analysis.study.collect import OUTCOMES, PREDICTORS
+from sspo_analysis.study.collect import OUTCOMES, PREDICTORS, SHORT_NAMES
 from sspo_analysis.study.stats import ALPHA, mean_ci
 
 BAND = "band / bars: 95% bootstrap CI of the mean over seeds"
+KEY_OUTCOMES = ("unstable", "final_reward", "reward_auc", "end_entropy", "weight_var")
+"""The outcomes whose paired verdicts ``results.md`` lists (``comparisons.csv`` has every outcome)."""
 
 
 def _color(arm: str) -> str:
@@ -21,14 +23,20 @@ def _color(arm: str) -> str:
     return style.color(arm) if arm in style.OBJECTIVE_COLORS else style.color(arm.split("-tau")[0])
 
 
-def _figure(nrows: int, ncols: int, height: float, width: float | None = None) -> tuple[Any, Any]:
+def _marker(arm: str) -> str:
+    from sspo_analysis.plotting import style
+
+    return style.marker(arm)
+
+
+def _figure(nrows: int, ncols: int, height: float, width: float | None = None, **kw: Any) -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
     from sspo_analysis.plotting import style
 
     style.apply()
     return plt.subplots(nrows, ncols, figsize=(width or style.FULL_WIDTH, height), constrained_layout=True,
-                        squeeze=False)
+                        squeeze=False, **kw)
 
 
 def save(fig: Any, stem: Path, data: Any) -> list[Path]:
@@ -77,7 +85,7 @@ def plot_headline(summary: Any, comparisons: Any, arms: Sequence[str], regime: s
     head = summary[summary.regime == regime].set_index("arm").reindex(arms)
     fig, axes = _figure(2, 3, 4.6)
     y = np.arange(len(arms))[::-1]
-    for ax, (key, meaning) in zip(axes.ravel(), OUTCOMES.items()):
+    for ax, key in zip(axes.ravel(), OUTCOMES):
         for yi, arm in zip(y, arms):
             mean, lo, hi = head.loc[arm, [key, f"{key}_ci_low", f"{key}_ci_high"]].to_numpy(dtype=float)
             err = [[max(mean - lo, 0)], [max(hi - mean, 0)]] if np.isfinite(lo) else None
@@ -85,10 +93,12 @@ def plot_headline(summary: Any, comparisons: Any, arms: Sequence[str], regime: s
             ax.annotate(_marks(comparisons, arm, key), (mean, yi), xytext=(4, 3), textcoords="offset points",
                         fontsize=7)
         ax.set_yticks(y, arms if ax in axes[:, 0] else [""] * len(arms))
-        ax.set_title(meaning, fontsize=7)
+        ax.set_title(SHORT_NAMES[key], fontsize=7)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Headline regime {regime}: {BAND}; * / + significant paired difference from grpo / gmpo "
-                 f"(sign-flip test p < {ALPHA} and CI excluding 0)", fontsize=7)
+        if key == "unstable":
+            ax.set_xlim(-0.05, 1.05)
+    fig.suptitle(f"Headline regime {regime}: {BAND}\n* / + : significant paired difference from grpo / gmpo "
+                 f"(exact sign-flip test p < {ALPHA} and CI excluding 0)", fontsize=7)
     return fig
 
 
@@ -114,7 +124,7 @@ def plot_curves(data: Any, arms: Sequence[str], ylabel: str, regime: str) -> Any
     """Small multiples, one panel per arm: its mean curve with a CI band, grpo's mean in grey in every panel."""
     ncols = 4
     nrows = -(-len(arms) // ncols)
-    fig, axes = _figure(nrows, ncols, 1.35 * nrows + 0.5)
+    fig, axes = _figure(nrows, ncols, 1.35 * nrows + 0.5, sharey=True)
     ref = data[data.arm == "grpo"]
     for ax, arm in zip(axes.ravel(), arms):
         d = data[data.arm == arm]
@@ -135,20 +145,23 @@ def plot_curves(data: Any, arms: Sequence[str], ylabel: str, regime: str) -> Any
 def plot_theory(per_arm: Any, corr: Any, arms: Sequence[str]) -> Any:
     """One panel per theory prediction: predicted value (x) against the observed fraction unstable (y),
     one point per arm and regime."""
-    fig, axes = _figure(1, len(PREDICTORS), 2.6)
+    fig, axes = _figure(1, len(PREDICTORS), 2.9)
     labels = {"shrinkage": "predicted mean coefficient E[c/A]", "dead_fraction": "predicted dead fraction",
               "var_coefficient": "predicted coefficient variance"}
     for ax, key in zip(axes[0], PREDICTORS):
-        for arm in arms:
+        for i, arm in enumerate(arms):
             d = per_arm[per_arm.arm == arm]
-            ax.scatter(d[key], d.observed_unstable, s=12, color=_color(arm), label=arm, alpha=0.85)
+            # Arms share many (x, 0) and (x, 1) points: a small vertical offset per arm keeps each visible.
+            offset = (i - (len(arms) - 1) / 2) * 0.012
+            ax.scatter(d[key], d.observed_unstable + offset, s=14, color=_color(arm), marker=_marker(arm),
+                       label=arm, alpha=0.9, linewidths=0.6, facecolors="none" if i % 2 else _color(arm))
         rho = corr[corr.predictor == key].spearman_rho.to_numpy(dtype=float)
         rho = rho[np.isfinite(rho)]
-        med = f"median Spearman rho over regimes {np.median(rho):+.2f} ({len(rho)} regimes)" if rho.size else \
+        med = f"median Spearman rho {np.median(rho):+.2f}\nover {len(rho)} regimes with spread" if rho.size else \
             "no regime with spread in both"
         ax.set_title(med, fontsize=6.5)
         ax.set_xlabel(labels[key])
-        ax.set_ylabel("observed fraction of seeds unstable")
+        ax.set_ylabel("observed fraction of seeds unstable\n(points offset vertically per objective)")
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=6, fontsize=6)
     fig.suptitle("Theory at each regime's logged log-ratio spread and length against observed instability "
@@ -156,8 +169,18 @@ def plot_theory(per_arm: Any, corr: Any, arms: Sequence[str]) -> Any:
     return fig
 
 
+def staleness_figure(fig_dir: Path, arms: Sequence[Any], n_batches: int) -> list[Path]:
+    """The exact-gradient companion of the map: each arm's gradient bias and variance as the policy lag grows
+    (:mod:`sspo_analysis.plotting.staleness`, a tabular policy whose exact gradient is known)."""
+    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+
+    entries = [(a.label, a.objective, dict(a.params)) for a in arms]
+    df = staleness_data(entries, n_batches=n_batches)
+    return save(plot_staleness(df), fig_dir / "staleness_exact_gradient", df)
+
+
 def figures(out: Path, data: dict[str, Any], arms: Sequence[str], regimes: Sequence[str], headline: str) -> list[Path]:
-    """Every figure of the study under ``out/figures``."""
+    """Every figure of the study drawn from its runs, under ``out/figures``."""
     fig_dir = out / "figures"
     summary, comparisons = data["summary"], data["comparisons"]
     paths = save(plot_map(summary, arms, regimes, headline), fig_dir / "map",
@@ -247,9 +270,30 @@ def definitions() -> list[str]:
     ]
 
 
+def peak_note(df: Any, root: Path) -> str:
+    """Where the unstable runs' reward peaked: at the warm start, a collapse means falling below half of it."""
+    from sspo_analysis.training import read_metrics
+
+    steps = []
+    for run in df[df.unstable == 1].run:
+        m = read_metrics(root / "runs" / run) if (root / "runs" / run / "metrics.jsonl").exists() else None
+        if m is not None and len(m):
+            smooth = m.sort_values("step").reward_mean.rolling(analysis.REWARD_SMOOTHING, min_periods=1).mean()
+            steps.append(int(m.step.iloc[int(np.nanargmax(smooth.to_numpy()))]))
+    if not steps:
+        return ""
+    first = sum(s == 1 for s in steps)
+    return (f"In {first} of the {len(steps)} unstable runs the smoothed reward peaked at step 1, the warm start's "
+            "own reward: there a reward collapse means the policy fell below half of where it started.")
+
+
 def findings(df: Any, comparisons: Any, headline: str) -> list[str]:
     """Plain statements read off the numbers (no interpretation): instability counts and significant pairs."""
     lines = []
+    missing = df[df.unstable.isna()]
+    if len(missing):
+        lines.append(f"- {len(missing)} run(s) left no metrics (crashed; see their FAILED file) and are left out: "
+                     + ", ".join(missing.run) + ".")
     per_arm = df.groupby("arm", sort=False).unstable.agg(["sum", "count"])
     never = [a for a, r in per_arm.iterrows() if r["sum"] == 0]
     lines.append(f"- Unstable runs over the whole map: {int(per_arm['sum'].sum())} of {int(per_arm['count'].sum())}. "
@@ -257,13 +301,27 @@ def findings(df: Any, comparisons: Any, headline: str) -> list[str]:
     worst = per_arm.assign(rate=per_arm["sum"] / per_arm["count"]).sort_values("rate", ascending=False)
     lines.append("- Fraction of runs unstable over the map, per objective: "
                  + ", ".join(f"{a} {r.rate:.2f}" for a, r in worst.iterrows()) + ".")
-    sig = comparisons[comparisons.verdict != "no significant difference"]
     for ref in ("grpo", "gmpo"):
-        part = sig[sig.reference == ref]
-        text = "; ".join(f"{r.arm} {r.outcome} {r.verdict} ({r.diff:+.3f}, p={r.p_value:.3f})"
-                         for r in part.itertuples()) or "no significant difference on any outcome"
-        lines.append(f"- Headline regime {headline}, paired against {ref}: {text}.")
+        part = comparisons[(comparisons.reference == ref) & comparisons.outcome.isin(KEY_OUTCOMES)]
+        if part.empty:
+            continue
+        lines.append(f"- Headline regime {headline}, paired against {ref}:")
+        for key in KEY_OUTCOMES:
+            rows = part[part.outcome == key]
+            groups = {v: ", ".join(rows[rows.verdict == v].arm) for v in ("higher", "lower",
+                                                                         "no significant difference")}
+            text = "; ".join(f"{v}: {arms}" for v, arms in groups.items() if arms)
+            lines.append(f"  - {key}: {text}.")
     return lines
+
+
+def _batch_text(plan: Any) -> str:
+    from sspo_analysis.training import load_config
+
+    cfg = load_config(None, plan.runs()[0].overrides(plan, Path("cache")))
+    r = cfg.rollout
+    return (f"{cfg.model.preset} Qwen2 preset, {r.prompts} prompts x {r.group_size} samples per step at "
+            f"temperature {r.temperature:g}, gradient norm clipped at {cfg.optim.grad_clip:g}")
 
 
 def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: float, load: str) -> str:
@@ -271,14 +329,15 @@ def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: flo
     arms = [a.label for a in plan.arms]
     regimes = list(dict.fromkeys([plan.headline.label, *(r.label for r in plan.regimes)]))
     head = plan.headline.label
+    batch = _batch_text(plan)
     parts = [
         f"# Stability study ({plan.name})", "",
         f"Made by `{command}` in {seconds / 60:.1f} minutes ({load}). Runs: {len(data['tidy'])}; "
         f"{plan.steps} RL steps each; map seeds {list(plan.seeds)}, headline seeds {list(plan.headline_seeds)}, "
         "paired by seed (same warm start, same prompts and sampling stream).",
-        "", "Task: reversal of L letters with partial credit (the fraction of characters in place), "
-        "tiny Qwen2 preset from a supervised warm start per L; 16 prompts x 8 samples per step.", "",
-        "## Definitions", "", *definitions(), "",
+        "", f"Task: reversal of L letters with partial credit (the fraction of characters in place), "
+        f"{batch}; a supervised warm start per L.", "",
+        "## Definitions", "", *definitions(), data.get("peak_note", ""), "",
         "## What the numbers say", "", *findings(data["tidy"], data["comparisons"], head), "",
         f"## Headline regime: {head}", "", "Mean over seeds [95% percentile-bootstrap CI].", "",
         *headline_table(data["summary"], arms, head), "",
@@ -295,5 +354,8 @@ def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: flo
         "", *theory_table(data["theory_corr"]), "",
         "## Files", "", "`stability.csv` (one row per run), `summary.csv` (mean and CI per objective and regime), "
         "`comparisons.csv`, `theory.csv`, `theory_correlations.csv`, `figures/` (PNG, PDF and CSV of each figure).",
+        "`figures/staleness_exact_gradient` is the noise-free companion of the map's staleness column: every "
+        "objective's gradient estimate against the exact gradient of a small tabular sequence policy, as the lag "
+        "between the sampling and the current policy grows.",
     ]
     return "\n".join(parts) + "\n"

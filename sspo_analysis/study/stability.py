@@ -61,10 +61,12 @@ def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, ti
     arms = [a.label for a in plan.arms]
     regimes = list(dict.fromkeys([plan.headline.label, *(r.label for r in plan.regimes)]))
     paths += report.figures(root, data, arms, regimes, plan.headline.label)
+    paths += report.staleness_figure(root / "figures", plan.arms, plan.gradient_batches)
     calls = timing["calls"]
     loads = [x for c in calls for x in c["load_average_1min_start_end"]]
     load = (f"{calls[-1]['cpus']} CPUs, 1-minute load average {min(loads):.1f} to {max(loads):.1f} at the start "
             "and end of training") if calls else "all runs reused"
+    data = {**data, "peak_note": report.peak_note(data["tidy"], root)}
     text = report.results_markdown(data, plan, command, timing["train_seconds"], load)
     paths.append(write_text(root / "results.md", text))
     return paths
