@@ -74,7 +74,7 @@ def test_the_extension_answers_its_own_help_and_errors(metadata_dir):
     assert proc.returncode == 0 and "usage: sspo figures" in proc.stdout and "--quick" in proc.stdout
     proc = python("import sys, sspo_analysis.cli as c; sys.exit(c.main(['figures', '--only', '12']))", metadata_dir)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "sspo figures: error: --only: no figure 12; allowed values: 1, 2, 3, 4, 5, 6, 7, 8, table")
+        "sspo figures: error: --only: no figure 12; allowed values: 1, 2, 3, 4, 5, 6, 7, 8, 9, table")
 
 
 def test_unknown_arguments_to_an_area_are_still_refused(capsys):
