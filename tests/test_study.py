@@ -315,3 +315,13 @@ def test_cli_refuses_bad_seeds_in_one_line(seeds, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--seeds" in err
     assert not (tmp_path / "study").exists()
+
+
+def test_a_damaged_timing_record_is_refused_before_any_training(tmp_path):
+    from sspo_analysis.study import PLANS
+    from sspo_analysis.study.stability import stability
+
+    (tmp_path / "timing.json").write_text("{bad")
+    with pytest.raises(ValueError, match="timing.json: not a study timing record"):
+        stability(PLANS["quick"], tmp_path, jobs=1, progress=False)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()

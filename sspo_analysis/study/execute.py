@@ -74,6 +74,7 @@ def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = F
     todo = [s for s in specs if run_state(s.run_dir(root / "runs")) in ("missing", "failed") or rerun]
     display.start(len(specs), len(specs) - len(todo))
     if not todo:
+        display.phase("all runs reused")
         return
     cache = root / "cache"
     ctx = multiprocessing.get_context("spawn")
@@ -121,7 +122,8 @@ class Display:
         self.counts = {"done": 0, "diverged": 0, "failed": 0}
 
     def start(self, total: int, reused: int) -> None:
-        self.progress.update(self.overall, total=total, completed=reused)
+        # The bar counts only the runs to train: reused runs would make the time-left estimate far too short.
+        self.progress.update(self.overall, total=max(total - reused, 1), completed=0)
         self.console.print(f"study: {total} runs, {reused} reused, {total - reused} to train")
 
     def phase(self, text: str) -> None:

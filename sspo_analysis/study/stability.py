@@ -20,18 +20,29 @@ from sspo_analysis.study.design import Plan
 from sspo_analysis.study.execute import Display, execute, validate
 
 
-def _timing(root: Path, seconds: float, trained: int, load: tuple[float, ...]) -> dict[str, Any]:
-    """Add this call's training time to ``timing.json`` (the wall time summed over every call that trained)."""
+def read_timing(root: Path) -> dict[str, Any]:
+    """``timing.json``: the training wall time summed over every call that trained, and each such call."""
     import json
 
     path = root / "timing.json"
-    old = json.loads(path.read_text()) if path.exists() else {"train_seconds": 0.0, "calls": []}
+    try:
+        record = json.loads(path.read_text()) if path.exists() else {"train_seconds": 0.0, "calls": []}
+        record["train_seconds"] = float(record["train_seconds"])
+        list(record["calls"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a study timing record ({err}); remove it to start the record afresh") from err
+    return record
+
+
+def _add_call(root: Path, record: dict[str, Any], seconds: float, trained: int,
+              load: tuple[float, ...]) -> dict[str, Any]:
+    """``record`` with this call's training time added (when it trained), written to ``timing.json``."""
     if trained:
-        old["train_seconds"] += seconds
-        old["calls"].append({"seconds": round(seconds, 1), "runs_trained": trained, "cpus": os.cpu_count(),
-                             "load_average_1min_start_end": [round(x, 2) for x in load]})
-    write_json(path, old)
-    return old
+        record["train_seconds"] += seconds
+        record["calls"].append({"seconds": round(seconds, 1), "runs_trained": trained, "cpus": os.cpu_count(),
+                                "load_average_1min_start_end": [round(x, 2) for x in load]})
+    write_json(root / "timing.json", record)
+    return record
 
 
 def analyse(plan: Plan, root: Path) -> dict[str, Any]:
@@ -91,11 +102,12 @@ def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None
     with run_lock(root):
         if not rerun:
             validate(plan, root)
+        record = read_timing(root)  # a damaged record is refused before any training
         display = Display(console, progress)
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         with display.progress:
             execute(plan, root, jobs, display, rerun)
         trained = sum(display.counts.values())
-        timing = _timing(root, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
+        timing = _add_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
         console.print("study: analysing the runs and drawing the figures")
         return write_outputs(plan, root, analyse(plan, root), command or f"sspo study stability --out {out}", timing)
