@@ -49,7 +49,11 @@ def run_stability(args: argparse.Namespace) -> int:
         plan = plan.with_seeds(_seeds(args.seeds))
     out = args.out or f"study_stability{'_quick' if args.quick else ''}"
     command = "sspo study stability " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "stability"] else ""
-    paths = stability(plan, out, jobs=args.jobs, progress=not args.no_progress, rerun=args.rerun,
-                      command=command.strip())
+    try:
+        paths = stability(plan, out, jobs=args.jobs, progress=not args.no_progress, rerun=args.rerun,
+                          command=command.strip())
+    except KeyboardInterrupt:
+        print(f"study: interrupted; finished runs are kept and the same command resumes ({out}/)", file=sys.stderr)
+        return 130
     print(f"study: wrote {len(paths)} files under {out}/ (results.md, stability.csv, summary.csv, figures/)")
     return 0
