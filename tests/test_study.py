@@ -325,3 +325,24 @@ def test_a_damaged_timing_record_is_refused_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="timing.json: not a study timing record"):
         stability(PLANS["quick"], tmp_path, jobs=1, progress=False)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_fraction_ci_is_the_exact_clopper_pearson_interval():
+    from sspo_analysis.study.stats import fraction_ci
+
+    frac, low, high = fraction_ci([1.0] * 10)
+    assert frac == 1.0 and high == 1.0
+    assert low == pytest.approx(0.025 ** (1 / 10))  # 10/10: the lower bound solves p^10 = 0.025
+    frac, low, high = fraction_ci([0.0] * 10 + [np.nan])
+    assert frac == 0.0 and low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10))
+
+
+def test_spearman_permutation_p_is_small_only_for_a_real_association():
+    from sspo_analysis.study.stats import spearman_permutation
+
+    x = np.arange(11.0)
+    rho, p = spearman_permutation(x, x**2)
+    assert rho == pytest.approx(1.0) and p < 0.001
+    rho, p = spearman_permutation(x, np.r_[np.zeros(10), 1.0])
+    assert rho > 0 and p == pytest.approx(2 / 11, abs=0.02)  # the lone 1 at an end of x
+    assert np.isnan(spearman_permutation(x, np.zeros(11))[0])

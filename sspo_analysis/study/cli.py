@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quick", action="store_true", help="the CI smoke plan (a few minutes; no conclusions)")
     s.add_argument("--out", default=None, help="output directory (default: study_stability[_quick]/)")
     s.add_argument("--seeds", default=None, metavar="LIST",
-                   help="headline seeds, comma-separated (the map uses the first of them); default: the plan's")
+                   help="headline seeds, comma-separated (the map uses the first few, as many as the plan has "
+                   "map seeds); default: the plan's")
     s.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default 2)")
     s.add_argument("--rerun", action="store_true", help="train again the runs that exist (made with other settings)")
     s.add_argument("--no-progress", action="store_true", help="no live display (one line per finished run)")
@@ -55,5 +56,6 @@ def run_stability(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"study: interrupted; finished runs are kept and the same command resumes ({out}/)", file=sys.stderr)
         return 130
-    print(f"study: wrote {len(paths)} files under {out}/ (results.md, stability.csv, summary.csv, figures/)")
+    print(f"study: wrote {len(paths)} files under {out}/: results.md, timing.json, stability.csv, summary.csv, "
+          "comparisons.csv, theory.csv, theory_correlations.csv, figures/")
     return 0

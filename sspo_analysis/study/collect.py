@@ -23,7 +23,7 @@ import numpy as np
 
 from sspo_analysis import analysis
 from sspo_analysis.study.design import Plan, RunSpec
-from sspo_analysis.study.stats import mean_ci, paired_difference
+from sspo_analysis.study.stats import fraction_ci, mean_ci, paired_difference, spearman_permutation
 
 OUTCOMES: dict[str, str] = {
     "unstable": "fraction of runs unstable",
@@ -64,7 +64,7 @@ def run_row(spec: RunSpec, run: Path, steps_planned: int) -> dict[str, Any]:
         nan = float("nan")
         return {**row, "steps": 0, "unstable": np.nan, "step_unstable": np.nan, "kind": "", "time_to_instability": nan,
                 "final_reward": nan, "reward_auc": nan, "end_entropy": nan, "weight_var": nan,
-                "early_log_ratio_std": nan, "response_length": nan, "spikes": nan}
+                "early_log_ratio_std": nan, "response_length": nan, "spikes": nan, "peak_step": -1}
     df = df.sort_values("step")
     verdict = analysis.instability(df, _verdict(run))
     reward = df.reward_mean.to_numpy(dtype=float)
@@ -79,7 +79,14 @@ def run_row(spec: RunSpec, run: Path, steps_planned: int) -> dict[str, Any]:
         "end_entropy": analysis.final_mean(df.entropy), "weight_var": float(np.nanmean(df.seq_weight_var)),
         "early_log_ratio_std": float(np.nanmean(df.log_ratio_std.to_numpy(dtype=float)[:EARLY_STEPS])),
         "response_length": float(np.nanmean(df.response_length)), "spikes": analysis.spike_count(df.grad_norm),
+        "peak_step": _peak_step(df),
     }
+
+
+def _peak_step(df: Any) -> int:
+    """The step of the highest smoothed reward (the running peak :func:`~sspo_analysis.analysis.instability` uses)."""
+    smooth = df.reward_mean.rolling(analysis.REWARD_SMOOTHING, min_periods=1).mean().to_numpy(dtype=float)
+    return int(df.step.iloc[int(np.nanargmax(smooth))]) if np.isfinite(smooth).any() else -1
 
 
 def tidy(plan: Plan, root: Path) -> Any:
@@ -104,7 +111,8 @@ def summarise(df: Any) -> Any:
         row = {"regime": regime, "arm": arm, **{k: g[k].iloc[0] for k in ("length", "lr", "updates", "staleness")},
                "n": int(g.unstable.notna().sum()), "n_without_metrics": int(g.unstable.isna().sum())}
         for key in OUTCOMES:
-            mean, low, high = mean_ci(g[key].to_numpy(dtype=float))
+            values = g[key].to_numpy(dtype=float)
+            mean, low, high = fraction_ci(values) if key == "unstable" else mean_ci(values)
             row.update({key: mean, f"{key}_ci_low": low, f"{key}_ci_high": high})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -156,8 +164,6 @@ def theory_ranking(df: Any, plan: Plan) -> tuple[Any, Any]:
     then reflects the objectives, not how far each run had already drifted.
     """
     import pandas as pd
-    from scipy.stats import spearmanr
-
     params = {a.label: (a.objective, dict(a.params)) for a in plan.arms}
     rows, corr = [], []
     for regime, g in df.groupby("regime", sort=False):
@@ -172,8 +178,7 @@ def theory_ranking(df: Any, plan: Plan) -> tuple[Any, Any]:
         frame = pd.DataFrame(part)
         for key in PREDICTORS:
             ok = frame[[key, "observed_unstable"]].dropna()
-            same = ok.observed_unstable.nunique() < 2 or ok[key].nunique() < 2
-            rho, p = (np.nan, np.nan) if same or len(ok) < 3 else spearmanr(ok[key], ok.observed_unstable)
+            rho, p = spearman_permutation(ok[key], ok.observed_unstable)
             corr.append({"regime": regime, "predictor": key, "spearman_rho": float(rho), "p_value": float(p),
                          "n_arms": len(ok)})
     return pd.DataFrame(rows), pd.DataFrame(corr)

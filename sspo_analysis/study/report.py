@@ -12,7 +12,8 @@ from sspo_analysis import analysis
 from sspo_analysis.study.collect import OUTCOMES, PREDICTORS, SHORT_NAMES
 from sspo_analysis.study.stats import ALPHA, mean_ci
 
-BAND = "band / bars: 95% bootstrap CI of the mean over seeds"
+BAND = "band: 95% bootstrap CI of the mean over seeds"
+BARS = "bars: 95% CI over seeds (fraction unstable: exact Clopper-Pearson; others: bootstrap of the mean)"
 KEY_OUTCOMES = ("unstable", "final_reward", "reward_auc", "end_entropy", "weight_var")
 """The outcomes whose paired verdicts ``results.md`` lists (``comparisons.csv`` has every outcome)."""
 
@@ -90,14 +91,18 @@ def plot_headline(summary: Any, comparisons: Any, arms: Sequence[str], regime: s
             mean, lo, hi = head.loc[arm, [key, f"{key}_ci_low", f"{key}_ci_high"]].to_numpy(dtype=float)
             err = [[max(mean - lo, 0)], [max(hi - mean, 0)]] if np.isfinite(lo) else None
             ax.errorbar(mean, yi, xerr=err, fmt="o", color=_color(arm), ms=4, capsize=2)
-            ax.annotate(_marks(comparisons, arm, key), (mean, yi), xytext=(4, 3), textcoords="offset points",
-                        fontsize=7)
+            right = hi if np.isfinite(hi) else mean
+            ax.annotate(_marks(comparisons, arm, key), (right, yi), xytext=(3, 0), textcoords="offset points",
+                        fontsize=7, va="center")
         ax.set_yticks(y, arms if ax in axes[:, 0] else [""] * len(arms))
         ax.set_title(SHORT_NAMES[key], fontsize=7)
         ax.grid(axis="x", alpha=0.3)
         if key == "unstable":
-            ax.set_xlim(-0.05, 1.05)
-    fig.suptitle(f"Headline regime {regime}: {BAND}\n* / + : significant paired difference from grpo / gmpo "
+            ax.set_xlim(-0.05, 1.12)
+        if key == "weight_var":  # one seed's outlier would squash every other objective at 0
+            ax.set_xscale("log")
+            ax.set_title(SHORT_NAMES[key] + ", log axis", fontsize=7)
+    fig.suptitle(f"Headline regime {regime}: {BARS}\n* / + : significant paired difference from grpo / gmpo "
                  f"(exact sign-flip test p < {ALPHA} and CI excluding 0)", fontsize=7)
     return fig
 
@@ -247,7 +252,7 @@ def theory_table(corr: Any) -> list[str]:
     lines = ["| regime | predictor | Spearman rho | p | objectives |", "|---|---|---|---|---|"]
     for r in corr.itertuples():
         rho = "n/a (no spread)" if not np.isfinite(r.spearman_rho) else f"{r.spearman_rho:+.2f}"
-        p = "" if not np.isfinite(r.p_value) else f"{r.p_value:.3f}"
+        p = "" if not np.isfinite(r.p_value) else ("<0.001" if r.p_value < 0.001 else f"{r.p_value:.3f}")
         lines.append(f"| {r.regime} | {r.predictor} | {rho} | {p} | {r.n_arms} |")
     return lines
 
@@ -270,21 +275,16 @@ def definitions() -> list[str]:
     ]
 
 
-def peak_note(df: Any, root: Path) -> str:
-    """Where the unstable runs' reward peaked: at the warm start, a collapse means falling below half of it."""
-    from sspo_analysis.training import read_metrics
-
-    steps = []
-    for run in df[df.unstable == 1].run:
-        m = read_metrics(root / "runs" / run) if (root / "runs" / run / "metrics.jsonl").exists() else None
-        if m is not None and len(m):
-            smooth = m.sort_values("step").reward_mean.rolling(analysis.REWARD_SMOOTHING, min_periods=1).mean()
-            steps.append(int(m.step.iloc[int(np.nanargmax(smooth.to_numpy()))]))
-    if not steps:
+def peak_note(df: Any) -> str:
+    """Where the unstable runs' smoothed reward peaked, and which criteria fired (from ``stability.csv``)."""
+    unstable = df[df.unstable == 1]
+    if unstable.empty:
         return ""
-    first = sum(s == 1 for s in steps)
-    return (f"In {first} of the {len(steps)} unstable runs the smoothed reward peaked at step 1, the warm start's "
-            "own reward: there a reward collapse means the policy fell below half of where it started.")
+    first = int((unstable.peak_step == 1).sum())
+    kinds = ", ".join(f"{k} {n}" for k, n in unstable.kind.value_counts().items())
+    return (f"Criteria that fired: {kinds}. In {first} of the {len(unstable)} unstable runs the smoothed reward "
+            "peaked at step 1, the warm start's own reward (`peak_step` in `stability.csv`): there a reward "
+            "collapse means the policy fell below half of where it started.")
 
 
 def findings(df: Any, comparisons: Any, headline: str) -> list[str]:
@@ -315,6 +315,11 @@ def findings(df: Any, comparisons: Any, headline: str) -> list[str]:
     return lines
 
 
+def _smallest_p(plan: Any) -> str:
+    n = len(plan.headline_seeds)
+    return f"{2 / 2**n:.3g} for the {n} headline seeds here" + ("; no test can reach 0.05" if 2 / 2**n >= 0.05 else "")
+
+
 def _batch_text(plan: Any) -> str:
     from sspo_analysis.training import load_config
 
@@ -327,7 +332,7 @@ def _batch_text(plan: Any) -> str:
 def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: float, load: str) -> str:
     """``results.md``: how it was made, the definitions, the headline, the comparisons, the map and the theory."""
     arms = [a.label for a in plan.arms]
-    regimes = list(dict.fromkeys([plan.headline.label, *(r.label for r in plan.regimes)]))
+    regimes = data.get("regimes") or list(data["summary"].regime.drop_duplicates())
     head = plan.headline.label
     batch = _batch_text(plan)
     parts = [
@@ -343,7 +348,7 @@ def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: flo
         *headline_table(data["summary"], arms, head), "",
         "### Paired comparisons (objective minus reference, same seeds)", "",
         f"Exact sign-flip permutation test; significant when p < {ALPHA} and the CI excludes 0. With n paired "
-        "seeds the smallest possible p is 2/2^n (0.031 for 6 seeds, 0.0625 for 5).", "",
+        f"seeds the smallest possible p is 2/2^n: {_smallest_p(plan)}.", "",
         *comparison_table(data["comparisons"]), "",
         "## Stability map", "", "Unstable runs k/n (mean final reward).", "",
         *map_table(data["summary"], arms, regimes), "",
@@ -353,7 +358,8 @@ def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: flo
         "length), rank-correlated with the observed fraction of seeds unstable (`theory.csv` has every value).",
         "", *theory_table(data["theory_corr"]), "",
         "## Files", "", "`stability.csv` (one row per run), `summary.csv` (mean and CI per objective and regime), "
-        "`comparisons.csv`, `theory.csv`, `theory_correlations.csv`, `figures/` (PNG, PDF and CSV of each figure).",
+        "`comparisons.csv`, `theory.csv`, `theory_correlations.csv` (permutation p-values of Spearman's rho), "
+        "`timing.json` (training wall time per call), `figures/` (PNG, PDF and CSV of each figure).",
         "`figures/staleness_exact_gradient` is the noise-free companion of the map's staleness column: every "
         "objective's gradient estimate against the exact gradient of a small tabular sequence policy, as the lag "
         "between the sampling and the current policy grows.",

@@ -61,6 +61,12 @@ def analyse(plan: Plan, root: Path) -> dict[str, Any]:
             "metrics": pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()}
 
 
+def ordered_regimes(plan: Plan) -> list[str]:
+    """The plan's regime labels from the shortest answers and the gentlest push to the hardest, so the edge shows."""
+    regimes = {r.label: r for r in (plan.headline, *plan.regimes)}
+    return sorted(regimes, key=lambda k: (regimes[k].length, regimes[k].staleness, regimes[k].updates, regimes[k].lr))
+
+
 def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, timing: dict[str, Any]) -> list[Path]:
     """The CSVs, figures and ``results.md`` of a study."""
     paths = []
@@ -70,14 +76,14 @@ def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, ti
             data[key].to_csv(tmp, index=False, float_format="%.6g")
         paths.append(root / f"{stem}.csv")
     arms = [a.label for a in plan.arms]
-    regimes = list(dict.fromkeys([plan.headline.label, *(r.label for r in plan.regimes)]))
+    regimes = ordered_regimes(plan)
     paths += report.figures(root, data, arms, regimes, plan.headline.label)
     paths += report.staleness_figure(root / "figures", plan.arms, plan.gradient_batches)
     calls = timing["calls"]
     loads = [x for c in calls for x in c["load_average_1min_start_end"]]
     load = (f"{calls[-1]['cpus']} CPUs, 1-minute load average {min(loads):.1f} to {max(loads):.1f} at the start "
             "and end of training") if calls else "all runs reused"
-    data = {**data, "peak_note": report.peak_note(data["tidy"], root)}
+    data = {**data, "peak_note": report.peak_note(data["tidy"]), "regimes": regimes}
     text = report.results_markdown(data, plan, command, timing["train_seconds"], load)
     paths.append(write_text(root / "results.md", text))
     return paths
