@@ -152,39 +152,25 @@ def stem(out_dir: Path, number: int) -> Path:
 
 
 def save(fig: Any, base: Path, data: Any = None) -> list[Path]:
-    """Save ``fig`` as ``base.png`` and ``base.pdf`` and, if given, the DataFrame ``data`` as ``base.csv``.
-
-    Every write is atomic; the figure is closed. Returns the paths.
-    """
-    import matplotlib.pyplot as plt
-
+    """Save ``fig`` as ``base.png`` and ``base.pdf`` and, if given, the DataFrame ``data`` as ``base.csv``
+    (:func:`sspo_analysis.plotting.style.save_figure`: atomic writes, the figure closed). Returns the paths."""
     from sspo_analysis.plotting import style
 
-    paths = [Path(p) for p in style.save(fig, base)]
-    plt.close(fig)
-    if data is not None:
-        paths.append(write_frame(data, base.with_suffix(".csv")))
-    return paths
+    return style.save_figure(fig, base, data)
 
 
 def write_frame(df: Any, path: Path) -> Path:
-    """Write a pandas DataFrame as CSV, atomically."""
-    from sspo_analysis.io import atomic_path
+    """Write a pandas DataFrame as CSV, atomically (:func:`sspo_analysis.io.write_frame`)."""
+    from sspo_analysis.io import write_frame as write
 
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    return Path(path)
+    return write(df, path)
 
 
 def new_figure(nrows: int, ncols: int, height: float, width: float | None = None, **kw: Any) -> tuple[Any, Any]:
-    """``plt.subplots`` at paper width with the shared style (constrained layout)."""
-    import matplotlib.pyplot as plt
-
+    """``plt.subplots`` at paper width with the shared style (:func:`sspo_analysis.plotting.style.subplots`)."""
     from sspo_analysis.plotting import style
 
-    style.apply()
-    return plt.subplots(nrows, ncols, figsize=(width or style.FULL_WIDTH, height), constrained_layout=True,
-                        squeeze=False, **kw)
+    return style.subplots(nrows, ncols, height, width, **kw)
 
 
 def color(name: str) -> str:

@@ -42,6 +42,13 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return Path(target)
 
 
+def write_frame(frame: Any, target: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame to ``target`` as CSV (no index, 6 significant digits), atomically."""
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(target)
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with every non-finite float (NaN, inf) replaced by ``None``, through dicts, lists and tuples:
     what JSON can hold (``json.dumps`` would write ``NaN``, which is not JSON)."""

@@ -158,6 +158,32 @@ def apply() -> None:
     )
 
 
+def subplots(nrows: int, ncols: int, height: float, width: float | None = None, **kw):
+    """``plt.subplots`` at paper width (``width`` inches, default :data:`FULL_WIDTH`) with this style applied,
+    constrained layout and always a 2-D array of axes."""
+    import matplotlib.pyplot as plt
+
+    apply()
+    return plt.subplots(nrows, ncols, figsize=(width or FULL_WIDTH, height), constrained_layout=True, squeeze=False,
+                        **kw)
+
+
+def save_figure(fig, path_stem, data=None) -> list:
+    """:func:`save` ``fig`` (PNG and PDF), close it and, if given, write the DataFrame ``data`` (the plotted
+    numbers) as ``<stem>.csv``; every write atomic. Returns the paths."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from sspo_analysis.io import write_frame
+
+    paths = [Path(p) for p in save(fig, path_stem)]
+    plt.close(fig)
+    if data is not None:
+        paths.append(write_frame(data, Path(path_stem).with_suffix(".csv")))
+    return paths
+
+
 def save(fig, path_stem) -> list:
     """Save ``fig`` as PNG and PDF next to each other, atomically; returns the paths."""
     from pathlib import Path

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from sspo_analysis import analysis
+from sspo_analysis.plotting import style
 from sspo_analysis.study.collect import OUTCOMES, PREDICTORS, SHORT_NAMES
 from sspo_analysis.study.stats import ALPHA, mean_ci
 
@@ -18,40 +19,6 @@ KEY_OUTCOMES = ("unstable", "final_reward", "reward_auc", "end_entropy", "weight
 """The outcomes whose paired verdicts ``results.md`` lists (``comparisons.csv`` has every outcome)."""
 
 
-def _color(arm: str) -> str:
-    from sspo_analysis.plotting import style
-
-    return style.color(arm) if arm in style.OBJECTIVE_COLORS else style.color(arm.split("-tau")[0])
-
-
-def _marker(arm: str) -> str:
-    from sspo_analysis.plotting import style
-
-    return style.marker(arm)
-
-
-def _figure(nrows: int, ncols: int, height: float, width: float | None = None, **kw: Any) -> tuple[Any, Any]:
-    import matplotlib.pyplot as plt
-
-    from sspo_analysis.plotting import style
-
-    style.apply()
-    return plt.subplots(nrows, ncols, figsize=(width or style.FULL_WIDTH, height), constrained_layout=True,
-                        squeeze=False, **kw)
-
-
-def save(fig: Any, stem: Path, data: Any) -> list[Path]:
-    """``stem``.png, .pdf and .csv (the plotted numbers), each written atomically; closes ``fig``."""
-    import matplotlib.pyplot as plt
-
-    from sspo_analysis.io import atomic_path
-    from sspo_analysis.plotting import style
-
-    paths = [Path(p) for p in style.save(fig, stem)]
-    plt.close(fig)
-    with atomic_path(stem.with_suffix(".csv")) as tmp:
-        data.to_csv(tmp, index=False, float_format="%.6g")
-    return [*paths, stem.with_suffix(".csv")]
 
 
 # --------------------------------------------------------------------------- figures
@@ -59,7 +26,7 @@ def save(fig: Any, stem: Path, data: Any) -> list[Path]:
 
 def plot_map(summary: Any, arms: Sequence[str], regimes: Sequence[str], headline: str) -> Any:
     """Heat map: the fraction of seeds unstable per arm (rows) and regime (columns), annotated ``k/n``."""
-    fig, axes = _figure(1, 1, 0.32 * len(arms) + 1.6)
+    fig, axes = style.subplots(1, 1, 0.32 * len(arms) + 1.6)
     ax = axes[0, 0]
     table = summary.pivot(index="arm", columns="regime", values="unstable").reindex(index=arms, columns=regimes)
     counts = summary.assign(k=summary.unstable * summary.n).pivot(index="arm", columns="regime", values="k")
@@ -84,13 +51,13 @@ def plot_headline(summary: Any, comparisons: Any, arms: Sequence[str], regime: s
     """One panel per outcome: each arm's mean and 95% CI in the headline regime; * marks a significant
     paired difference from grpo, + from gmpo."""
     head = summary[summary.regime == regime].set_index("arm").reindex(arms)
-    fig, axes = _figure(2, 3, 4.6)
+    fig, axes = style.subplots(2, 3, 4.6)
     y = np.arange(len(arms))[::-1]
     for ax, key in zip(axes.ravel(), OUTCOMES):
         for yi, arm in zip(y, arms):
             mean, lo, hi = head.loc[arm, [key, f"{key}_ci_low", f"{key}_ci_high"]].to_numpy(dtype=float)
             err = [[max(mean - lo, 0)], [max(hi - mean, 0)]] if np.isfinite(lo) else None
-            ax.errorbar(mean, yi, xerr=err, fmt="o", color=_color(arm), ms=4, capsize=2)
+            ax.errorbar(mean, yi, xerr=err, fmt="o", color=style.color(arm), ms=4, capsize=2)
             right = hi if np.isfinite(hi) else mean
             ax.annotate(_marks(comparisons, arm, key), (right, yi), xytext=(3, 0), textcoords="offset points",
                         fontsize=7, va="center")
@@ -129,14 +96,14 @@ def plot_curves(data: Any, arms: Sequence[str], ylabel: str, regime: str) -> Any
     """Small multiples, one panel per arm: its mean curve with a CI band, grpo's mean in grey in every panel."""
     ncols = 4
     nrows = -(-len(arms) // ncols)
-    fig, axes = _figure(nrows, ncols, 1.35 * nrows + 0.5, sharey=True)
+    fig, axes = style.subplots(nrows, ncols, 1.35 * nrows + 0.5, sharey=True)
     ref = data[data.arm == "grpo"]
     for ax, arm in zip(axes.ravel(), arms):
         d = data[data.arm == arm]
         if arm != "grpo" and len(ref):
             ax.plot(ref.step, ref["mean"], color="0.6", lw=1, label="grpo")
-        ax.fill_between(d.step, d.ci_low, d.ci_high, color=_color(arm), alpha=0.25, lw=0)
-        ax.plot(d.step, d["mean"], color=_color(arm), label=arm)
+        ax.fill_between(d.step, d.ci_low, d.ci_high, color=style.color(arm), alpha=0.25, lw=0)
+        ax.plot(d.step, d["mean"], color=style.color(arm), label=arm)
         ax.set_title(arm, fontsize=7)
         ax.set_xlabel("RL step", fontsize=6)
         ax.set_ylabel(ylabel, fontsize=6)
@@ -150,7 +117,7 @@ def plot_curves(data: Any, arms: Sequence[str], ylabel: str, regime: str) -> Any
 def plot_theory(per_arm: Any, corr: Any, arms: Sequence[str]) -> Any:
     """One panel per theory prediction: predicted value (x) against the observed fraction unstable (y),
     one point per arm and regime."""
-    fig, axes = _figure(1, len(PREDICTORS), 2.9)
+    fig, axes = style.subplots(1, len(PREDICTORS), 2.9)
     labels = {"shrinkage": "predicted mean coefficient E[c/A]", "dead_fraction": "predicted dead fraction",
               "var_coefficient": "predicted coefficient variance"}
     for ax, key in zip(axes[0], PREDICTORS):
@@ -158,8 +125,8 @@ def plot_theory(per_arm: Any, corr: Any, arms: Sequence[str]) -> Any:
             d = per_arm[per_arm.arm == arm]
             # Arms share many (x, 0) and (x, 1) points: a small vertical offset per arm keeps each visible.
             offset = (i - (len(arms) - 1) / 2) * 0.012
-            ax.scatter(d[key], d.observed_unstable + offset, s=14, color=_color(arm), marker=_marker(arm),
-                       label=arm, alpha=0.9, linewidths=0.6, facecolors="none" if i % 2 else _color(arm))
+            ax.scatter(d[key], d.observed_unstable + offset, s=14, color=style.color(arm), marker=style.marker(arm),
+                       label=arm, alpha=0.9, linewidths=0.6, facecolors="none" if i % 2 else style.color(arm))
         rho = corr[corr.predictor == key].spearman_rho.to_numpy(dtype=float)
         rho = rho[np.isfinite(rho)]
         med = f"median Spearman rho {np.median(rho):+.2f}\nover {len(rho)} regimes with spread" if rho.size else \
@@ -181,21 +148,22 @@ def staleness_figure(fig_dir: Path, arms: Sequence[Any], n_batches: int) -> list
 
     entries = [(a.label, a.objective, dict(a.params)) for a in arms]
     df = staleness_data(entries, n_batches=n_batches)
-    return save(plot_staleness(df), fig_dir / "staleness_exact_gradient", df)
+    return style.save_figure(plot_staleness(df), fig_dir / "staleness_exact_gradient", df)
 
 
 def figures(out: Path, data: dict[str, Any], arms: Sequence[str], regimes: Sequence[str], headline: str) -> list[Path]:
     """Every figure of the study drawn from its runs, under ``out/figures``."""
     fig_dir = out / "figures"
     summary, comparisons = data["summary"], data["comparisons"]
-    paths = save(plot_map(summary, arms, regimes, headline), fig_dir / "map",
+    paths = style.save_figure(plot_map(summary, arms, regimes, headline), fig_dir / "map",
                  summary[["regime", "arm", "n", "unstable", "final_reward"]])
     head = summary[summary.regime == headline]
-    paths += save(plot_headline(summary, comparisons, arms, headline), fig_dir / "headline", head)
+    paths += style.save_figure(plot_headline(summary, comparisons, arms, headline), fig_dir / "headline", head)
     for key, ylabel in (("reward_mean", "reward"), ("entropy", "entropy (nats per token)")):
         d = curves(data["metrics"], key)
-        paths += save(plot_curves(d, arms, ylabel, headline), fig_dir / f"curves_{key}", d)
-    paths += save(plot_theory(data["theory"], data["theory_corr"], arms), fig_dir / "theory", data["theory"])
+        paths += style.save_figure(plot_curves(d, arms, ylabel, headline), fig_dir / f"curves_{key}", d)
+    theory = plot_theory(data["theory"], data["theory_corr"], arms)
+    paths += style.save_figure(theory, fig_dir / "theory", data["theory"])
     return paths
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sspo_analysis.io import atomic_path, write_json, write_text
+from sspo_analysis.io import write_frame, write_json, write_text
 from sspo_analysis.study import collect, report
 from sspo_analysis.study.design import Plan
 from sspo_analysis.study.execute import Display, execute, validate
@@ -72,9 +72,7 @@ def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, ti
     paths = []
     for stem, key in (("stability", "tidy"), ("summary", "summary"), ("comparisons", "comparisons"),
                       ("theory", "theory"), ("theory_correlations", "theory_corr")):
-        with atomic_path(root / f"{stem}.csv") as tmp:
-            data[key].to_csv(tmp, index=False, float_format="%.6g")
-        paths.append(root / f"{stem}.csv")
+        paths.append(write_frame(data[key], root / f"{stem}.csv"))
     arms = [a.label for a in plan.arms]
     regimes = ordered_regimes(plan)
     paths += report.figures(root, data, arms, regimes, plan.headline.label)
