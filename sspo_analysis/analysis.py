@@ -416,11 +416,16 @@ def instability(steps: Any, trainer_verdict: Mapping[str, Any] | None = None) ->
     return {"unstable": True, "step_unstable": at, "kind": INSTABILITY_KINDS[index]}
 
 
-def _reward_collapse(reward: np.ndarray) -> int | None:
-    """Index of the step from which the smoothed reward stays below the collapse line of its running peak."""
+def smoothed_reward(reward: Sequence[float]) -> np.ndarray:
+    """The reward's rolling mean over :data:`REWARD_SMOOTHING` steps (fewer at the start; NaN steps skipped)."""
     import pandas as pd
 
-    smooth = pd.Series(reward).rolling(REWARD_SMOOTHING, min_periods=1).mean().to_numpy()
+    return pd.Series(np.asarray(reward, dtype=float)).rolling(REWARD_SMOOTHING, min_periods=1).mean().to_numpy()
+
+
+def _reward_collapse(reward: np.ndarray) -> int | None:
+    """Index of the step from which the smoothed reward stays below the collapse line of its running peak."""
+    smooth = smoothed_reward(reward)
     peak = np.fmax.accumulate(np.where(np.isfinite(smooth), smooth, -np.inf))
     below = ~(smooth >= REWARD_COLLAPSE_FRACTION * peak)  # NaN counts as below
     if len(below) == 0 or not below[-1] or peak[-1] <= 0:

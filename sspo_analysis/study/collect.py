@@ -53,13 +53,21 @@ def _verdict(run: Path) -> dict[str, Any] | None:
         return {"step": None, "kind": "trainer", "reason": "unreadable DIVERGED"}
 
 
-def run_row(spec: RunSpec, run: Path, steps_planned: int) -> dict[str, Any]:
-    """The tidy row of one run (NaN outcomes for a run with no metrics)."""
+def read_runs(plan: Plan, root: Path) -> dict[RunSpec, Any]:
+    """Every run's per-step metrics (:func:`sspo_analysis.training.read_metrics`), or ``None`` for a run without."""
     from sspo_analysis.training import read_metrics
 
+    runs = {}
+    for spec in plan.runs():
+        run = spec.run_dir(root / "runs")
+        runs[spec] = read_metrics(run) if (run / "metrics.jsonl").exists() else None
+    return runs
+
+
+def run_row(spec: RunSpec, run: Path, df: Any, steps_planned: int) -> dict[str, Any]:
+    """The tidy row of one run from its metrics ``df`` (NaN outcomes for a run with no metrics)."""
     row = {"arm": spec.arm.label, "objective": spec.arm.objective, **spec.regime.as_columns(), "seed": spec.seed,
            "run": spec.name}
-    df = read_metrics(run) if (run / "metrics.jsonl").exists() else None
     if df is None or df.empty:
         nan = float("nan")
         return {**row, "steps": 0, "unstable": np.nan, "step_unstable": np.nan, "kind": "", "time_to_instability": nan,
@@ -85,16 +93,16 @@ def run_row(spec: RunSpec, run: Path, steps_planned: int) -> dict[str, Any]:
 
 def _peak_step(df: Any) -> int:
     """The step of the highest smoothed reward (the running peak :func:`~sspo_analysis.analysis.instability` uses)."""
-    smooth = df.reward_mean.rolling(analysis.REWARD_SMOOTHING, min_periods=1).mean().to_numpy(dtype=float)
+    smooth = analysis.smoothed_reward(df.reward_mean)
     return int(df.step.iloc[int(np.nanargmax(smooth))]) if np.isfinite(smooth).any() else -1
 
 
-def tidy(plan: Plan, root: Path) -> Any:
-    """One row per run of ``plan`` under ``root/runs`` (``stability.csv``), with ``headline`` marking the
-    headline regime's runs."""
+def tidy(plan: Plan, root: Path, runs: dict[RunSpec, Any]) -> Any:
+    """One row per run of ``plan`` under ``root/runs`` (``stability.csv``) from their metrics ``runs``
+    (:func:`read_runs`), with ``headline`` marking the headline regime's runs."""
     import pandas as pd
 
-    rows = [run_row(s, s.run_dir(root / "runs"), plan.steps) for s in plan.runs()]
+    rows = [run_row(s, s.run_dir(root / "runs"), df, plan.steps) for s, df in runs.items()]
     df = pd.DataFrame(rows)
     df["headline"] = df.regime == plan.headline.label
     return df

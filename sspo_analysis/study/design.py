@@ -89,6 +89,12 @@ class Plan:
         specs += [RunSpec(a, r, s) for r in self.regimes for s in self.seeds for a in self.arms]
         return list(dict.fromkeys(specs))
 
+    def regime_labels(self) -> list[str]:
+        """Every regime's label from the shortest answers and the gentlest push to the hardest (the edge shows)."""
+        regimes = {r.label: r for r in (self.headline, *self.regimes)}
+        return sorted(regimes, key=lambda k: (regimes[k].length, regimes[k].staleness, regimes[k].updates,
+                                              regimes[k].lr))
+
     def with_seeds(self, seeds: tuple[int, ...]) -> Plan:
         """The plan with ``seeds`` as the headline seeds and the first of them as the map seeds."""
         from dataclasses import replace

@@ -300,7 +300,7 @@ def _batch_text(plan: Any) -> str:
 def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: float, load: str) -> str:
     """``results.md``: how it was made, the definitions, the headline, the comparisons, the map and the theory."""
     arms = [a.label for a in plan.arms]
-    regimes = data.get("regimes") or list(data["summary"].regime.drop_duplicates())
+    regimes = plan.regime_labels()
     head = plan.headline.label
     batch = _batch_text(plan)
     parts = [

@@ -49,22 +49,14 @@ def analyse(plan: Plan, root: Path) -> dict[str, Any]:
     """Every table of the study from its runs (no training)."""
     import pandas as pd
 
-    from sspo_analysis.training import read_metrics
-
-    df = collect.tidy(plan, root)
-    head = [s for s in plan.runs() if s.regime == plan.headline]
-    frames = [read_metrics(s.run_dir(root / "runs")).assign(arm=s.arm.label, seed=s.seed) for s in head
-              if (s.run_dir(root / "runs") / "metrics.jsonl").exists()]
+    runs = collect.read_runs(plan, root)
+    df = collect.tidy(plan, root, runs)
+    frames = [m.assign(arm=s.arm.label, seed=s.seed) for s, m in runs.items()
+              if s.regime == plan.headline and m is not None]
     per_arm, corr = collect.theory_ranking(df, plan)
     return {"tidy": df, "summary": collect.summarise(df), "comparisons": collect.compare(df, plan.headline.label),
             "theory": per_arm, "theory_corr": corr,
             "metrics": pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()}
-
-
-def ordered_regimes(plan: Plan) -> list[str]:
-    """The plan's regime labels from the shortest answers and the gentlest push to the hardest, so the edge shows."""
-    regimes = {r.label: r for r in (plan.headline, *plan.regimes)}
-    return sorted(regimes, key=lambda k: (regimes[k].length, regimes[k].staleness, regimes[k].updates, regimes[k].lr))
 
 
 def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, timing: dict[str, Any]) -> list[Path]:
@@ -74,14 +66,14 @@ def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, ti
                       ("theory", "theory"), ("theory_correlations", "theory_corr")):
         paths.append(write_frame(data[key], root / f"{stem}.csv"))
     arms = [a.label for a in plan.arms]
-    regimes = ordered_regimes(plan)
+    regimes = plan.regime_labels()
     paths += report.figures(root, data, arms, regimes, plan.headline.label)
     paths += report.staleness_figure(root / "figures", plan.arms, plan.gradient_batches)
     calls = timing["calls"]
     loads = [x for c in calls for x in c["load_average_1min_start_end"]]
     load = (f"{calls[-1]['cpus']} CPUs, 1-minute load average {min(loads):.1f} to {max(loads):.1f} at the start "
             "and end of training") if calls else "all runs reused"
-    data = {**data, "peak_note": report.peak_note(data["tidy"]), "regimes": regimes}
+    data = {**data, "peak_note": report.peak_note(data["tidy"])}
     text = report.results_markdown(data, plan, command, timing["train_seconds"], load)
     paths.append(write_text(root / "results.md", text))
     return paths
