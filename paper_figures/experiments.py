@@ -18,7 +18,6 @@ only replots.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from paper_figures import TRAINED_OBJECTIVES, Context, Settings
+from sspo_analysis.study.execute import quiet_worker, warm_start
 
 WORKERS = 2
 """Runs trained at once (each with one torch thread)."""
@@ -90,25 +90,6 @@ def describe_settings(ctx: Context) -> str:
             f"(seeds {', '.join(map(str, st.staleness_seeds))}). Mean ± std over seeds.")
 
 
-def _quiet_worker() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _warm_start(over: list[str]) -> str:
-    """Worker: the cached supervised warm start every run of the mode starts from (made if missing)."""
-    from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import ensure_warm_start
-
-    return str(ensure_warm_start(load_config(None, over), progress=False))
-
-
 def _train_one(objective: str, seed: int, group: str, over: list[str]) -> tuple[str, float, bool]:
     """Worker: one run through the trainer's sweep (which skips, resumes or records a crash)."""
     import contextlib
@@ -142,9 +123,9 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
         ctx.report(f"{len(specs) - len(todo)} of {len(specs)} runs reused; training {len(todo)} under {root}")
         ctx.advance(0, len(todo), "training runs: warm start (supervised, made once, then cached)")
         with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_quiet_worker) as pool:
+                                 initializer=quiet_worker) as pool:
             t0 = time.perf_counter()
-            warm = pool.submit(_warm_start, over).result()
+            warm = pool.submit(warm_start, over).result()
             ctx.report(f"warm start {Path(warm).name} ready ({time.perf_counter() - t0:.0f} s)")
             futures = {pool.submit(_train_one, s.objective, s.seed, str(s.group),
                                    overrides(ctx.settings, s.staleness, cache)): s for s in todo}

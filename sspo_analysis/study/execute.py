@@ -24,8 +24,8 @@ from sspo_analysis.study.design import Plan, RunSpec
 Report = Callable[[str], None]
 
 
-def _quiet_worker() -> None:
-    """A job process: no transformers chatter, one torch thread."""
+def quiet_worker() -> None:
+    """Initialiser of a job process: no transformers chatter or progress bars (the parent reports)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
@@ -33,7 +33,8 @@ def _quiet_worker() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _warm_start(overrides: list[str]) -> str:
+def warm_start(overrides: list[str]) -> str:
+    """Job: the cached warm start of the config ``overrides`` describe (made if missing); returns its path."""
     from sspo_analysis.training import load_config
     from sspo_analysis.training.trainer import ensure_warm_start
 
@@ -61,11 +62,12 @@ def run_state(run: Path) -> str:
 
 def validate(plan: Plan, root: Path) -> None:
     """Every run's settings are valid and every existing run can be reused, before any work starts."""
-    from sspo_analysis.training.trainer import _stale_runs, _sweep_configs
+    from sspo_analysis.training.trainer import check_sweep
 
     for spec in plan.runs():
-        configs = _sweep_configs([spec.arm.objective], [spec.seed], None, spec.overrides(plan, root / "cache"))
-        _stale_runs(configs, {key: spec.run_dir(root / "runs") for key in configs}, rerun=False)
+        run = spec.run_dir(root / "runs")
+        check_sweep([spec.arm.objective], [spec.seed], None, run.parent, spec.overrides(plan, root / "cache"),
+                    tag=spec.arm.tag)
 
 
 def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = False) -> None:
@@ -78,10 +80,10 @@ def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = F
         return
     cache = root / "cache"
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_quiet_worker) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=quiet_worker) as pool:
         lengths = {s.regime.length: s for s in todo}
         display.phase(f"warm starts for answer lengths {', '.join(map(str, sorted(lengths)))} (made once, cached)")
-        for fut in [pool.submit(_warm_start, s.overrides(plan, cache)) for s in lengths.values()]:
+        for fut in [pool.submit(warm_start, s.overrides(plan, cache)) for s in lengths.values()]:
             fut.result()
         display.phase(f"training ({jobs} jobs)")
         pending: dict[Future, RunSpec] = {}

@@ -64,9 +64,9 @@ from sspo_analysis.training.state import RunState, autocast, params_of
 from sspo_analysis.training.tasks import Task, make_task
 from sspo_analysis.training.update import lr_lambda, update
 
-__all__ = ["TIMING_KEYS", "train", "pretrain", "evaluate", "sweep", "read_metrics", "read_log_ratios", "load_config",
-           "ensure_warm_start", "build_policy", "cache_root", "warm_start_key", "make_task_from", "check_room",
-           "format_prompts", "params_of", "rl_step"]
+__all__ = ["TIMING_KEYS", "train", "pretrain", "evaluate", "sweep", "check_sweep", "read_metrics", "read_log_ratios",
+           "load_config", "ensure_warm_start", "build_policy", "cache_root", "warm_start_key", "make_task_from",
+           "check_room", "format_prompts", "params_of", "rl_step"]
 
 TIMING_KEYS = ("wall_time", "step_time", "tokens_per_s", "sequences_per_s")
 """Metric keys that measure time: they differ between a straight and a resumed run."""
@@ -551,9 +551,7 @@ def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None
     whose directory cannot be made. Returns the finished run directories, diverged ones
     included (their ``DIVERGED`` says why). All configs are validated before the first run.
     """
-    configs = _sweep_configs(objectives, seeds, base_config, overrides)
-    runs = {key: Path(out_dir) / f"{key[0]}_seed{key[1]}{'_' + tag if tag else ''}" for key in configs}
-    stale = _stale_runs(configs, runs, rerun)
+    configs, runs, stale = _plan_sweep(objectives, seeds, base_config, out_dir, overrides, tag, rerun)
     finished = []
     for key, cfg in configs.items():
         run = runs[key]
@@ -565,6 +563,21 @@ def sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None
         except Exception:  # a crashed run must not stop the others
             _record_failure(run, traceback.format_exc())
     return finished
+
+
+def check_sweep(objectives, seeds, base_config: TrainConfig | str | Path | None = None,
+                out_dir: str | Path = "runs/sweep", overrides=(), *, tag: str = "") -> None:
+    """What :func:`sweep` checks before its first run, without running: every config is valid, and every
+    existing run directory was made with the requested settings (a ValueError naming the fields otherwise)."""
+    _plan_sweep(objectives, seeds, base_config, out_dir, overrides, tag, rerun=False)
+
+
+def _plan_sweep(objectives, seeds, base_config, out_dir, overrides, tag: str,
+                rerun: bool) -> tuple[dict[tuple[str, int], TrainConfig], dict[tuple[str, int], Path], set[Path]]:
+    """``(configs, run directories, stale runs)`` of a sweep, validated (see :func:`sweep`)."""
+    configs = _sweep_configs(objectives, seeds, base_config, overrides)
+    runs = {key: Path(out_dir) / f"{key[0]}_seed{key[1]}{'_' + tag if tag else ''}" for key in configs}
+    return configs, runs, _stale_runs(configs, runs, rerun)
 
 
 def _record_failure(run: Path, text: str) -> None:
