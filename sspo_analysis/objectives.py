@@ -646,6 +646,11 @@ class Objective:
         with torch.no_grad():
             return self.terms(log_prob, old_log_prob, advantages, mask)[0].coefficient
 
+    def loss(self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        """The scalar loss alone (no metrics): what a training step differentiates."""
+        t, _, _, mask = self.terms(log_prob, old_log_prob, advantages, mask)
+        return -self.aggregate(t.surrogate, mask)
+
     def evaluate(
         self, log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, mask: Tensor
     ) -> tuple[Tensor, dict[str, float], Terms]:

@@ -232,13 +232,12 @@ def test_assess_applies_each_criterion_at_the_step_it_first_holds():
 def test_a_run_whose_updates_are_all_skipped_is_marked_diverged(tmp_path, monkeypatch, capsys):
     import sspo_analysis.objectives as objectives
 
-    original = objectives.Objective.evaluate
+    original = objectives.Objective.loss
 
     def poisoned(self, *args, **kwargs):
-        loss, metrics, terms = original(self, *args, **kwargs)
-        return loss * math.nan, metrics, terms
+        return original(self, *args, **kwargs) * math.nan
 
-    monkeypatch.setattr(objectives.Objective, "evaluate", poisoned)
+    monkeypatch.setattr(objectives.Objective, "loss", poisoned)
     out = tmp_path / "dead"
     args = ["train", "--no-progress", "--out", str(out), *_sets(FAST + ["steps=10"])]
     assert main(args) == 3
@@ -452,13 +451,13 @@ def test_theory_monte_carlo_that_would_take_minutes_is_refused(capsys):
 def test_a_sweep_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch, capsys):
     import sspo_analysis.objectives as objectives
 
-    original = objectives.Objective.evaluate
+    original = objectives.Objective.loss
 
     def poisoned(self, *args, **kwargs):
-        loss, metrics, terms = original(self, *args, **kwargs)
-        return (loss * math.nan if self.name == "sapo" else loss), metrics, terms
+        loss = original(self, *args, **kwargs)
+        return loss * math.nan if self.name == "sapo" else loss
 
-    monkeypatch.setattr(objectives.Objective, "evaluate", poisoned)
+    monkeypatch.setattr(objectives.Objective, "loss", poisoned)
     args = ["sweep", "--objectives", "sapo,grpo", "--seeds", "0", "--out", str(tmp_path), "--no-progress",
             *_sets(FAST + ["steps=5"])]
     assert main(args) == 0

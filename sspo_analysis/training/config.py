@@ -37,6 +37,7 @@ class ModelConfig:
     warm_start: bool = True  # start the preset from the cached supervised warm start (made on first use)
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on the run's device, CUDA or CPU)
     gradient_checkpointing: bool = False
+    lean: bool = True  # Llama-family models (qwen2, llama, mistral) run training.lean's forward; false: transformers'
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sspo_analysis.primitives import entropy_from_logits
+from sspo_analysis.training import lean
 
 Tensor = torch.Tensor
 
@@ -165,14 +166,16 @@ def token_logprobs(hidden: Tensor, lm_head: torch.nn.Module, targets: Tensor, ma
 
 
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt: int, completion_mask: Tensor, *,
-                      temperature: float = 1.0, chunk_tokens: int = 2048) -> tuple[Tensor, Tensor]:
+                      temperature: float = 1.0, chunk_tokens: int = 2048, lean_path: bool = True
+                      ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies (B, T_c) of the completion ``input_ids[:, n_prompt:]`` under ``model``.
 
     Runs the base model once and projects only completion positions (see
     :func:`token_logprobs`); rows that share a prompt (a rollout group) run it once
     (:func:`_completion_hidden`). Assumes ``logits = lm_head(last_hidden_state)``
     (true for Qwen2, Llama, Mistral and most causal LMs; not for models with
-    logit soft-capping).
+    logit soft-capping). ``lean_path``: Llama-family models run :mod:`.lean`'s forward
+    (the same values; see there) unless False.
     """
     if bool(attention_mask[:, :n_prompt].all()):
         # no left padding: the right padding after <eos> is never attended under the causal mask,
@@ -180,7 +183,11 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
         attention_mask, position_ids = None, None
     else:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = _completion_hidden(model, input_ids, attention_mask, position_ids, n_prompt)
+    decoder = lean.decoder(model) if lean_path else None
+    if decoder is not None:
+        hidden = _lean_completion_hidden(decoder, input_ids, attention_mask, position_ids, n_prompt)
+    else:
+        hidden = _completion_hidden(model, input_ids, attention_mask, position_ids, n_prompt)
     if hidden is None:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False)
@@ -232,6 +239,25 @@ def _completion_hidden(model, input_ids: Tensor, attention_mask: Tensor | None, 
     return torch.cat([out.last_hidden_state[inverse, -1:], rest.last_hidden_state], 1)
 
 
+def _lean_completion_hidden(decoder: lean.LeanDecoder, input_ids: Tensor, attention_mask: Tensor | None,
+                            position_ids: Tensor | None, n_prompt: int) -> Tensor:
+    """:func:`_completion_hidden` on the lean path: each distinct prompt run once, its keys and values shared."""
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    groups = _prompt_groups(decoder.model, input_ids, attention_mask, n_prompt)
+    if groups is None:
+        return decoder.hidden(input_ids[:, :-1], position_ids[:, :-1],
+                              None if attention_mask is None else attention_mask[:, :-1])[:, n_prompt - 1:]
+    first, inverse = groups
+    prompt_pos = position_ids[:, :n_prompt] if position_ids.shape[0] == 1 else position_ids[first, :n_prompt]
+    keep: list = []
+    prompt = decoder.hidden(input_ids[first, :n_prompt], prompt_pos,
+                            None if attention_mask is None else attention_mask[first, :n_prompt], keep=keep)
+    rest = decoder.hidden(input_ids[:, n_prompt:-1], position_ids[:, n_prompt:-1],
+                          None if attention_mask is None else attention_mask[:, :-1], kv=lean.prefix(keep, inverse))
+    return torch.cat([prompt[inverse, -1:], rest], 1)
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -263,33 +289,62 @@ class Sampling:
     top_p: float = 1.0
 
 
-def _prefill(model, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor) -> tuple[Any, Tensor]:
-    """``(KV cache, last logits)`` of the prompts; each run of identical rows is computed once.
-
-    A rollout repeats every prompt ``group_size`` times in consecutive rows: the model
-    runs on one row per group and the cache and logits are repeated: the same computation
-    on ``1 / group_size`` of the rows (a row's result does not depend on the batch around it;
-    on CPU a fixed-seed run's metrics were bitwise unchanged by this).
-    """
+def _shared_prompts(prompt_ids: Tensor, attn: Tensor | None, pos: Tensor) -> int:
+    """The group size when the rows come in equal runs of identical prompts (a rollout), else 1."""
     rows = torch.cat([prompt_ids, pos] + ([attn] if attn is not None else []), 1)
     _, counts = torch.unique_consecutive(rows, dim=0, return_counts=True)
     group = int(counts[0])
-    shared = group > 1 and bool((counts == group).all())
-    if shared:
-        first = torch.arange(0, prompt_ids.shape[0], group, device=prompt_ids.device)
-        prompt_ids, pos = prompt_ids[first], pos[first]
-        attn = attn[first] if attn is not None else None
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past, logits = _cache_of(out), out.logits[:, -1]
-    if shared:
-        past.batch_repeat_interleave(group)
-        logits = logits.repeat_interleave(group, 0)
-    return past, logits
+    return group if group > 1 and bool((counts == group).all()) else 1
+
+
+class _Steps:
+    """Next-token logits of a batch, one token at a time, through the transformers forward and its cache.
+
+    The prompts' prefill computes each run of identical rows once and repeats the cache and
+    logits: the same computation on ``1 / group_size`` of the rows (a row's result does not
+    depend on the batch around it).
+    """
+
+    def __init__(self, model, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor):
+        self.model, self.cache_arg = model, _cache_arg(model)
+        group = _shared_prompts(prompt_ids, attn, pos)
+        first = slice(None, None, group)
+        out = model(input_ids=prompt_ids[first], attention_mask=None if attn is None else attn[first],
+                    position_ids=pos[first], use_cache=True, logits_to_keep=1)
+        self.past, self.logits = _cache_of(out), out.logits[:, -1]
+        if group > 1:
+            self.past.batch_repeat_interleave(group)
+            self.logits = self.logits.repeat_interleave(group, 0)
+
+    def next(self, tok: Tensor, pos: Tensor, attn: Tensor | None) -> Tensor:
+        out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
+                         **{self.cache_arg: self.past})
+        self.past = _cache_of(out)
+        return out.logits[:, -1]
+
+
+class _LeanSteps:
+    """:class:`_Steps` on the lean path (:mod:`.lean`): a preallocated cache written in place."""
+
+    def __init__(self, decoder: lean.LeanDecoder, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor,
+                 max_new_tokens: int):
+        self.decoder, self.head = decoder, decoder.model.get_output_embeddings()
+        group = _shared_prompts(prompt_ids, attn, pos)
+        first = slice(None, None, group)
+        keep: list = []
+        hidden = self.decoder.hidden(prompt_ids[first], pos[first], None if attn is None else attn[first], keep=keep)
+        self.kv = self.decoder.cache(prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, hidden)
+        self.kv.fill(keep, group)
+        self.logits = self.head(hidden[:, -1]).repeat_interleave(group, 0)
+
+    def next(self, tok: Tensor, pos: Tensor, attn: Tensor | None) -> Tensor:
+        return self.head(self.decoder.hidden(tok[:, None], pos, attn, kv=self.kv)[:, -1])
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, *, eos_id: int | list[int],
-             pad_id: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             pad_id: int, generator: torch.Generator | None = None, lean_path: bool = True
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sample completions for left-padded prompts with a KV cache.
 
     Returns ``(tokens, log_probs, mask, entropy)``, each (B, T<=max_new_tokens): the
@@ -298,6 +353,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     sampling filter and is not in the recorded log-prob, as in TRL and verl),
     the completion mask (tokens up to and including ``<eos>``; ``eos_id`` may be a list),
     and the exact entropy of ``softmax(logits / temperature)`` at each position, 0 after ``<eos>``.
+    ``lean_path``: Llama-family models decode with :mod:`.lean` and a preallocated cache unless False.
     """
     max_new_tokens, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
     B = prompt_ids.shape[0]
@@ -305,8 +361,10 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     attn = prompt_mask.long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attn.all())  # without left padding the causal path needs no mask tensor
-    past, logits = _prefill(model, prompt_ids, attn if padded else None, pos)
-    cache_arg = _cache_arg(model)
+    decoder = lean.decoder(model) if lean_path else None
+    steps = (_Steps(model, prompt_ids, attn if padded else None, pos) if decoder is None
+             else _LeanSteps(decoder, prompt_ids, attn if padded else None, pos, max_new_tokens))
+    logits = steps.logits
     pos = pos[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     toks, logps, masks, ents = [], [], [], []
@@ -330,6 +388,5 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
             break
         attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1) if padded else None
         pos = pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
-        past, logits = _cache_of(out), out.logits[:, -1]
+        logits = steps.next(tok, pos, attn)
     return torch.stack(toks, 1), torch.stack(logps, 1), torch.stack(masks, 1), torch.stack(ents, 1)

@@ -60,7 +60,8 @@ def logprobs(state: RunState, model, roll: Rollout, rows: Tensor | slice = slice
     """``(log-probs, entropies)`` (b, T) of ``roll``'s completions ``rows`` under ``model``."""
     r = state.cfg.rollout
     return sequence_logprobs(model, roll.ids[rows], roll.attn[rows], roll.n_prompt, roll.mask[rows],
-                             temperature=r.temperature, chunk_tokens=state.cfg.optim.logprob_chunk)
+                             temperature=r.temperature, chunk_tokens=state.cfg.optim.logprob_chunk,
+                             lean_path=state.cfg.model.lean)
 
 
 def _sample(state: RunState, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, ...]:
@@ -72,7 +73,8 @@ def _sample(state: RunState, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[T
     sampler.eval()
     with state.autocast():
         out = generate(sampler, prompt_ids, prompt_mask, Sampling(r.max_new_tokens, r.temperature, r.top_p),
-                       eos_id=state.eos_ids, pad_id=state.tok.pad_token_id, generator=state.gen)
+                       eos_id=state.eos_ids, pad_id=state.tok.pad_token_id, generator=state.gen,
+                       lean_path=state.cfg.model.lean)
     sampler.train(was_training)
     return out
 

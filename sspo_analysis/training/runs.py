@@ -29,7 +29,7 @@ MIN_FREE_BYTES = 256 * 2**20
 several GB: the warning is a floor, not a guarantee)."""
 LOCK_NAME = ".lock"
 """The lock file inside a run directory."""
-HONOURED_FIELDS = frozenset({"threads", "warm_start.dir", "optim.token_budget", "optim.logprob_chunk"})
+HONOURED_FIELDS = frozenset({"threads", "warm_start.dir", "optim.token_budget", "optim.logprob_chunk", "model.lean"})
 """Fields a resume or a reused run may change without changing the run's meaning (speed and memory only),
 besides every ``log.*`` field and ``steps`` (see :func:`refused_changes`)."""
 

@@ -282,7 +282,8 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: in
     with autocast(cfg, device):
         sampling = Sampling(r.max_new_tokens, temperature or r.temperature, r.top_p)
         tokens, *_ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device), sampling,
-                              eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator)
+                              eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator,
+                              lean_path=cfg.model.lean)
     model.train(was_training)
     completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
     return float(np.mean([task.reward(c, a) for c, a in zip(completions, answers)]))
@@ -476,8 +477,10 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
         write_text(run / "config.toml", cfg.to_toml())
     _seed_all(cfg.seed)
     a, o = cfg.algo, cfg.optim
+    # fused: one kernel for all parameters (the per-tensor loop costs more than the arithmetic for small models);
+    # the same update up to float rounding
     opt = torch.optim.AdamW(params_of(policy), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay)
+                            weight_decay=o.weight_decay, foreach=True)
     reference = None
     if a.kl_coef > 0 or a.track_kl_ref:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)

@@ -80,7 +80,7 @@ def _micro_loss(state: RunState, roll: Rollout, micro: Tensor) -> tuple[Tensor, 
     mask = roll.mask[micro]
     with state.autocast():
         logp, entropy = logprobs(state, state.policy, roll, micro)
-    loss, _, _ = objective.evaluate(logp, roll.old_logp[micro], roll.advantages[micro], mask)
+    loss = objective.loss(logp, roll.old_logp[micro], roll.advantages[micro], mask)
     if roll.ref_logp is not None and kl_coef > 0:
         kl = k3_kl(torch.where(mask, roll.ref_logp[micro] - logp, 0.0))
         loss = loss + kl_coef * (kl * objective.token_weights(mask)).sum()

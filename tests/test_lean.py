@@ -1,0 +1,166 @@
+"""The lean forward (training.lean) against the transformers forward it replaces: the same hidden states,
+gradients, sampled tokens and log-probs, for each supported architecture; and every reason it steps aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sspo_analysis.training import lean
+from sspo_analysis.training.models import Sampling, generate, load_model, sequence_logprobs
+
+# float32 rounding through two or four layers (measured on the tiny preset: bitwise equal). One thread: with
+# more, torch's CPU backward kernels reduce in a varying order, and the transformers path itself then differs
+# from call to call by up to 2e-3 in the embedding gradient.
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+SMALL = dict(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, max_position_embeddings=64)
+
+
+def _model(kind: str, **extra):
+    if kind == "tiny":
+        return load_model("tiny", seed=0)[0]
+    config = AutoConfig.for_model(kind, **SMALL, **extra)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config)
+
+
+ARCHS = [("tiny", {}), ("qwen2", {}), ("llama", {"attention_bias": True}), ("llama", {}),
+         ("mistral", {"sliding_window": None})]
+
+
+def _batch(vocab: int, padded: bool, rows: int = 6, length: int = 11):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("kind,extra", ARCHS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_hidden_states_and_gradients_match_transformers(kind, extra, padded):
+    model = _model(kind, **extra).train()
+    assert lean.unsupported(model) is None
+    ids, mask, pos = _batch(model.config.vocab_size, padded)
+    ref = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    ours = lean.decoder(model).hidden(ids, pos, mask if padded else None)
+    valid = mask.bool()  # padding positions are never read
+    torch.testing.assert_close(ours[valid], ref[valid], **TOL)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    g_ref = torch.autograd.grad((ref * weights)[valid].sum(), params, allow_unused=True)
+    g_ours = torch.autograd.grad((ours * weights)[valid].sum(), params, allow_unused=True)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_shared_prompt_prefix_and_a_preallocated_cache_give_the_full_forward(padded):
+    model = _model("qwen2").eval()
+    ids, mask, pos = _batch(model.config.vocab_size, padded)
+    n = 5
+    dec = lean.decoder(model)
+    full = dec.hidden(ids, pos, mask if padded else None)
+    keep: list = []
+    dec.hidden(ids[:, :n], pos[:, :n], mask[:, :n] if padded else None, keep=keep)
+    rest = dec.hidden(ids[:, n:], pos[:, n:], mask if padded else None, kv=lean.prefix(keep, torch.arange(len(ids))))
+    torch.testing.assert_close(rest, full[:, n:], **TOL)
+    cache = dec.cache(len(ids), ids.shape[1], full)
+    dec.hidden(ids[:, :n], pos[:, :n], mask[:, :n] if padded else None, kv=cache)
+    steps = [dec.hidden(ids[:, t:t + 1], pos[:, t:t + 1], mask[:, :t + 1] if padded else None, kv=cache)
+             for t in range(n, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, n:], **TOL)
+    assert cache.length == ids.shape[1]
+
+
+@pytest.mark.parametrize("kind,extra", ARCHS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_sampling_draws_the_same_tokens_with_the_same_log_probs(kind, extra, padded):
+    model = _model(kind, **extra).eval()
+    ids, mask, _ = _batch(model.config.vocab_size, padded, rows=4, length=5)
+    prompts, prompt_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # groups share prompts
+    out = {}
+    for path in (True, False):
+        out[path] = generate(model, prompts, prompt_mask, Sampling(12, temperature=0.9, top_p=0.95), eos_id=[3, 7],
+                             pad_id=0, generator=torch.Generator().manual_seed(5), lean_path=path)
+    (tok, logp, done, ent), (tok_hf, logp_hf, done_hf, ent_hf) = out[True], out[False]
+    assert torch.equal(tok, tok_hf) and torch.equal(done, done_hf)
+    torch.testing.assert_close(logp, logp_hf, **TOL)
+    torch.testing.assert_close(ent, ent_hf, **TOL)
+
+
+def test_training_log_probs_match_on_a_rollout_batch():
+    model = _model("tiny").train()
+    ids, mask, _ = _batch(model.config.vocab_size, padded=True, rows=4, length=6)
+    prompts = ids.repeat_interleave(2, 0)
+    comp = torch.randint(4, 80, (8, 7), generator=torch.Generator().manual_seed(3))
+    full = torch.cat([prompts, comp], 1)
+    attn = torch.cat([mask.repeat_interleave(2, 0), torch.ones_like(comp)], 1)
+    cmask = torch.ones_like(comp, dtype=torch.bool)
+    cmask[1, 4:] = False
+    ours = sequence_logprobs(model, full, attn, 6, cmask, lean_path=True)
+    ref = sequence_logprobs(model, full, attn, 6, cmask, lean_path=False)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+class _Adapter(torch.nn.Linear):
+    """Stands for a LoRA-style projection: a subclass whose forward adds something."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda m: getattr(m, "activation_checkpointing_enable", m.gradient_checkpointing_enable)(),
+     "gradient checkpointing"),
+    (lambda m: m.model.layers[0].register_forward_hook(lambda *a: None), "forward hooks"),
+    (lambda m: setattr(m.model.layers[1].self_attn, "q_proj", _Adapter(64, 64)), "nn.Linear"),
+])
+def test_it_steps_aside_for_what_it_would_not_compute(change, reason):
+    model = _model("qwen2")
+    change(model)
+    assert reason in lean.unsupported(model)
+    assert lean.decoder(model) is None
+
+
+@pytest.mark.parametrize("kind,extra,reason", [
+    ("gpt2", {}, "model type 'gpt2'"),
+    ("mistral", {}, "sliding-window"),  # Mistral's default window
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "dynamic"),
+])
+def test_it_steps_aside_for_architectures_it_does_not_know(kind, extra, reason):
+    config = AutoConfig.for_model(kind, **({} if kind == "gpt2" else SMALL), **extra)
+    assert reason in lean.unsupported(AutoModelForCausalLM.from_config(config))
+
+
+def test_a_run_gives_the_same_metrics_on_either_path(tmp_path):
+    from sspo_analysis.training import read_metrics, train
+    from sspo_analysis.training.trainer import TIMING_KEYS
+
+    over = ['model.preset="micro"', "model.warm_start=false", "rollout.prompts=4", "rollout.group_size=4",
+            "rollout.max_new_tokens=4", 'task.name="reversal"', "task.length=3", 'task.grader="chars"',
+            "steps=3", "optim.lr=3e-3", "log.progress=false", "threads=1"]
+    runs = {path: read_metrics(train(None, tmp_path / str(path), overrides=over + [f"model.lean={str(path).lower()}"]))
+            for path in (True, False)}
+    assert (runs[True].reward_mean > 0).any()  # the updates move the policy
+    numbers = [c for c in runs[True].columns if c not in TIMING_KEYS and c != "generation_time"
+               and runs[True][c].dtype.kind == "f"]
+    for c in numbers:
+        torch.testing.assert_close(torch.tensor(runs[True][c].values), torch.tensor(runs[False][c].values),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True, msg=c)
