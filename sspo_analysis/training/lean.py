@@ -7,7 +7,6 @@ output dataclasses, and grows the key/value cache by concatenation at every toke
 module computes the same layers with the model's own projection and norm modules (so
 gradients, the optimiser and checkpoints are untouched) and nothing else:
 
-- RMSNorm as one fused kernel (float32 statistics, as the transformers module);
 - a preallocated key/value cache written in place while sampling;
 - prompt keys and values computed once per distinct prompt and shared by its completions.
 
@@ -70,9 +69,10 @@ def unsupported(model) -> str | None:
 
 
 def _rms_norm(x: Tensor, norm) -> Tensor:
-    """RMSNorm as the transformers module computes it (float32 statistics), in one fused kernel."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    """RMSNorm exactly as the transformers module computes it (float32 statistics).
+
+    Not ``F.rms_norm``: its fused kernel, taken when nothing needs a gradient, rounds differently.
+    """
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * x32.to(x.dtype)

@@ -335,10 +335,11 @@ class _LeanSteps:
         hidden = self.decoder.hidden(prompt_ids[first], pos[first], None if attn is None else attn[first], keep=keep)
         self.kv = self.decoder.cache(prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, hidden)
         self.kv.fill(keep, group)
-        self.logits = self.head(hidden[:, -1]).repeat_interleave(group, 0)
+        # the head on (B, 1, H), as transformers' logits_to_keep=1: a 2-D slice can round differently
+        self.logits = self.head(hidden[:, -1:])[:, -1].repeat_interleave(group, 0)
 
     def next(self, tok: Tensor, pos: Tensor, attn: Tensor | None) -> Tensor:
-        return self.head(self.decoder.hidden(tok[:, None], pos, attn, kv=self.kv)[:, -1])
+        return self.head(self.decoder.hidden(tok[:, None], pos, attn, kv=self.kv))[:, -1]
 
 
 @torch.no_grad()
