@@ -83,9 +83,13 @@ def _linear(x: Tensor, proj) -> Tensor:
     return F.linear(x, proj.weight, proj.bias)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotary embedding ``x cos + rotate_half(x) sin`` with the sign of ``rotate_half`` folded into the sine.
+
+    ``rotate_half(x) * sin = roll(x, D/2) * signed_sin``, with ``signed_sin = (-sin_1, sin_2)``:
+    negation is exact, so the values are bitwise the same, in fewer and cheaper operations.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class _KV:
@@ -154,7 +158,8 @@ class LeanDecoder:
         """
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, pos)
-        rope = (cos[:, None], sin[:, None])
+        half = sin.shape[-1] // 2
+        rope = (cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, None])
         mask = _mask(key_mask, ids.shape[1], 0 if kv is None else kv.length, kv is not None)
         for i, layer in enumerate(self.base.layers):
             x, k, v = _layer(layer, x, rope, mask, kv, i)
