@@ -5,8 +5,9 @@ tokenizer, 2-digit addition, 8 prompts x 8 samples per rollout batch, at most N
 new tokens, 2 minibatch updates per rollout batch (32 sequences each), objective
 ``sapo`` (TRL ``loss_type="sapo"``), no KL, AdamW, temperature 1, top-p 1, CPU.
 TRL runs with gradient checkpointing off (its default turns it on, which only adds
-recomputation for a model this small). This trainer runs with its optional
-measurements off (reference KL, the entropy after the updates, the entropy Taylor
+recomputation for a model this small). This trainer runs with its defaults (the lean
+forward of ``sspo_analysis.training.lean``, bitwise the values of the transformers forward)
+and its optional measurements off (reference KL, the entropy after the updates, the entropy Taylor
 prediction: TRL computes none of them); ``--price`` prices each of them separately.
 
 The two trainers are interleaved in this one process (their order alternates from
