@@ -164,3 +164,21 @@ def test_a_run_gives_the_same_metrics_on_either_path(tmp_path):
     for c in numbers:
         torch.testing.assert_close(torch.tensor(runs[True][c].values), torch.tensor(runs[False][c].values),
                                    rtol=1e-5, atol=1e-6, equal_nan=True, msg=c)
+
+
+def test_bf16_autocast_takes_the_lean_path_with_the_same_values():
+    model = _model("tiny").eval()
+    ids, mask, _ = _batch(model.config.vocab_size, padded=True, rows=4, length=5)
+    out = {}
+    for path in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tok, logp, done, _ = generate(model, ids, mask, Sampling(6), eos_id=3, pad_id=0,
+                                          generator=torch.Generator().manual_seed(4), lean_path=path)
+            full = torch.cat([ids, tok], 1)
+            train_logp = sequence_logprobs(model.train(), full, torch.cat([mask, done.long()], 1), 5, done,
+                                           lean_path=path)[0]
+            model.eval()
+        out[path] = tok, logp, train_logp
+    assert torch.equal(out[True][0], out[False][0])
+    for a, b in zip(out[True][1:], out[False][1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)  # bf16 products; float32 log-softmax
