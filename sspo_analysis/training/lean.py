@@ -116,6 +116,21 @@ class _KV:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    """SDPA of q (B, Hq, T, D) over k, v (B, Hkv, S, D), called as transformers calls it.
+
+    Without a mask, grouped-query heads go to the kernel as they are; with one, the key and
+    value heads are repeated first, because CUDA's fused kernels do not take a mask with
+    grouped queries and would fall back to the slow, memory-hungry one.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def _layer(layer, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv: _KV | None,
            index: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(output, keys, values)`` of one pre-norm decoder layer; keys and values include ``kv``'s."""
@@ -126,8 +141,7 @@ def _layer(layer, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, k
     q, k = _rotate(q, *rope), _rotate(k, *rope)
     if kv is not None:
         k, v = kv.extend(index, k, v)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kv is None and mask is None,
-                                       scale=a.scaling, enable_gqa=True)
+    o = _attend(q, k, v, mask, a.scaling, causal=kv is None)
     x = x + _linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj)
     h = _rms_norm(x, layer.post_attention_layernorm)
     return x + _linear(F.silu(_linear(h, m.gate_proj)) * _linear(h, m.up_proj), m.down_proj), k, v
