@@ -182,3 +182,11 @@ def test_bf16_autocast_takes_the_lean_path_with_the_same_values():
     assert torch.equal(out[True][0], out[False][0])
     for a, b in zip(out[True][1:], out[False][1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-3)  # bf16 products; float32 log-softmax
+
+
+def test_masks_are_made_on_the_inputs_device():
+    # a mask on another device than the queries would fail on CUDA; "meta" stands in for it here
+    meta = torch.device("meta")
+    assert lean._mask(None, 3, 5, True, meta).device == meta
+    assert lean._mask(torch.ones(2, 8, device=meta), 3, 5, True, meta).device == meta
+    assert lean._mask(None, 1, 5, True, meta) is None and lean._mask(None, 4, 0, False, meta) is None

@@ -116,19 +116,26 @@ class _KV:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
-    """SDPA of q (B, Hq, T, D) over k, v (B, Hkv, S, D), called as transformers calls it.
+_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
 
-    Without a mask, grouped-query heads go to the kernel as they are; with one, the key and
-    value heads are repeated first, because CUDA's fused kernels do not take a mask with
-    grouped queries and would fall back to the slow, memory-hungry one.
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    """SDPA of q (B, Hq, T, D) over k, v (B, Hkv, S, D), called the way transformers calls it.
+
+    Grouped-query heads go to the kernel as they are when there is no mask. With a mask (CUDA's
+    fused kernels take none with grouped queries), a single query token is packed as
+    (B, Hkv, Hq / Hkv, D) over the shared mask, and longer queries repeat the key and value heads.
     """
-    if mask is None:
+    B, Hq, T, D = q.shape
+    groups = Hq // k.shape[1]
+    if groups > 1 and mask is None and _GQA:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if groups > 1 and T == 1:
+        out = F.scaled_dot_product_attention(q.reshape(B, Hq // groups, groups, D), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, Hq, 1, D)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
 
 
 def _layer(layer, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv: _KV | None,
@@ -174,7 +181,7 @@ class LeanDecoder:
         cos, sin = self.base.rotary_emb(x, pos)
         half = sin.shape[-1] // 2
         rope = (cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, None])
-        mask = _mask(key_mask, ids.shape[1], 0 if kv is None else kv.length, kv is not None)
+        mask = _mask(key_mask, ids.shape[1], 0 if kv is None else kv.length, kv is not None, ids.device)
         for i, layer in enumerate(self.base.layers):
             x, k, v = _layer(layer, x, rope, mask, kv, i)
             if keep is not None:
@@ -196,22 +203,17 @@ def prefix(keep: list[tuple[Tensor, Tensor]], rows: Tensor) -> _KV:
     return _KV([k[rows] for k, _ in keep], [v[rows] for _, v in keep], keep[0][0].shape[2], False)
 
 
-def _mask(key_mask: Tensor | None, T: int, past: int, has_past: bool) -> Tensor | None:
-    """(B, 1, T, past + T) bool, True = may attend: causal, key padding; None when plain causal suffices.
+def _mask(key_mask: Tensor | None, T: int, past: int, has_past: bool, device: torch.device) -> Tensor | None:
+    """(B or 1, 1, T, past + T) bool, True = may attend: causal, key padding; None when plain causal suffices.
 
     A padding query (one whose own key is masked) still sees itself, so no row is all-masked
     (its output is never used, but a row of -inf would make NaN that later layers could read).
     """
-    if key_mask is None:
-        return None if (T == 1 or not has_past) else _causal(T, past, None)
-    return _causal(T, past, key_mask.bool())
-
-
-def _causal(T: int, past: int, key_mask: Tensor | None) -> Tensor:
-    device = key_mask.device if key_mask is not None else None
+    if key_mask is None and (T == 1 or not has_past):
+        return None
     q = torch.arange(past, past + T, device=device)[:, None]
     k = torch.arange(past + T, device=device)[None]
     see = k <= q
     if key_mask is not None:
-        see = (see & key_mask[:, None, None, :]) | (k == q)
+        see = (see & key_mask.bool()[:, None, None, :]) | (k == q)
     return see[None, None] if see.dim() == 2 else see

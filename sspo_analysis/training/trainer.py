@@ -477,8 +477,8 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
         write_text(run / "config.toml", cfg.to_toml())
     _seed_all(cfg.seed)
     a, o = cfg.algo, cfg.optim
-    # fused: one kernel for all parameters (the per-tensor loop costs more than the arithmetic for small models);
-    # the same update up to float rounding
+    # foreach: a few multi-tensor kernels instead of a loop over the parameters (which costs more than the
+    # arithmetic for small models); bitwise the same update. fused=True is faster still but rounds differently.
     opt = torch.optim.AdamW(params_of(policy), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay, foreach=True)
     reference = None
