@@ -42,8 +42,9 @@ def unsupported(model) -> str | None:
         return f"model type {kind!r} (lean path: {', '.join(ARCHITECTURES)})"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r}"
+    layer_types = getattr(config, "layer_types", None) or ()  # absent from older configs
     if getattr(config, "sliding_window", None) and (kind == "mistral" or getattr(config, "use_sliding_window", False)
-                                                    or "sliding_attention" in (config.layer_types or ())):
+                                                    or "sliding_attention" in layer_types):
         return "sliding-window attention"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") in ("dynamic", "longrope"):
