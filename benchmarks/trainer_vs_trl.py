@@ -6,8 +6,10 @@ new tokens, 2 minibatch updates per rollout batch (32 sequences each), objective
 ``sapo`` (TRL ``loss_type="sapo"``), no KL, AdamW, temperature 1, top-p 1, CPU.
 TRL runs with gradient checkpointing off (its default turns it on, which only adds
 recomputation for a model this small). This trainer runs with its defaults (the lean
-forward of ``sspo_analysis.training.lean``, bitwise the values of the transformers forward)
-and its optional measurements off (reference KL, the entropy after the updates, the entropy Taylor
+forward of ``sspo_analysis.training.lean`` with ``model.kernels = "fast"``: oneDNN float32
+products and fused AdamW, the same sums in another order; ``--kernels exact`` runs torch's
+default kernels, bitwise the transformers forward, to show what the fast kernels add) and its
+optional measurements off (reference KL, the entropy after the updates, the entropy Taylor
 prediction: TRL computes none of them); ``--price`` prices each of them separately.
 
 The two trainers are interleaved in this one process (their order alternates from
@@ -24,7 +26,7 @@ The random-init model rarely emits ``<eos>``, so the 64- and 128-token rows are
 decode-dominated, long-response work.
 
     python benchmarks/trainer_vs_trl.py [--steps 8] [--threads 1] [--runs 3] [--long 64,128] [--price]
-                                        [--no-memory]
+                                        [--no-memory] [--kernels fast|exact]
 """
 
 from __future__ import annotations
@@ -52,25 +54,28 @@ class Result:
 def child_peak_rss_mib(trainer: str, args, new_tokens: int) -> float:
     """Peak RSS (MiB) of a fresh process that runs only ``trainer`` ("ours" or "trl") on the work."""
     out = subprocess.run([sys.executable, __file__, "--child", trainer, "--steps", str(args.steps), "--threads",
-                          str(args.threads), "--child-tokens", str(new_tokens)], capture_output=True, text=True,
-                         check=True)
+                          str(args.threads), "--child-tokens", str(new_tokens), "--kernels", args.kernels],
+                         capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def _child(args) -> None:
     """Run one trainer, then print this process's peak RSS in MiB (Linux: VmHWM, in kB)."""
     with tempfile.TemporaryDirectory() as d:
-        run = run_ours if args.child == "ours" else run_trl
-        run(args.steps, args.threads, args.child_tokens, Path(d) / "run")
+        if args.child == "ours":
+            run_ours(args.steps, args.threads, args.child_tokens, Path(d) / "run", kernels=args.kernels)
+        else:
+            run_trl(args.steps, args.threads, args.child_tokens, Path(d) / "run")
     status = Path("/proc/self/status").read_text()
     print(int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024)
 
 
-def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tuple[str, ...] = ()) -> Result:
+def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tuple[str, ...] = (),
+             kernels: str = "fast") -> Result:
     from sspo_analysis.training import load_config, read_metrics, train
 
     flags = [f"{m}={str(m in measures).lower()}" for m in MEASUREMENTS]
-    cfg = load_config(None, [
+    cfg = load_config(None, [f'model.kernels="{kernels}"',
         f"steps={steps}", f"threads={threads}", "model.warm_start=false", 'task.name="addition"', "task.digits=2",
         f"rollout.prompts={P}", f"rollout.group_size={G}", f"rollout.max_new_tokens={new_tokens}",
         f"algo.updates_per_batch={UPDATES}", 'objective.name="sapo"', "algo.kl_coef=0.0", "optim.lr=1e-5",
@@ -145,9 +150,9 @@ def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
         d = tmp / f"n{new_tokens}_r{i}"
         if i % 2 == 0:
             trl = run_trl(args.steps, args.threads, new_tokens, d)
-            ours = run_ours(args.steps, args.threads, new_tokens, d / "ours")
+            ours = run_ours(args.steps, args.threads, new_tokens, d / "ours", kernels=args.kernels)
         else:
-            ours = run_ours(args.steps, args.threads, new_tokens, d / "ours")
+            ours = run_ours(args.steps, args.threads, new_tokens, d / "ours", kernels=args.kernels)
             trl = run_trl(args.steps, args.threads, new_tokens, d)
         print(f"[{new_tokens:3d} new tokens, run {i + 1}] ratio {ours.sequences_per_s / trl.sequences_per_s:.2f}x "
               f"seq/s, {ours.tokens_per_s / trl.tokens_per_s:.2f}x tok/s | {_line('TRL', trl)} | "
@@ -160,11 +165,11 @@ def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
 
 def price(args, tmp: Path) -> None:
     """Each optional measurement on its own, next to a run with none: seconds per step it adds."""
-    base = run_ours(args.steps, args.threads, 16, tmp / "price_none")
+    base = run_ours(args.steps, args.threads, 16, tmp / "price_none", kernels=args.kernels)
     print(f"[price] none                : {base.sequences_per_s:8.1f} seq/s")
     for m in (*MEASUREMENTS, "all"):
         on = MEASUREMENTS if m == "all" else (m,)
-        r = run_ours(args.steps, args.threads, 16, tmp / f"price_{m}", on)
+        r = run_ours(args.steps, args.threads, 16, tmp / f"price_{m}", on, args.kernels)
         extra = P * G / r.sequences_per_s - P * G / base.sequences_per_s
         print(f"[price] {m:<20}: {r.sequences_per_s:8.1f} seq/s  {1e3 * extra:+7.1f} ms per step", flush=True)
 
@@ -177,6 +182,7 @@ def main() -> None:
     parser.add_argument("--long", default="64,128", help="longer rows (one run each); '' for none")
     parser.add_argument("--price", action="store_true", help="price the optional measurements separately")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS child runs")
+    parser.add_argument("--kernels", choices=("fast", "exact"), default="fast", help="this trainer's model.kernels")
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--child-tokens", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()

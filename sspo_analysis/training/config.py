@@ -38,6 +38,13 @@ class ModelConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on the run's device, CUDA or CPU)
     gradient_checkpointing: bool = False
     lean: bool = True  # Llama-family models (qwen2, llama, mistral) run training.lean's forward; false: transformers'
+    kernels: str = "fast"  # fast | exact: CPU float32 projections of the lean path in oneDNN and fused AdamW (fast),
+    # or torch's default kernels, bitwise the transformers forward and the foreach AdamW (exact)
+
+    @property
+    def forward(self) -> str:
+        """The ``forward`` argument of ``models.generate`` and ``models.sequence_logprobs``."""
+        return self.kernels if self.lean else "transformers"
 
 
 @dataclass
@@ -226,6 +233,7 @@ def _check_model(cfg: TrainConfig) -> None:
     if not m.path:
         _choice("model.preset", m.preset, tuple(PRESETS))
     _choice("model.precision", m.precision, ("fp32", "bf16"))
+    _choice("model.kernels", m.kernels, ("fast", "exact"))
 
 
 def _check_task(cfg: TrainConfig) -> None:

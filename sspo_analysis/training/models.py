@@ -116,6 +116,17 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
 
 # --------------------------------------------------------------------------- log-probs and entropy
 
+FORWARDS = ("fast", "exact", "transformers")
+"""How :func:`sequence_logprobs` and :func:`generate` run the model: ``"fast"`` and ``"exact"`` take the
+:mod:`.lean` forward where the model allows it (with oneDNN projections on CPU, or torch's own kernels,
+bitwise the transformers values), ``"transformers"`` always the transformers forward."""
+
+
+def _decoder(model, forward: str) -> lean.LeanDecoder | None:
+    if forward not in FORWARDS:
+        raise ValueError(f"forward: unknown value {forward!r}; allowed values: {', '.join(FORWARDS)}")
+    return None if forward == "transformers" else lean.decoder(model, fast=forward == "fast")
+
 
 def _chunk_logprob_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                            temperature: float) -> tuple[Tensor, Tensor]:
@@ -166,7 +177,7 @@ def token_logprobs(hidden: Tensor, lm_head: torch.nn.Module, targets: Tensor, ma
 
 
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt: int, completion_mask: Tensor, *,
-                      temperature: float = 1.0, chunk_tokens: int = 2048, lean_path: bool = True
+                      temperature: float = 1.0, chunk_tokens: int = 2048, forward: str = "fast"
                       ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies (B, T_c) of the completion ``input_ids[:, n_prompt:]`` under ``model``.
 
@@ -174,8 +185,7 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
     :func:`token_logprobs`); rows that share a prompt (a rollout group) run it once
     (:func:`_completion_hidden`). Assumes ``logits = lm_head(last_hidden_state)``
     (true for Qwen2, Llama, Mistral and most causal LMs; not for models with
-    logit soft-capping). ``lean_path``: Llama-family models run :mod:`.lean`'s forward
-    (the same values; see there) unless False.
+    logit soft-capping). ``forward``: see :data:`FORWARDS`.
     """
     if bool(attention_mask[:, :n_prompt].all()):
         # no left padding: the right padding after <eos> is never attended under the causal mask,
@@ -183,7 +193,7 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor, n_prompt
         attention_mask, position_ids = None, None
     else:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    decoder = lean.decoder(model) if lean_path else None
+    decoder = _decoder(model, forward)
     if decoder is not None:
         hidden = _lean_completion_hidden(decoder, input_ids, attention_mask, position_ids, n_prompt)
     else:
@@ -324,11 +334,13 @@ class _Steps:
 
 
 class _LeanSteps:
-    """:class:`_Steps` on the lean path (:mod:`.lean`): a preallocated cache written in place."""
+    """:class:`_Steps` on the lean path (:mod:`.lean`): a preallocated cache written in place, and the rotary
+    angles of every position to sample computed in one call."""
 
     def __init__(self, decoder: lean.LeanDecoder, prompt_ids: Tensor, attn: Tensor | None, pos: Tensor,
                  max_new_tokens: int):
         self.decoder, self.head = decoder, decoder.model.get_output_embeddings()
+        decoder.freeze()  # no update or gradient until the last token is drawn
         group = _shared_prompts(prompt_ids, attn, pos)
         first = slice(None, None, group)
         keep: list = []
@@ -337,14 +349,18 @@ class _LeanSteps:
         self.kv.fill(keep, group)
         # the head on (B, 1, H), as transformers' logits_to_keep=1: a 2-D slice can round differently
         self.logits = self.head(hidden[:, -1:])[:, -1].repeat_interleave(group, 0)
+        ahead = pos[:, -1:] + torch.arange(1, max_new_tokens + 1, device=pos.device)
+        self.rope, self.t = self.decoder.rope(hidden, ahead), 0
 
     def next(self, tok: Tensor, pos: Tensor, attn: Tensor | None) -> Tensor:
-        return self.head(self.decoder.hidden(tok[:, None], pos, attn, kv=self.kv))[:, -1]
+        rope = tuple(r[:, :, self.t:self.t + 1] for r in self.rope)  # the angles of ``pos``
+        self.t += 1
+        return self.head(self.decoder.hidden(tok[:, None], pos, attn, kv=self.kv, rope=rope))[:, -1]
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, *, eos_id: int | list[int],
-             pad_id: int, generator: torch.Generator | None = None, lean_path: bool = True
+             pad_id: int, generator: torch.Generator | None = None, forward: str = "fast"
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sample completions for left-padded prompts with a KV cache.
 
@@ -354,7 +370,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     sampling filter and is not in the recorded log-prob, as in TRL and verl),
     the completion mask (tokens up to and including ``<eos>``; ``eos_id`` may be a list),
     and the exact entropy of ``softmax(logits / temperature)`` at each position, 0 after ``<eos>``.
-    ``lean_path``: Llama-family models decode with :mod:`.lean` and a preallocated cache unless False.
+    ``forward``: see :data:`FORWARDS` (the lean ones decode with a preallocated cache).
     """
     max_new_tokens, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
     B = prompt_ids.shape[0]
@@ -362,7 +378,7 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     attn = prompt_mask.long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     padded = not bool(attn.all())  # without left padding the causal path needs no mask tensor
-    decoder = lean.decoder(model) if lean_path else None
+    decoder = _decoder(model, forward)
     steps = (_Steps(model, prompt_ids, attn if padded else None, pos) if decoder is None
              else _LeanSteps(decoder, prompt_ids, attn if padded else None, pos, max_new_tokens))
     logits = steps.logits

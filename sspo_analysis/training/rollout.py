@@ -61,7 +61,7 @@ def logprobs(state: RunState, model, roll: Rollout, rows: Tensor | slice = slice
     r = state.cfg.rollout
     return sequence_logprobs(model, roll.ids[rows], roll.attn[rows], roll.n_prompt, roll.mask[rows],
                              temperature=r.temperature, chunk_tokens=state.cfg.optim.logprob_chunk,
-                             lean_path=state.cfg.model.lean)
+                             forward=state.cfg.model.forward)
 
 
 def _sample(state: RunState, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, ...]:
@@ -74,7 +74,7 @@ def _sample(state: RunState, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[T
     with state.autocast():
         out = generate(sampler, prompt_ids, prompt_mask, Sampling(r.max_new_tokens, r.temperature, r.top_p),
                        eos_id=state.eos_ids, pad_id=state.tok.pad_token_id, generator=state.gen,
-                       lean_path=state.cfg.model.lean)
+                       forward=state.cfg.model.forward)
     sampler.train(was_training)
     return out
 

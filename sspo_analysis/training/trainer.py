@@ -129,7 +129,8 @@ def warm_start_key(cfg: TrainConfig) -> str:
     w = dict(d["warm_start"])
     w.pop("dir")
     key = {"v": 1, "preset": cfg.model.preset, "task": d["task"], "warm_start": w,
-           "temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens}
+           "temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens,
+           "kernels": cfg.model.kernels}  # its evaluations sample with them
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -283,7 +284,7 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: in
         sampling = Sampling(r.max_new_tokens, temperature or r.temperature, r.top_p)
         tokens, *_ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device), sampling,
                               eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator,
-                              lean_path=cfg.model.lean)
+                              forward=cfg.model.forward)
     model.train(was_training)
     completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
     return float(np.mean([task.reward(c, a) for c, a in zip(completions, answers)]))
@@ -477,10 +478,11 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
         write_text(run / "config.toml", cfg.to_toml())
     _seed_all(cfg.seed)
     a, o = cfg.algo, cfg.optim
-    # foreach: a few multi-tensor kernels instead of a loop over the parameters (which costs more than the
-    # arithmetic for small models); bitwise the same update. fused=True is faster still but rounds differently.
+    # exact: foreach, a few multi-tensor kernels instead of a loop over the parameters (which costs more than the
+    # arithmetic for small models), bitwise the loop's update. fast: one fused kernel, rounding differently.
+    fused = {"fused": True} if cfg.model.kernels == "fast" else {"foreach": True}
     opt = torch.optim.AdamW(params_of(policy), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, foreach=True)
+                            weight_decay=o.weight_decay, **fused)
     reference = None
     if a.kl_coef > 0 or a.track_kl_ref:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
