@@ -31,6 +31,13 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+@pytest.fixture(autouse=True)
+def every_product_in_onednn(monkeypatch):
+    """The test models are small: without this, most of their products would stay below the size at which the
+    fast kernels hand them to oneDNN, and the tests would not exercise it."""
+    monkeypatch.setattr(lean, "ONEDNN_MIN_MACS", 0)
+
 SMALL = dict(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, max_position_embeddings=64)
 
@@ -249,3 +256,26 @@ def test_fast_kernels_serve_float32_cpu_tensors_outside_autocast_only():
     ids, _, pos = _batch(model.config.vocab_size, False)
     with torch.no_grad():  # nothing needs a gradient: the kernel is called without an autograd node
         assert lean.decoder(model).hidden(ids, pos, None).grad_fn is None
+
+
+def test_fast_kernels_give_the_bias_gradient_when_only_biases_train():
+    model = _model("qwen2").train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    ids, _, pos = _batch(model.config.vocab_size, False)
+    grads = {}
+    for fast in (False, True):
+        out = lean.decoder(model, fast).hidden(ids, pos, None)
+        biases = [p for p in model.parameters() if p.requires_grad]
+        grads[fast] = torch.autograd.grad(out.square().sum(), biases)
+    for a, b in zip(grads[True], grads[False]):
+        assert_scaled_close(a, b)
+
+
+def test_onednn_linear_refuses_a_second_derivative():
+    if lean._ONEDNN is None:
+        pytest.skip("this torch build has no oneDNN")
+    x, weight = torch.randn(4, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(lean.OneDNNLinear.apply(x, weight, None).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # rather than a silent zero
+        torch.autograd.grad(g.sum(), weight)

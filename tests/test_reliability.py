@@ -508,3 +508,15 @@ def test_written_json_is_always_json(tmp_path):
 
     path = write_json(tmp_path / "x.json", {"loss": math.nan, "history": [{"v": math.inf}, 1.5], "n": 2})
     assert json.loads(path.read_text(), parse_constant=refuse) == {"loss": None, "history": [{"v": None}, 1.5], "n": 2}
+
+
+def test_a_run_recorded_before_model_kernels_existed_resumes_with_the_exact_kernels(tmp_path):
+    # records made before the field existed were computed with what is now "exact"; the default is "fast"
+    straight = read_metrics(train(None, tmp_path / "straight", overrides=FAST + ["steps=4", 'model.kernels="exact"']))
+    run = train(None, tmp_path / "old", overrides=FAST + ["steps=2", 'model.kernels="exact"'])
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace('kernels = "exact"\n', ""))
+    assert load_config(config).model.kernels == "fast"  # what a plain read would wrongly say
+    train(None, run, overrides=["steps=4"], resume=True)
+    _same_metrics(straight, read_metrics(run))
+    assert load_config(config).model.kernels == "exact"

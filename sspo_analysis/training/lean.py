@@ -116,6 +116,7 @@ class OneDNNLinear(torch.autograd.Function):
         return _ONEDNN(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the oneDNN kernel has no derivative of its own
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
@@ -134,7 +135,8 @@ def _fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` in oneDNN when the product is large enough to gain (no autograd node when none is needed)."""
     if x.numel() * weight.shape[0] < ONEDNN_MIN_MACS:
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return OneDNNLinear.apply(x, weight, bias)
     return _ONEDNN(x, weight, bias, "none", [], "")
 
@@ -309,7 +311,8 @@ class LeanDecoder:
 
     def freeze(self) -> None:
         """Stack projections for calls that will neither change nor differentiate the weights (sampling): with
-        the fast kernels on float32 CPU weights only, where it changes nothing but speed."""
+        the fast kernels on float32 CPU weights only. The products are the same; a stacked one may be summed in
+        another order (another kernel, or the other side of :data:`ONEDNN_MIN_MACS`), bitwise equal on tiny."""
         if self.fast and fast_linear(self.final_norm[0]):
             self.weights = [w.stacked() for w in self.weights]
 

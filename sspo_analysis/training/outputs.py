@@ -88,15 +88,15 @@ def export_run(run: str | Path) -> Path:
     """``RUN/final`` from the run's last checkpoint (``sspo export RUN``): the policy as trained so far."""
     import torch
 
-    from sspo_analysis.training.config import load_config
     from sspo_analysis.training.models import load_model
+    from sspo_analysis.training.runs import recorded_config
 
     run = Path(run)
     ckpt_path = run / "checkpoint" / "state.pt"
     if not (run / "config.toml").exists() or not ckpt_path.exists():
         raise ValueError(f"run: {str(run)!r} is not a run directory with a checkpoint "
                          "(needs config.toml and checkpoint/state.pt)")
-    cfg = load_config(run / "config.toml")
+    cfg = recorded_config(run)
     # the architecture and tokenizer the run started from; the weights come from the checkpoint
     policy, tok = load_model(path=cfg.model.path) if cfg.model.path else load_model(cfg.model.preset, seed=cfg.seed)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)

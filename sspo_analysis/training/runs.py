@@ -187,6 +187,24 @@ def refused_changes(old: Any, new: Any, done_steps: int) -> list[str]:
     return refused
 
 
+def recorded_config(run: str | os.PathLike, overrides=()) -> Any:
+    """The config recorded in ``RUN/config.toml``, with ``overrides`` on top.
+
+    The trainer records every field. A record without ``model.kernels`` was made before that
+    field existed, with what is now ``"exact"``, so it reads as ``"exact"`` (the default, ``"fast"``,
+    would silently change how a resumed run computes and misdescribe its first part).
+    """
+    from sspo_analysis.training.config import load_config, tomllib
+
+    path = Path(run) / "config.toml"
+    try:
+        model = tomllib.loads(path.read_text()).get("model", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        model = {}  # load_config names the problem
+    before = [] if "kernels" in model else ['model.kernels="exact"']
+    return load_config(path, before + list(overrides))
+
+
 def is_file_error(err: BaseException) -> bool:
     """Whether ``err`` is a file-system error a user can fix (disk full, read-only, permissions, missing path)."""
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,

@@ -57,6 +57,7 @@ from sspo_analysis.training.runs import (
     is_file_error,
     is_honoured,
     pid_alive,
+    recorded_config,
     refused_changes,
     run_lock,
 )
@@ -130,7 +131,7 @@ def warm_start_key(cfg: TrainConfig) -> str:
     w.pop("dir")
     key = {"v": 1, "preset": cfg.model.preset, "task": d["task"], "warm_start": w,
            "temperature": cfg.rollout.temperature, "max_new_tokens": cfg.rollout.max_new_tokens,
-           "kernels": cfg.model.kernels}  # its evaluations sample with them
+           "forward": cfg.model.forward}  # its evaluations sample with it
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -408,8 +409,8 @@ def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig | N
         run = Path(out_dir)
         # the honoured overrides apply to the record too: a run made with threads = 16 resumes here with threads = 2
         honoured = [o for o in overrides or () if is_honoured(o.split("=", 1)[0].strip())]
-        recorded = load_config(run / "config.toml", honoured)
-        return recorded, load_config(run / "config.toml", list(overrides or ())), run
+        recorded = recorded_config(run, honoured)
+        return recorded, recorded_config(run, list(overrides or ())), run
     cfg = _resolve(config, overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(out_dir) if out_dir else Path("runs") / f"{cfg.objective.name}_seed{cfg.seed}_{stamp}"
@@ -604,7 +605,7 @@ def _stale_runs(configs: dict[tuple[str, int], TrainConfig], runs: dict[tuple[st
         if not _has_progress(run):
             continue
         try:
-            refused = refused_changes(load_config(run / "config.toml"), cfg, _count_lines(run / "metrics.jsonl"))
+            refused = refused_changes(recorded_config(run), cfg, _count_lines(run / "metrics.jsonl"))
         except ValueError as err:  # an unreadable or outdated config.toml
             refused = [f"config.toml ({err})"]
         if refused:
@@ -650,7 +651,7 @@ def _finish_run(cfg: TrainConfig, run: Path, progress: bool | None, restart: boo
     if _has_progress(run) and not restart:
         if (run / "DIVERGED").exists():
             return
-        changed = set(config_changes(load_config(run / "config.toml"), cfg))
+        changed = set(config_changes(recorded_config(run), cfg))
         extra = [s for s in _flatten_overrides(cfg) if s.split("=", 1)[0] in changed]
         train(None, run, overrides=extra, resume=True, progress=progress)
     else:
