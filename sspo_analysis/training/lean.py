@@ -102,6 +102,11 @@ here) outweighs its faster arithmetic (measured on one core: a (64, 128) x (128,
 and 16 in oneDNN; (64, 128) x (128, 512) takes 84 and 50; (480, 128) x (128, 512) 596 and 272)."""
 
 
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` by oneDNN's kernel (no fused activation), outside autograd."""
+    return _ONEDNN(x, weight, bias, "none", [], "")
+
+
 class OneDNNLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` whose three products (output, input and weight gradients) run in oneDNN.
 
@@ -113,22 +118,17 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _ONEDNN(x, weight, bias, "none", [], "")
+        return _onednn(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the oneDNN kernel has no derivative of its own
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
-        dx = _ONEDNN(grad, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
-        dw = (_ONEDNN(flat.t(), x.reshape(-1, x.shape[-1]).t(), None, "none", [], "") if ctx.needs_input_grad[1]
-              else None)
+        dx = _onednn(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        dw = _onednn(flat.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
         db = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, weight, bias)
 
 
 def _fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -138,7 +138,7 @@ def _fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return OneDNNLinear.apply(x, weight, bias)
-    return _ONEDNN(x, weight, bias, "none", [], "")
+    return _onednn(x, weight, bias)
 
 
 def fast_linear(x: Tensor) -> bool:
@@ -267,7 +267,7 @@ def _stack(*projections: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor |
 def _layer(w: _Weights, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv: _KV | None,
            index: int, fast: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(output, keys, values)`` of one pre-norm decoder layer; keys and values include ``kv``'s."""
-    linear, attend = (_fast_linear, _fast_attend) if fast else (_linear, _attend)
+    linear, attend = (_fast_linear, _fast_attend) if fast else (F.linear, _attend)
     B, T, _ = x.shape
     h = _rms_norm(x, *w.norms[0])
     if w.qkv is not None:  # one product, q and k rotated together, then the heads split
