@@ -34,6 +34,7 @@ DEFAULT_CONFIG = Path(str(PACKAGED_CONFIGS / "default.toml"))
 class ModelConfig:
     preset: str = "tiny"  # a training.models.PRESETS name, used when path is empty
     path: str = ""  # local checkpoint directory (from_pretrained); wins over preset and warm_start
+    tokenizer: str = "auto"  # auto: path's own tokenizer (an error if it has none), presets' characters; chars
     warm_start: bool = True  # start the preset from the cached supervised warm start (made on first use)
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on the run's device, CUDA or CPU)
     gradient_checkpointing: bool = False
@@ -227,11 +228,14 @@ def _check_run(cfg: TrainConfig) -> None:
 
 
 def _check_model(cfg: TrainConfig) -> None:
-    from sspo_analysis.training.models import PRESETS
+    from sspo_analysis.training.models import PRESETS, TOKENIZERS, check_has_tokenizer
 
     m = cfg.model
     if not m.path:
         _choice("model.preset", m.preset, tuple(PRESETS))
+    _choice("model.tokenizer", m.tokenizer, TOKENIZERS)
+    if m.path and m.tokenizer == "auto":
+        check_has_tokenizer(m.path)
     _choice("model.precision", m.precision, ("fp32", "bf16"))
     _choice("model.kernels", m.kernels, ("fast", "exact"))
 
