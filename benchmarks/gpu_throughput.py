@@ -110,7 +110,7 @@ def run_trl(model_dir: Path, args, tmp: Path) -> dict:
     from sspo_analysis.training.models import load_tokenizer
     from sspo_analysis.training.tasks import Addition
 
-    tok = load_tokenizer(model_dir)  # as this trainer loads it (AutoTokenizer would pick Qwen2Tokenizer)
+    tok = load_tokenizer(model_dir)  # as this trainer loads it
     task = Addition(digits=2)
     prompts, answers = task.sample(np.random.default_rng(0), args.prompts * (args.steps + 1))
     data = Dataset.from_dict({"prompt": [tok.bos_token + p for p in prompts], "answer": answers})

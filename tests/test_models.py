@@ -117,10 +117,12 @@ def test_char_tokenizer_ids_are_the_earlier_ones_on_any_text():
 
 
 def test_a_character_tokenizer_saved_in_the_earlier_form_loads_in_the_new_one(tmp_path):
-    _legacy_char_tokenizer().save_pretrained(tmp_path)
+    legacy = _legacy_char_tokenizer()
+    legacy.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    legacy.save_pretrained(tmp_path)
     _weights_only(tmp_path)
     tok = load_tokenizer(tmp_path)
-    assert tok.get_vocab() == char_tokenizer().get_vocab()
+    assert tok.get_vocab() == char_tokenizer().get_vocab() and tok.chat_template == legacy.chat_template
     tok.save_pretrained(tmp_path / "again")
     (tmp_path / "again" / "config.json").write_text((tmp_path / "config.json").read_text())
     text = "12 + 34 = 46"

@@ -1,10 +1,13 @@
 """Models, the character tokenizer, and the two numerical kernels of the trainer.
 
 - :func:`char_tokenizer`: a character-level ``PreTrainedTokenizerFast`` built in
-  code from a ``tokenizers`` WordLevel model (nothing downloaded), so the same
-  code path serves real tokenizers.
+  code from a ``tokenizers`` byte-level BPE without merges (nothing downloaded), so the
+  same code path serves real tokenizers.
 - :data:`PRESETS` and :func:`load_model`: named tiny configs built with
-  ``from_config``, or any local checkpoint through ``from_pretrained``.
+  ``from_config``, or any local checkpoint through ``from_pretrained`` with its own tokenizer
+  (refused when it has none, unless the character tokenizer is asked for).
+- :func:`save_pretrained`: a checkpoint that reloads as it was trained (the tokenizer's
+  encodings, the original dtype) on any machine.
 - :func:`token_logprobs`: the sampled tokens' log-probabilities and the exact
   per-token entropy, computed chunk by chunk from the last hidden state so that
   full-vocabulary float32 logits never exist for the whole batch.
@@ -103,7 +106,9 @@ def _legacy_chars(path: Path) -> str | None:
         return None
     ordered = sorted(model.get("vocab", {}).items(), key=lambda kv: kv[1])
     names = [name for name, _ in ordered]
-    if names[:len(SPECIALS)] != list(SPECIALS) or [i for _, i in ordered] != list(range(len(ordered))):
+    added = [token.get("content") for token in spec.get("added_tokens") or []]
+    if names[:len(SPECIALS)] != list(SPECIALS) or [i for _, i in ordered] != list(range(len(ordered))) \
+            or added != list(SPECIALS):
         return None
     chars = "".join(names[len(SPECIALS):])
     return chars if len(chars.encode()) == len(chars) == len(names) - len(SPECIALS) else None
@@ -138,14 +143,17 @@ def load_tokenizer(path: str | Path, field: str = "tokenizer path"):
     if not path.is_dir():
         raise ValueError(f"{field}: {str(path)!r} is not a local directory (nothing is downloaded)")
     check_has_tokenizer(path, field)
-    legacy = _legacy_chars(path)
-    if legacy is not None:
-        return char_tokenizer(legacy)
     config = path / "tokenizer_config.json"
     saved_class = json.loads(config.read_text()).get("tokenizer_class", "") if config.exists() else ""
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if saved_class not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    saved = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    legacy = _legacy_chars(path)
+    if legacy is None:
+        return saved
+    tok = char_tokenizer(legacy)
+    tok.chat_template = saved.chat_template
+    return tok
 
 
 def checkpoint_dtype(path: str | Path | None) -> torch.dtype:
