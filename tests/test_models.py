@@ -78,6 +78,11 @@ def test_model_tokenizer_chars_opts_in_to_the_character_tokenizer(tmp_path):
     run = train(None, tmp_path / "run", overrides=[f'model.path="{path}"', 'model.tokenizer="chars"'] + FAST)
     saved = AutoTokenizer.from_pretrained(run / "final")
     assert saved.get_vocab() == char_tokenizer().get_vocab()
+    data = tmp_path / "accents.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "deux é"}) + "\n")
+    with pytest.raises(ValueError, match="^task.path: 1 of 1 answers use characters the character tokenizer lacks"):
+        train(None, tmp_path / "run2", overrides=[f'model.path="{path}"', 'model.tokenizer="chars"',
+                                                  'task.name="jsonl"', f'task.path="{data}"'] + FAST)
     with pytest.raises(ValueError, match=r"^model.tokenizer: unknown value 'bpe'; allowed values: auto, chars$"):
         load_config(None, ['model.tokenizer="bpe"'])
 

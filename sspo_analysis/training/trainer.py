@@ -46,15 +46,7 @@ from sspo_analysis.training.measure import (
     rollout_metrics,
     update_metrics,
 )
-from sspo_analysis.training.models import (
-    CHARS,
-    PRESETS,
-    Sampling,
-    char_tokenizer,
-    checkpoint_dtype,
-    generate,
-    load_model,
-)
+from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model
 from sspo_analysis.training.outputs import Reporters, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
@@ -471,9 +463,14 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = make_task_from(cfg)
-    if cfg.model.tokenizer == "chars" or not cfg.model.path:  # the character tokenizer
+    if cfg.model.path and cfg.model.tokenizer == "chars":
+        from sspo_analysis.training.models import CHARS
+
         check_alphabet(task, CHARS, "task.path")
-    if not cfg.model.path:  # check before the warm start is made
+    if not cfg.model.path:  # the character tokenizer: check before the warm start is made
+        from sspo_analysis.training.models import CHARS, PRESETS, char_tokenizer
+
+        check_alphabet(task, CHARS, "task.path")
         check_room(cfg, task, char_tokenizer())
         check_prompt_lengths(task, char_tokenizer(), PRESETS[cfg.model.preset]["max_position_embeddings"],
                              cfg.rollout.max_new_tokens)
