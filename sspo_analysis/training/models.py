@@ -174,10 +174,11 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
     ``path`` (a local directory) wins: ``AutoModelForCausalLM.from_pretrained`` and,
     with ``tokenizer = "auto"``, the tokenizer saved beside it (ValueError when there is none).
     Otherwise the named preset, randomly initialised with ``seed``, with the character tokenizer.
-    ``tokenizer``: a :data:`TOKENIZERS` value, or a tokenizer object to use as it is.
+    ``tokenizer``: a :data:`TOKENIZERS` value (None: ``"auto"``), or a tokenizer object to use as it is.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    tokenizer = "auto" if tokenizer is None else tokenizer
     if isinstance(tokenizer, str) and tokenizer not in TOKENIZERS:
         raise ValueError(f"model.tokenizer: unknown value {tokenizer!r}; allowed values: {', '.join(TOKENIZERS)}")
     if path:
