@@ -108,10 +108,12 @@ def lognormal_weight(out: Stats, mu: np.ndarray, var: np.ndarray, zeros: np.ndar
     return {k: v + zeros for k, v in {**out, **weight}.items()}
 
 
-def geometric_moments(m1: np.ndarray, v1: np.ndarray, c1: np.ndarray, cv: np.ndarray, L: np.ndarray) -> Stats:
+def geometric_moments(u1: np.ndarray, v1: np.ndarray, c1: np.ndarray, cv: np.ndarray, L: np.ndarray) -> Stats:
     """Moments of a geometric-mean objective from the one-token factors' means and variances.
 
-    ``m1 = E[e^{phi/L}]``, ``v1 = Var[e^{phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
+    ``u1 = E[e^{phi/L}] - 1 = m1 - 1`` (given as such: at large ``L`` the factor
+    is ``1 + O(1/L)`` and ``1 + u1`` would round its information away),
+    ``v1 = Var[e^{phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
     ``cv = Var[e^{phi/L} phi']``. For i.i.d. tokens ``E[w^q] = M(q/L)^L`` and
     ``E[(w phi'_t)^q] = E[e^{q phi/L} phi'^q] M(q/L)^(L-1)``; with
     ``g = log(M(2/L) / M(1/L)^2) = log1p(v1 / m1^2) >= 0`` the variances are
@@ -123,7 +125,7 @@ def geometric_moments(m1: np.ndarray, v1: np.ndarray, c1: np.ndarray, cv: np.nda
     the rounding of ``M^L`` alone is 1e-10 relative).
     """
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        lm1, g = np.log(m1), np.log1p(v1 / m1**2)
+        lm1, g = np.log1p(u1), np.log1p(v1 / (1 + u1) ** 2)
         mean_w = np.exp(L * lm1)
         var_w = np.exp(2 * L * lm1 + _log_expm1(L * g))
         mean_c = c1 * np.exp((L - 1) * lm1)
@@ -214,6 +216,6 @@ def gmpo(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
         tail, edge = ndtr((a - m) / s), a
     c1, c2 = partial_moment(k1, a, b, m, s), partial_moment(k2, a, b, m, s)
     m1, m2 = c1 + np.exp(k1 * edge) * tail, c2 + np.exp(k2 * edge) * tail
-    out = geometric_moments(m1, variance(m1, m2, "var_weight"), c1, variance(c1, c2, "var_coefficient"), L)
+    out = geometric_moments(m1 - 1, variance(m1, m2, "var_weight"), c1, variance(c1, c2, "var_coefficient"), L)
     out["dead_fraction"] = tail + zeros
     return {k: v + zeros for k, v in out.items()}
