@@ -350,8 +350,8 @@ def _add_chunk(sums: MonteCarloSums, obj: Objective, lt: torch.Tensor, mt: torch
         w, w_mask = torch.where(mt, w, 0.0), mt
         w1, w2, wn = w.sum(-1), (w * w).sum(-1), n_tok
     dead = (mt & (c == 0)).sum(-1) * _zero_by_definition(obj)
-    rows = torch.stack([n_tok, x.sum(-1), (x * x).sum(-1), dead.to(torch.float64), w1, w2, wn], dim=1)
-    sums.add(rows.numpy(), (x, mt), (w, w_mask))
+    columns = torch.stack([n_tok, x.sum(-1), (x * x).sum(-1), dead.to(torch.float64), w1, w2, wn])
+    sums.add(columns.numpy(), (x, mt), (w, w_mask))
 
 
 # --------------------------------------------------------------------------- public API

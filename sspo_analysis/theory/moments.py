@@ -97,23 +97,24 @@ class _CentredSum:
 
 
 class _UnitSums:
-    """Count, column means and centred co-moment matrix of per-unit rows, merged chunk by chunk."""
+    """Count, means and centred co-moment matrix of per-unit sums, merged chunk by chunk."""
 
     def __init__(self, width: int) -> None:
         self.n = 0
         self.mean = np.zeros(width)
         self.comoment = np.zeros((width, width))
 
-    def add(self, rows: np.ndarray) -> None:
-        count = rows.shape[0]
+    def add(self, columns: np.ndarray) -> None:
+        """One chunk of units, ``columns`` (width, units): one row per sum, contiguous."""
+        count = columns.shape[1]
         if count == 0:
             return
         total = self.n + count
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to report, as inf or NaN
-            mean = rows.mean(axis=0)
-            dev = rows - mean
+            mean = columns.mean(axis=1)
+            dev = columns - mean[:, None]
             delta = mean - self.mean
-            self.comoment += dev.T @ dev + np.outer(delta, delta) * (self.n * count / total)
+            self.comoment += dev @ dev.T + np.outer(delta, delta) * (self.n * count / total)
             self.mean += delta * (count / total)
         self.n = total
 
@@ -127,7 +128,7 @@ class _UnitSums:
 class MonteCarloSums:
     """What a Monte Carlo estimate needs, streamed: memory fixed whatever the number of units.
 
-    Each unit (a sequence, or a batch of them) contributes a row of
+    Each unit (a sequence, or a batch of them) contributes
     :data:`UNIT_COLUMNS` sums (tokens ``T``, ``sum x``, ``sum x^2``, dead tokens,
     ``sum w``, ``sum w^2``, the weight's count); the coefficient ``x`` and the
     weight ``w`` of every token also go into centred running sums, so the
@@ -144,10 +145,11 @@ class MonteCarloSums:
     def n_units(self) -> int:
         return self.units.n
 
-    def add(self, rows: np.ndarray, coefficient: tuple[torch.Tensor, torch.Tensor],
+    def add(self, columns: np.ndarray, coefficient: tuple[torch.Tensor, torch.Tensor],
             weight: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """One chunk: per-unit ``rows`` (u, 7) and the ``(values, mask)`` of its coefficients and weights."""
-        self.units.add(np.asarray(rows, dtype=np.float64))
+        """One chunk: per-unit sums ``columns`` (7, units) and the ``(values, mask)`` of its coefficients and
+        weights."""
+        self.units.add(np.asarray(columns, dtype=np.float64))
         self.coefficient.add(*coefficient)
         self.weight.add(*weight)
 

@@ -92,7 +92,7 @@ def _add_batch(sums: MonteCarloSums, obj: Objective, values: np.ndarray, mask: n
     n = keep.sum().to(torch.float64)
     row = torch.stack([n, x.sum(), (x * x).sum(), (keep & (t.coefficient == 0)).sum().to(torch.float64),
                        w.sum(), (w * w).sum(), n])
-    sums.add(row[None].numpy(), (x, keep), (w, keep))
+    sums.add(row[:, None].numpy(), (x, keep), (w, keep))
 
 
 def batch_monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
