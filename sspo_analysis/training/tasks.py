@@ -338,7 +338,7 @@ class CodeTask(SandboxTask):
         self.prompts, self.answers = load_records(self.path, "{prompt, tests}", self._record)
 
     def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
-        from sspo_analysis.training.sandbox import split_tests
+        from sspo_analysis.training.sandbox import parse_tests
 
         prompt, tests, entry = (rec.get(k) for k in (self.prompt_key, self.tests_key, self.entry_point_key))
         if not isinstance(prompt, str) or not isinstance(tests, str):
@@ -346,7 +346,7 @@ class CodeTask(SandboxTask):
         if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
             raise ValueError(f"{where}: {self.entry_point_key!r} must be a Python identifier, got {entry!r}")
         try:
-            split_tests(tests, entry)
+            parse_tests(tests, entry)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         return prompt, json.dumps({"tests": tests, "entry_point": entry})
