@@ -513,3 +513,61 @@ def test_trl_code_reward_in_a_three_step_grpo_run(tmp_path):
             assert reward == 0.0
         else:
             assert reward in (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- which sandbox
+
+
+def test_a_missing_bubblewrap_is_said_once_and_refused_without_opt_in(monkeypatch, tmp_path):
+    from sspo_analysis.integrations.rewards import compute_score, make_code_reward
+    from sspo_analysis.training.config import load_config
+    from sspo_analysis.training.trainer import make_task_from
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # the real probe, on a PATH without bwrap
+    assert sandbox.bwrap_problem.__wrapped__() == "the bwrap command is not on PATH"
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda: "the bwrap command is not on PATH")
+    with pytest.raises(sandbox.SandboxUnavailable, match="install it .*unsafe-process"):
+        run_python(DOUBLE, TESTS)
+    with pytest.raises(sandbox.SandboxUnavailable):
+        grade_many([DOUBLE, DOUBLE], TESTS)  # for the batch, not as two zero rewards
+    with pytest.raises(sandbox.SandboxUnavailable):
+        compute_score("code", DOUBLE, TESTS)
+    with pytest.raises(sandbox.SandboxUnavailable):
+        make_code_reward()(completions=[DOUBLE], tests=[TESTS])
+    with pytest.raises(ValueError, match="task.sandbox: bubblewrap .*cannot run here .*unsafe-process"):
+        make_task_from(load_config(None, ['task.name="synthesis"']))
+    with pytest.raises(ValueError, match="task.sandbox: unknown value 'docker'; allowed values: bwrap, unsafe-process"):
+        load_config(None, ['task.sandbox="docker"'])
+    sandbox._warn_unsafe.cache_clear()
+    with pytest.warns(RuntimeWarning, match="without file-system, network or process isolation"):
+        assert run_python(DOUBLE, TESTS, sandbox="unsafe-process").status == "ok"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        task = make_task_from(load_config(None, ['task.name="synthesis"', 'task.sandbox="unsafe-process"']))
+        assert task.rewards(["2*x+1"], ["2*x+1"]) == [1.0]
+
+
+def test_code_task_alphabet_check_reads_the_functions_the_model_writes(tmp_path):
+    from sspo_analysis.training.inputs import check_alphabet
+    from sspo_analysis.training.models import CHARS
+
+    tests = "assert add(1, 2) == 3\nassert add(0, 0) == 0"
+    task = CodeTask(path=str(_code_file(tmp_path, [{"prompt": "Write add(a, b).", "tests": tests}])))
+    assert task.written(task.answers[0]) == "def add(): return"
+    check_alphabet(task, CHARS, "task.path")  # was refused: the JSON of the tests holds { } " and a newline
+    humaneval = _code_file(tmp_path, [{"prompt": "p", "entry_point": "has_close_elements",
+                                       "tests": "def check(candidate):\n    assert candidate([1.0], 0.5) is False\n"}])
+    with pytest.raises(ValueError, match=r"1 of 1 answers use characters .*'_' x2"):
+        check_alphabet(CodeTask(path=str(humaneval)), CHARS, "task.path")
+
+
+def test_code_task_trains_with_the_character_tokenizer(tmp_path, one_thread):
+    from sspo_analysis.training import read_metrics, train
+
+    # the issue's report: refused because the alphabet check read the JSON-encoded tests
+    path = _code_file(tmp_path, [{"prompt": "add(a,b)=", "tests": "assert add(1, 2) == 3\nassert add(0, 0) == 0"}])
+    over = ['task.name="code"', f'task.path="{path}"', 'model.preset="micro"', "model.warm_start=false", "steps=1",
+            "rollout.prompts=2", "rollout.group_size=2", "log.progress=false", "log.entropy_taylor=false",
+            "task.sandbox_timeout_s=1.0"]
+    df = read_metrics(train(None, tmp_path / "run", overrides=over))
+    assert len(df) == 1 and df.reward_mean.iloc[0] == 0.0  # an untrained model writes no add(): reward 0

@@ -149,9 +149,9 @@ def require_sandbox(sandbox: str) -> None:
         problem = bwrap_problem()
         if problem:
             raise SandboxUnavailable(
-                f"sandbox 'bwrap': bubblewrap cannot run here ({problem}); install it (apt-get install bubblewrap, "
-                "dnf install bubblewrap) and allow unprivileged user namespaces, or opt in to the uncontained "
-                "fallback with sandbox = \"unsafe-process\" (task.sandbox in a training config)")
+                f"sandbox: bubblewrap ('bwrap', the default) cannot run here ({problem}); install it (apt-get install "
+                "bubblewrap, dnf install bubblewrap) and allow unprivileged user namespaces, or opt in to the "
+                "uncontained fallback with sandbox = \"unsafe-process\" (task.sandbox in a training config)")
     else:
         _warn_unsafe()
 
