@@ -356,6 +356,25 @@ def test_raising_in_del_earns_nothing():
     assert seconds < TIMEOUT_S + MARGIN_S
 
 
+def test_values_made_to_choke_the_grader_fail_in_bounded_time():
+    # huge, deeply nested and endlessly signed literals, sent as forged replies and returned as values
+    program = textwrap.dedent('''
+        import os
+        junk = [b"V 0 " + b"-" * 500000 + b"1", b"V 1 " + b"[" * 100000, b"V 2 " + b"1+" * 30000 + b"1",
+                b"V 0 " + b"9" * 5000]
+        for fd in range(3, 16):
+            for line in junk:
+                try:
+                    os.write(fd, line + b"\\n")
+                except OSError:
+                    pass
+        def f(x):
+            return list(range(10 ** 6))
+    ''')
+    result, seconds = graded(program)
+    assert result.passed == 0 and seconds < TIMEOUT_S + MARGIN_S
+
+
 def test_a_gigabyte_of_output_is_cut_off_in_bounded_time():
     program = WRONG + textwrap.dedent('''
         import os

@@ -85,7 +85,6 @@ class Unanswered(Exception):
 class _Reader:
     """Reads statements into tests, registering each call of a program function once."""
 
-    entry_point: str | None
     calls: list[Call] = field(default_factory=list)
 
     def call_of(self, node: ast.Call, scope: dict, aliases: dict[str, str]) -> None:
@@ -223,7 +222,7 @@ def parse_tests(tests: str, entry_point: str | None = None) -> Plan:
         module = ast.parse(tests)
     except SyntaxError as err:
         raise TestsError(f"tests: not valid Python (line {err.lineno}: {err.msg})") from None
-    reader = _Reader(entry_point)
+    reader = _Reader()
     aliases = {"candidate": entry_point} if entry_point else {}
     scope: dict = {}
     found: list[Test] = []

@@ -13,7 +13,11 @@ their own ``__eq__``). The checks run here, on those values. Overriding builtins
 writing to any pipe, exiting early or killing the harness change only what the sandbox sends, and
 a test passes only when a value for its call compares right with an expected value the program
 never sees (a second value for the same call fails it); so a program gets nothing for a test it
-did not compute. Tests the grader cannot read that way are refused (``checks.TestsError``).
+did not compute. (A program that writes the right value for a call on the channel itself has, for
+grading, returned it: a lookup table of known answers is a program like any other.) A value's text
+is at most ``harness.MAX_VALUE_CHARS`` (64 KiB) and the channel at most :data:`MAX_CHANNEL_BYTES`,
+which bounds what this process parses. Tests the grader cannot read that way are refused
+(``checks.TestsError``).
 
 **Containment** (``sandbox="bwrap"``, the default): each run is a fresh ``python -I -S``
 (standard library only) under bubblewrap (``bwrap``, Debian/Ubuntu package ``bubblewrap``) with
@@ -42,7 +46,8 @@ process, not their sum. Where ``bwrap`` is missing or cannot create namespaces, 
 raises :class:`SandboxUnavailable` saying so; ``sandbox="unsafe-process"`` is the explicit opt-in
 to the weaker fallback, announced by one warning: the same harness and verdict, but in a plain
 process (its own session, an environment of ``HOME``/``TMPDIR`` only, a temporary working directory
-removed afterwards, the same limits, a reaper that kills every descendant) with **no** file-system,
+removed afterwards, the same limits, a reaper that kills every descendant, though a program that
+kills the reaper first can leave processes that left its process group) with **no** file-system,
 network or process isolation: the program can read and write the user's files, read other
 processes' environments, use the network and signal the user's processes. Linux only.
 """
@@ -67,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from sspo_analysis.training.checks import Plan, TestsError, parse_tests, verdict
-from sspo_analysis.training.harness import decode
+from sspo_analysis.training.harness import MAX_VALUE_CHARS, decode
 
 __all__ = ["SANDBOXES", "STATUSES", "SandboxResult", "SandboxUnavailable", "TestsError", "extract_code",
            "grade_many", "parse_tests", "require_sandbox", "run_python"]
@@ -80,7 +85,7 @@ GRACE_S = 5.0
 """Extra seconds this process waits beyond the program's timeout (start-up and clean-up)."""
 DRAIN_S = 0.2
 """How long the channel is still read after the sandbox's first process has ended."""
-MAX_CHANNEL_BYTES = 16 << 20
+MAX_CHANNEL_BYTES = 4 << 20
 """The most the result channel may carry; a program that writes more is stopped."""
 INSIDE_HARNESS = "/sandbox/harness.py"
 
@@ -241,7 +246,7 @@ def _exchange(command: list[str], data: bytes, limit_s: float, env: dict, cwd: P
         _kill_group(proc.pid)  # bwrap (its sandbox dies with it) or the fallback's reaper: not reaped yet
         lines = out.decode("utf-8", "replace").split("\n")[:-1]  # the last piece has no newline: dropped
         worker = next((line[2:] for line in lines if line.startswith("W ")), "")
-        if cwd is not None and worker.isdigit():
+        if cwd is not None and worker.isdigit() and int(worker) > 1 and int(worker) != os.getpgrp():
             _kill_group(int(worker))  # the fallback's worker group, should the program have killed the reaper
         proc.stdin.close()
         proc.stdout.close()
@@ -362,6 +367,9 @@ class Report:
         seen.add(i)
         if tag == "R":
             self.reasons[i] = body[:200]
+            return
+        if len(body) > MAX_VALUE_CHARS:
+            self.reasons[i] = f"the value that came back is longer than {MAX_VALUE_CHARS} characters"
             return
         try:
             self.values[i] = decode(body)
