@@ -63,6 +63,7 @@ class TaskConfig:
     entry_point_key: str = "entry_point"  # code
     sandbox_timeout_s: float = 5.0  # code, synthesis: wall-clock limit per program
     sandbox_memory_mb: int = 512  # code, synthesis: address-space limit per process
+    sandbox: str = "bwrap"  # code, synthesis: bwrap (contained) | unsafe-process (no isolation, explicit opt-in)
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
 
 
@@ -241,6 +242,7 @@ def _check_model(cfg: TrainConfig) -> None:
 
 
 def _check_task(cfg: TrainConfig) -> None:
+    from sspo_analysis.training.sandbox import SANDBOXES
     from sspo_analysis.training.tasks import GRADERS, TASK_GRADERS, TASKS
 
     t = cfg.task
@@ -255,6 +257,7 @@ def _check_task(cfg: TrainConfig) -> None:
         raise ValueError(f"task.path: {t.path!r} is not a file; task.name = {t.name!r} needs a local JSONL file")
     _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
     _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
+    _choice("task.sandbox", t.sandbox, SANDBOXES)
 
 
 def _check_warm_start(cfg: TrainConfig) -> None:

@@ -95,7 +95,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 def make_task_from(cfg: TrainConfig) -> Task:
     t = cfg.task
-    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb)
+    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb, sandbox=t.sandbox)
     params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length, grader=t.grader),
               "countdown": dict(numbers=t.numbers, max_value=t.max_value),
               "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key),
