@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from sspo_analysis.primitives import entropy_from_logits
 from sspo_analysis.training import lean
+from sspo_analysis.training.health import NonFiniteError
 
 Tensor = torch.Tensor
 
@@ -389,6 +390,8 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
         logits = logits.float()
         if temperature != 1.0:
             logits = logits / temperature
+        if not bool(torch.isfinite(logits).all()):  # nothing to sample from: a diverged policy
+            raise NonFiniteError(f"non-finite logits while sampling completion token {t + 1}")
         logp_all = torch.log_softmax(logits, dim=-1)
         if temperature == 0:
             tok = logits.argmax(-1)
