@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability import FAST, _env, _hold_lock, _sets
+from test_reliability import FAST, ROOT, _env, _hold_lock, _sets
 
 from sspo_analysis.cli import main
 from sspo_analysis.training import load_config, train
@@ -69,10 +69,14 @@ def test_a_resume_removes_its_own_leftovers_by_name_and_nothing_else(killed):
 
 
 RACE = r"""
-import json, os, signal, sys, warnings
+import importlib.util, json, os, signal, sys, warnings
 from pathlib import Path
-from sspo_analysis.training.runs import run_lock
 
+# runs.py alone (it imports only the standard library): forks of a process without torch are cheap
+spec = importlib.util.spec_from_file_location("runs", sys.argv[3])
+runs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runs)
+run_lock = runs.run_lock
 warnings.simplefilter("ignore")
 
 
@@ -119,8 +123,9 @@ print(json.dumps(wins))
 
 
 def test_two_processes_taking_over_a_stale_lock_exactly_one_wins(tmp_path):
-    out = subprocess.run([sys.executable, "-c", RACE, str(tmp_path), "200"], env=_env(), capture_output=True,
-                         text=True, timeout=300)
+    runs_py = ROOT / "sspo_analysis" / "training" / "runs.py"
+    out = subprocess.run([sys.executable, "-c", RACE, str(tmp_path), "200", str(runs_py)], env=_env(),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     wins = json.loads(out.stdout)
     assert len(wins) == 200 and wins.count(1) == 200, {n: wins.count(n) for n in set(wins)}
@@ -196,10 +201,11 @@ def test_a_run_killed_before_its_first_checkpoint_restarts(killed):
     assert (killed / "DONE").exists() and len(metrics.read_text().splitlines()) == 4
 
 
-@pytest.mark.parametrize("text, message", [("seed = = 3\n", "config.toml"), ("seed = 3\n[optim]\nbeta1 = 1.0\n",
-                                                                               "optim.beta1")])
-def test_a_damaged_config_is_one_line_naming_it(killed, capsys, text, message):
-    (killed / "config.toml").write_text(text)
+@pytest.mark.parametrize("old, new, message", [("seed = 0", "seed = = 0", "line 1"),
+                                                ("beta1 = 0.9", "beta1 = 1.0", "optim.beta1")])
+def test_a_damaged_config_is_one_line_naming_it(killed, capsys, old, new, message):
+    config = killed / "config.toml"
+    config.write_text(config.read_text().replace(old, new))
     assert main(["train", "--resume", str(killed)]) == 2
     err = _one_line(capsys)
     assert message in err and "config.toml" in err
@@ -213,15 +219,17 @@ def test_a_damaged_config_is_one_line_naming_it(killed, capsys, text, message):
     ("optim.beta1=1.0", "optim.beta1: must be a number >= 0.0 and < 1.0"),
     ("objective.tau_pos=1e308", "objective.tau_pos: must be a number of magnitude <= 3.403e+38"),
     ("rollout.temperature=1e-300", "rollout.temperature: must be a number >= 0.001"),
-    ("rollout.prompts=1000000000", "rollout.prompts: must be an integer >= 1 and <= 8192"),
+    ("rollout.prompts=1000000000", "rollout.prompts: must be an integer >= 1 and <= 16384 (at most 65536 sequences"),
     ("rollout.max_new_tokens=100000", "rollout.max_new_tokens: must be an integer >= 1 and <= 511"),
     ("objective.gate=\"os:system\"", "gate: 'os:system' is not a gate"),
     ("warm_start.batch_size=1000000000", "warm_start.batch_size: must be an integer >= 1 and <= 65536"),
 ])
-def test_values_that_would_fail_later_are_refused_up_front(override, message, capsys):
+def test_values_that_would_fail_later_are_refused_up_front(override, message, tmp_path, capsys):
     with pytest.raises(ValueError, match=re.escape(message)):
-        load_config(None, ["objective.name=\"sspo\"", override])
-    assert main(["train", "--set", "objective.name=\"sspo\"", "--set", override]) == 2
+        load_config(None, FAST + ["objective.name=\"sspo\"", override])
+    assert main(["train", "--set", "objective.name=\"sspo\"", *_sets(FAST + ["steps=1"]), "--set", override,
+                 "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
     assert message in _one_line(capsys)
 
 
