@@ -317,10 +317,20 @@ def recorded_config(run: str | os.PathLike, overrides=()) -> Any:
         model = {}  # load_config names the problem
     before = [] if "kernels" in model else ['model.kernels="exact"']
     try:
-        load_config(path, before)
-    except ValueError as err:  # the record itself is damaged or out of bounds: name the file
-        raise (err if str(path) in str(err) else ValueError(f"{path}: {err}")) from None
-    return load_config(path, before + list(overrides))
+        return load_config(path, before + list(overrides))
+    except ValueError as err:
+        if str(path) in str(err) or not _same_error(lambda: load_config(path, before), err):
+            raise  # named already, or the overrides are wrong
+        raise ValueError(f"{path}: {err}") from None  # the record itself is damaged or out of bounds
+
+
+def _same_error(call: Any, err: ValueError) -> bool:
+    """Whether ``call()`` fails with ``err``'s message."""
+    try:
+        call()
+    except ValueError as again:
+        return str(again) == str(err)
+    return False
 
 
 def is_file_error(err: BaseException) -> bool:
