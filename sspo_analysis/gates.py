@@ -197,12 +197,30 @@ def _import_gate(path: str) -> GateFamily:
         raise ValueError(f"gate: cannot import {path!r} ({type(err).__name__}: {err}); "
                          "give package.module:function with the module on PYTHONPATH") from None
     if isinstance(target, GateFamily):
+        _check_protocol(path, target.value, target.parameter)
         return register_gate(path, target.value, target.weight, doc=target.doc, parameter=target.parameter,
                              symmetric=target.symmetric, dead_zone=target.dead_zone)
     if not callable(target):
         raise ValueError(f"gate: {path!r} is not a function (u, tau) -> Tensor")
+    _check_protocol(path, target, "tau")
     doc = (target.__doc__ or "").strip().splitlines()
     return register_gate(path, target, doc=doc[0] if doc else f"{path} (imported)")
+
+
+def _check_protocol(path: str, value: GateFn, parameter: str) -> None:
+    """Refuse an imported callable that is not a gate value: ``value(u, tau)`` (``(u, (eps_lo, eps_hi))`` for an
+    ``eps`` family) must return a floating tensor of ``u``'s shape. Whether it is an admissible gate is the
+    testing kit's question (``sspo_analysis.testing.check_gate``), not this one."""
+    u = torch.tensor([-0.5, 0.0, 0.5], dtype=torch.float64)
+    try:
+        out = value(u, (0.2, 0.2) if parameter == "eps" else 1.0)
+    except Exception as err:  # foreign code: any failure means it does not take (u, tau)
+        raise ValueError(f"gate: {path!r} is not a gate: value(u, tau) raised {type(err).__name__}: "
+                         f"{str(err)[:120]}; a gate is a function (u: Tensor, tau: float) -> Tensor") from None
+    if not (isinstance(out, Tensor) and out.shape == u.shape and out.is_floating_point()):
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"gate: {path!r} is not a gate: value(u, tau) returned {got}, expected a floating "
+                         "tensor of u's shape")
 
 
 def resolve_gate_name(name: str) -> str:

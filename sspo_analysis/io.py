@@ -13,15 +13,18 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
 
-    On an exception the temporary file is removed and ``target`` is untouched.
+    On an exception the temporary file is removed and ``target`` is untouched. ``tmp``: the
+    temporary path to use, for a writer that owns the directory and must know by name what a
+    killed write leaves (default: a fresh unique name).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -35,10 +38,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_text(target: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(text)
+def write_text(target: str | os.PathLike, text: str, tmp: str | os.PathLike | None = None) -> Path:
+    """Write ``text`` to ``target`` atomically (through ``tmp``: see :func:`atomic_path`)."""
+    with atomic_path(target, tmp) as path:
+        path.write_text(text)
     return Path(target)
 
 
@@ -59,6 +62,7 @@ def json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_json(target: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``target`` atomically (non-finite floats as ``null``)."""
-    return write_text(target, json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+def write_json(target: str | os.PathLike, obj: Any, tmp: str | os.PathLike | None = None) -> Path:
+    """Write ``obj`` as indented JSON to ``target`` atomically (non-finite floats as ``null``; ``tmp``: see
+    :func:`atomic_path`)."""
+    return write_text(target, json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n", tmp)

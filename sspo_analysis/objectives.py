@@ -535,7 +535,8 @@ def _as_tensor(name: str, value: Any) -> Tensor:
 
 
 def _checked_inputs(log_prob: Any, old_log_prob: Any, advantages: Any, mask: Any) -> tuple[Tensor, ...]:
-    """The four inputs as tensors; a mask must be boolean or exactly 0/1, advantages finite (else ValueError)."""
+    """The four inputs as tensors; a mask must be boolean or exactly 0/1, advantages finite (else ValueError;
+    :meth:`Objective.terms` checks ``old_log_prob`` under the mask once the shapes agree)."""
     log_prob, old_log_prob = _as_tensor("log_prob", log_prob), _as_tensor("old_log_prob", old_log_prob)
     advantages, mask = _as_tensor("advantages", advantages), _as_tensor("mask", mask)
     if mask.dtype != torch.bool:
@@ -599,6 +600,8 @@ class Objective:
             )
         dtype = reduce_dtype(log_prob, old_log_prob)
         mask = mask.bool()
+        if not bool(torch.isfinite(old_log_prob[mask]).all()):  # like the advantages: data, not a diverged policy
+            raise ValueError("old_log_prob: must be finite where mask is true; got NaN or inf")
         diff = log_prob.to(dtype) - old_log_prob.to(dtype)
         # where, not multiply: a masked inf must not become inf * 0 = nan.
         log_ratio = clamp_log_ratio(torch.where(mask, diff, 0.0))

@@ -71,15 +71,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from sspo_analysis.training.runs import RunInterrupted
     from sspo_analysis.training.trainer import read_metrics, train
 
     progress = False if args.no_progress else None
-    if args.resume:
-        if args.config:
-            raise ValueError("--resume: the run's own config.toml is used; drop --config")
-        run = train(None, args.resume, overrides=args.overrides, resume=True, progress=progress)
-    else:
-        run = train(args.config, args.out, overrides=args.overrides, progress=progress)
+    if args.resume and args.config:
+        raise ValueError("--resume: the run's own config.toml is used; drop --config")
+    try:
+        if args.resume:
+            run = train(None, args.resume, overrides=args.overrides, resume=True, progress=progress)
+        else:
+            run = train(args.config, args.out, overrides=args.overrides, progress=progress)
+    except RunInterrupted as stop:  # Ctrl-C: one line, the shell's status for SIGINT
+        print(f"sspo train: {stop}", file=sys.stderr)
+        return 130
     if (run / "DIVERGED").exists():
         import json
 

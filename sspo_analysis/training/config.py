@@ -177,8 +177,17 @@ class TrainConfig:
             return get_objective(o.name, agg=o.agg or None, horizon=o.horizon or None, **o.params)
 
 
-SEED_LIMIT = 2**63
-"""Seeds are integers in ``[0, 2**63)`` (what numpy and torch generators take)."""
+SEED_LIMIT = 2**32
+"""Seeds are integers in ``[0, 2**32)``: what every generator the trainer seeds takes (numpy's global
+``np.random.seed`` the narrowest)."""
+MAX_SEQUENCES = 2**16
+"""At most this many sequences per step (``rollout.prompts x rollout.group_size``) or per warm-start batch."""
+MIN_TEMPERATURE = 1e-3
+"""The smallest ``rollout.temperature``. The log-probs are ``log softmax(logits / temperature)``, so their size
+and gradient grow as ``1 / temperature``: far below this they leave any useful range (and ``logits / temperature``
+overflows float32 near 1e-37, a NaN in sampling); a nearly greedy policy is better had with a small ``top_p``."""
+FLOAT32_MAX = 3.4028234663852886e38
+"""An objective parameter's largest magnitude: the trainer computes the objective in float32 (or bfloat16)."""
 
 
 def _choice(name: str, value: Any, allowed) -> None:
@@ -187,15 +196,17 @@ def _choice(name: str, value: Any, allowed) -> None:
 
 
 def _number(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
-            integer: bool = False) -> None:
-    """``value`` is a finite number (an int if ``integer``; never a bool) in ``lo..hi``; else ValueError naming it."""
+            integer: bool = False, hi_open: bool = False, why: str = "") -> None:
+    """``value`` is a finite number (an int if ``integer``; never a bool) in ``lo..hi`` (``hi`` excluded if
+    ``hi_open``); else ValueError naming it, the allowed range and ``why`` (a reason for the bound)."""
     kind = "an integer" if integer else "a number"
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool) and math.isfinite(value) and value <= hi
+    ok = ok and not isinstance(value, bool) and math.isfinite(value) and (value < hi if hi_open else value <= hi)
     ok = ok and (value > lo if lo_open else value >= lo)
     if not ok:
-        bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
-        raise ValueError(f"{name}: must be {kind} {bound}, got {value!r}")
+        upper = f" and {'<' if hi_open else '<='} {hi}" if hi < math.inf else ""
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name}: must be {kind} {'>' if lo_open else '>='} {lo}{upper}{reason}, got {value!r}")
 
 
 _TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", list: "a list"}
@@ -263,19 +274,44 @@ def _check_task(cfg: TrainConfig) -> None:
 def _check_warm_start(cfg: TrainConfig) -> None:
     w = cfg.warm_start
     _number("warm_start.target_success", w.target_success, 0.0, 1.0, lo_open=True)
-    for key in ("max_steps", "batch_size", "eval_every", "eval_prompts"):
+    for key in ("max_steps", "eval_every"):
         _number(f"warm_start.{key}", getattr(w, key), 1, integer=True)
+    for key in ("batch_size", "eval_prompts"):
+        _number(f"warm_start.{key}", getattr(w, key), 1, MAX_SEQUENCES, integer=True)
     _number("warm_start.lr", w.lr, 0.0, lo_open=True)
     _number("warm_start.seed", w.seed, 0, SEED_LIMIT - 1, integer=True)
 
 
 def _check_rollout(cfg: TrainConfig) -> None:
     r = cfg.rollout
-    _number("rollout.prompts", r.prompts, 1, integer=True)
-    _number("rollout.group_size", r.group_size, 2, integer=True)
-    _number("rollout.temperature", r.temperature, 0.0, lo_open=True)
+    _number("rollout.group_size", r.group_size, 2, MAX_SEQUENCES // 2, integer=True)
+    _number("rollout.prompts", r.prompts, 1, MAX_SEQUENCES // r.group_size, integer=True,
+            why=f"at most {MAX_SEQUENCES} sequences per step: rollout.prompts x rollout.group_size {r.group_size}")
+    _number("rollout.temperature", r.temperature, MIN_TEMPERATURE,
+            why="log-probs and their gradients grow as 1 / temperature; a small top_p samples nearly greedily")
     _number("rollout.top_p", r.top_p, 0.0, 1.0, lo_open=True)
-    _number("rollout.max_new_tokens", r.max_new_tokens, 1, integer=True)
+    context = _context_length(cfg.model)
+    if context is None:
+        _number("rollout.max_new_tokens", r.max_new_tokens, 1, integer=True)
+    else:
+        _number("rollout.max_new_tokens", r.max_new_tokens, 1, context - 1, integer=True,
+                why=f"the model has {context} positions, and a prompt needs at least one")
+
+
+def _context_length(model: ModelConfig) -> int | None:
+    """The model's positions (``max_position_embeddings``): the preset's, or ``model.path``'s ``config.json``'s
+    when it can be read (None otherwise)."""
+    if not model.path:
+        from sspo_analysis.training.models import PRESETS
+
+        return PRESETS.get(model.preset, {}).get("max_position_embeddings")
+    try:
+        import json
+
+        value = json.loads((Path(model.path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
 
 
 def _check_objective(cfg: TrainConfig) -> None:
@@ -286,9 +322,14 @@ def _check_objective(cfg: TrainConfig) -> None:
         _choice("objective.agg", o.agg, AGG_MODES)
     _number("objective.horizon", o.horizon, 0, integer=True)
     try:
-        cfg.build_objective()  # unknown objective name / parameter, wrong parameter type -> ValueError
+        cfg.build_objective()  # unknown objective name / parameter, wrong parameter type, not a gate -> ValueError
     except (TypeError, AttributeError) as err:  # a parameter the objective's own checks did not foresee
         raise ValueError(f"objective.{o.name}: invalid parameters {o.params!r} ({err})") from err
+    for key, value in o.params.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and abs(v) > FLOAT32_MAX:
+                raise ValueError(f"objective.{key}: must be a number of magnitude <= {FLOAT32_MAX:.4g} (the "
+                                 f"trainer computes the objective in float32), got {v!r}")
 
 
 def _check_algo(cfg: TrainConfig) -> None:
@@ -303,8 +344,8 @@ def _check_optim(cfg: TrainConfig) -> None:
     op = cfg.optim
     _number("optim.lr", op.lr, 0.0, lo_open=True)
     _number("optim.weight_decay", op.weight_decay, 0.0)
-    _number("optim.beta1", op.beta1, 0.0, 1.0)
-    _number("optim.beta2", op.beta2, 0.0, 1.0)
+    _number("optim.beta1", op.beta1, 0.0, 1.0, hi_open=True, why="AdamW's moment decay")
+    _number("optim.beta2", op.beta2, 0.0, 1.0, hi_open=True, why="AdamW's moment decay")
     _number("optim.eps", op.eps, 0.0, lo_open=True)
     _number("optim.grad_clip", op.grad_clip, 0.0, lo_open=True)
     _number("optim.warmup_updates", op.warmup_updates, 0, integer=True)

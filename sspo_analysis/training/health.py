@@ -4,7 +4,8 @@ A run diverged at the first step where one of these holds (:func:`assess` on its
 or :class:`Monitor` step by step while it trains):
 
 - ``nonfinite``: the step's reward or the policy's entropy is not finite (``metrics.jsonl`` writes
-  them as ``null``), or the policy's parameters are not (:func:`nonfinite_parameters`);
+  them as ``null``), or the policy's parameters are not (:func:`nonfinite_parameters`), or its
+  logits are not while it samples (:class:`NonFiniteError`);
 - ``skipped``: more than :data:`MAX_SKIPPED_FRACTION` of the optimiser updates so far were skipped
   for a non-finite loss or gradient, once at least :data:`MIN_UPDATES_JUDGED` updates were tried
   (a non-finite loss skips its update, so it counts here, not as ``nonfinite``: one is survivable);
@@ -30,6 +31,11 @@ ENTROPY_COLLAPSE_STEPS = 3
 """Consecutive steps below :data:`ENTROPY_COLLAPSE_NATS` that make a collapse."""
 FINITE_KEYS = ("reward_mean", "entropy")
 """Metrics that must be finite at every step."""
+
+
+class NonFiniteError(ArithmeticError):
+    """A step met a non-finite number it cannot go on with (NaN or inf logits while sampling): the trainer ends
+    the run as diverged (``nonfinite``) instead of failing with a traceback."""
 
 
 @dataclass(frozen=True)

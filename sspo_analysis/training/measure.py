@@ -33,6 +33,7 @@ import torch
 from sspo_analysis.io import atomic_path
 from sspo_analysis.primitives import clamp_log_ratio, k3_kl, masked_mean, masked_sum
 from sspo_analysis.training.rollout import Rollout, logprobs
+from sspo_analysis.training.runs import temp_path
 from sspo_analysis.training.state import RunState, params_of
 from sspo_analysis.training.update import MinibatchUpdate
 
@@ -202,7 +203,7 @@ def dump_log_ratios(path: Path, roll: Rollout, updates: list[MinibatchUpdate]) -
         lengths.append(roll.mask[upd.rows].sum(-1).cpu())
         advantages.append(roll.advantages[upd.rows].float().cpu())
         index.append(torch.full((len(upd.rows),), u, dtype=torch.int16))
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, temp_path(path)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, log_ratios=torch.cat(ratios).numpy().astype(np.float32),
                  lengths=torch.cat(lengths).numpy().astype(np.int32),
                  advantages=torch.cat(advantages).numpy().astype(np.float32), update=torch.cat(index).numpy())

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from sspo_analysis.primitives import entropy_from_logits
 from sspo_analysis.training import lean
+from sspo_analysis.training.health import NonFiniteError
 
 Tensor = torch.Tensor
 
@@ -533,7 +534,10 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     toks, logps, masks, ents = [], [], [], []
     for t in range(max_new_tokens):
-        tok, logp, ent = _draw(logits.float(), sampling, generator)
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):  # nothing to sample from: a diverged policy
+            raise NonFiniteError(f"non-finite logits while sampling completion token {t + 1}")
+        tok, logp, ent = _draw(logits, sampling, generator)
         masks.append(~done)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks.append(tok)

@@ -75,9 +75,10 @@ def save_final(run: str | Path, policy, tokenizer, dtype=None) -> Path:
     """Save ``policy`` (its weights in ``dtype``, the checkpoint's own) and ``tokenizer`` with
     :func:`~sspo_analysis.training.models.save_pretrained` to ``RUN/final`` (replaced whole); returns it."""
     from sspo_analysis.training.models import save_pretrained
+    from sspo_analysis.training.runs import temp_path
 
     final = Path(run) / "final"
-    tmp = final.with_name(f".final.{os.getpid()}.tmp")
+    tmp = temp_path(final)  # the run's lock makes it ours
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(policy, tokenizer, tmp, dtype=dtype)
     shutil.rmtree(final, ignore_errors=True)
@@ -86,21 +87,23 @@ def save_final(run: str | Path, policy, tokenizer, dtype=None) -> Path:
 
 
 def export_run(run: str | Path) -> Path:
-    """``RUN/final`` from the run's last checkpoint (``sspo export RUN``): the policy as trained so far."""
-    import torch
-
+    """``RUN/final`` from the run's last checkpoint (``sspo export RUN``): the policy as trained so far. Taken
+    under the run's lock: refused while another process writes the run."""
     from sspo_analysis.training.models import checkpoint_dtype, load_model
-    from sspo_analysis.training.runs import recorded_config
+    from sspo_analysis.training.runs import damaged_checkpoint, read_checkpoint, recorded_config, run_lock
 
     run = Path(run)
     ckpt_path = run / "checkpoint" / "state.pt"
     if not (run / "config.toml").exists() or not ckpt_path.exists():
         raise ValueError(f"run: {str(run)!r} is not a run directory with a checkpoint "
                          "(needs config.toml and checkpoint/state.pt)")
-    cfg = recorded_config(run)
-    # the architecture and tokenizer the run started from; the weights come from the checkpoint
-    policy, tok = load_model(cfg.model.preset, path=cfg.model.path or None, seed=cfg.seed,
-                             tokenizer=cfg.model.tokenizer)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    policy.load_state_dict(state["model"])
-    return save_final(run, policy, tok, checkpoint_dtype(cfg.model.path))
+    with run_lock(run):  # a training process may be writing the checkpoint and RUN/final
+        cfg = recorded_config(run)
+        # the architecture and tokenizer the run started from; the weights come from the checkpoint
+        policy, tok = load_model(cfg.model.preset, path=cfg.model.path or None, seed=cfg.seed,
+                                 tokenizer=cfg.model.tokenizer)
+        try:
+            policy.load_state_dict(read_checkpoint(ckpt_path)["model"])
+        except (RuntimeError, KeyError) as err:  # weights of another model
+            raise damaged_checkpoint(ckpt_path, err) from err
+        return save_final(run, policy, tok, checkpoint_dtype(cfg.model.path))

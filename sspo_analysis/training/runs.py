@@ -1,10 +1,11 @@
 """A run directory's lifecycle: who owns it (a lock file), and which config changes a resume or a reuse may make.
 
-Ownership. :func:`run_lock` holds ``RUN/.lock`` (``{"pid", "host"}``) while one process
+Ownership. :func:`run_lock` holds an exclusive ``flock`` on ``RUN/.lock`` while one process
 writes the run; a second writer fails at once with :class:`RunBusyError` naming the
-directory and the owner. The lock is made atomically (a complete temporary file
-hard-linked to the lock name, so no reader ever sees it half-written), removed on exit,
-and a lock whose process on this host is dead (``kill -9``) is taken over with a warning.
+directory and the owner (the file records ``{"pid", "host"}``). The kernel releases the
+lock when its process dies, so a lock left by ``kill -9`` is taken over (with a warning)
+by exactly one of any number of takers. The trainer's temporary files have fixed names
+(:func:`temp_path`) and :func:`remove_leftovers` removes them by those names only.
 
 Resumes and reuse. :func:`config_changes` lists the fields in which two configs differ;
 :func:`refused_changes` the ones that would change what the run *means* (everything but
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import warnings
@@ -29,6 +32,12 @@ MIN_FREE_BYTES = 256 * 2**20
 several GB: the warning is a floor, not a guarantee)."""
 LOCK_NAME = ".lock"
 """The lock file inside a run directory."""
+TEMP_SUFFIX = ".sspo.tmp"
+"""The suffix of the trainer's temporary files (see :func:`temp_path`)."""
+RUN_FILES = ("config.toml", "metrics.jsonl", "DONE", "DIVERGED", "final", "checkpoint/state.pt", "warm_start.json")
+"""The files (and the ``final`` directory) the trainer writes in a run directory through :func:`temp_path`,
+besides ``log_ratios/step_NNNNNN.npz``."""
+_LOG_RATIO_TEMP = re.compile(r"\.step_\d{6,}\.npz" + re.escape(TEMP_SUFFIX))
 HONOURED_FIELDS = frozenset({"threads", "warm_start.dir", "optim.token_budget", "optim.logprob_chunk", "model.lean"})
 """Fields a resume or a reused run may change without changing the run's meaning (speed and memory only),
 besides every ``log.*`` field and ``steps`` (see :func:`refused_changes`)."""
@@ -36,6 +45,16 @@ besides every ``log.*`` field and ``steps`` (see :func:`refused_changes`)."""
 
 class RunBusyError(ValueError):
     """Another live process owns the run directory (a ValueError: the CLI prints it as one line)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) after ``step`` complete steps of ``run``; its message says how to go on
+    (a resume continues from the last checkpoint and gives the same run)."""
+
+    def __init__(self, run: Path, step: int, resumable: bool) -> None:
+        how = f"resume with sspo train --resume {run}" if resumable else "nothing to resume; start it again"
+        super().__init__(f"stopped at step {step}; {how}")
+        self.run, self.step = run, step
 
 
 def pid_alive(pid: int) -> bool:
@@ -50,7 +69,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def _read_owner(lock: Path) -> dict[str, Any] | None:
-    """The lock's ``{"pid", "host"}``, or None when it vanished or is unreadable."""
+    """The lock's ``{"pid", "host"}``, or None when it vanished, is empty or is unreadable."""
     try:
         owner = json.loads(lock.read_text())
     except (OSError, ValueError):
@@ -58,45 +77,67 @@ def _read_owner(lock: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
 
 
-def _try_create(lock: Path, me: dict[str, Any]) -> bool:
-    """Create ``lock`` holding ``me`` atomically; False if it already exists."""
-    tmp = lock.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(me))
+def _open_locked(lock: Path) -> int | None:
+    """A descriptor holding the exclusive ``flock`` of the file at ``lock`` (created if missing), or None when
+    another open file holds it. The lock is the kernel's, so a killed owner's is released with its process: there
+    is no stale owner to judge, hence no race between two takers."""
+    for _ in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if _is_file_of(fd, lock):
+            return fd
+        os.close(fd)  # the owner removed the file between our open and our lock: lock the current one
+    return None
+
+
+def _is_file_of(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
     try:
-        os.link(tmp, lock)
-        return True
-    except FileExistsError:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
         return False
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def acquire(run: str | os.PathLike) -> Path:
-    """Take ``RUN/.lock`` for this process (creating ``run``); :class:`RunBusyError` if a live process owns it."""
+def _busy(run: Path, lock: Path) -> RunBusyError:
+    """The error for a run another process owns, naming the owner when its record can be read."""
+    owner = _read_owner(lock)
+    if owner is None or (owner.get("host") == socket.gethostname() and not pid_alive(owner["pid"])):
+        who = "another process (it holds the lock and has not recorded itself yet)"
+    else:
+        who = f"process {owner['pid']} on {owner.get('host')!r}"
+    return RunBusyError(f"run {str(run)!r} is being written by {who}; wait for it or use another directory")
+
+
+def acquire(run: str | os.PathLike) -> tuple[Path, int]:
+    """Take ``RUN/.lock`` for this process (creating ``run``): ``(lock path, descriptor)``, held until
+    :func:`release` or the process's end; :class:`RunBusyError` at once if another open file holds it."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     lock = run / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(3):  # a stale lock removed by us (or a racing taker) needs another try
-        if _try_create(lock, me):
-            return lock
-        owner = _read_owner(lock)
-        if owner is None:
-            raise RunBusyError(f"run {str(run)!r}: lock file {str(lock)!r} exists but is unreadable; "
-                               "delete it if no process is writing this run")
-        if owner.get("host") != me["host"] or pid_alive(owner["pid"]):
-            raise RunBusyError(f"run {str(run)!r} is being written by process {owner['pid']} on "
-                               f"{owner.get('host')!r}; wait for it or use another directory")
-        warnings.warn(f"run {str(run)!r}: taking over the stale lock of dead process {owner['pid']}", stacklevel=2)
-        lock.unlink(missing_ok=True)
-    raise RunBusyError(f"run {str(run)!r}: could not take the lock {str(lock)!r}")
+    fd = _open_locked(lock)
+    if fd is None:
+        raise _busy(run, lock)
+    previous = _read_owner(lock)  # a record left behind: its process died without releasing (kill -9)
+    if previous is not None:
+        warnings.warn(f"run {str(run)!r}: taking over the stale lock of dead process {previous['pid']}",
+                      stacklevel=3)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    return lock, fd
 
 
-def release(lock: Path) -> None:
-    """Remove ``lock`` if this process still owns it."""
-    owner = _read_owner(lock)
-    if owner is not None and owner["pid"] == os.getpid():
-        lock.unlink(missing_ok=True)
+def release(lock: Path, fd: int) -> None:
+    """Remove ``lock`` (while still holding it: a process that opened it meanwhile sees it gone and retries),
+    then let go of it."""
+    try:
+        if _is_file_of(fd, lock):
+            lock.unlink()
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -104,14 +145,86 @@ def run_lock(run: str | os.PathLike) -> Iterator[Path]:
     """Own ``run`` for the duration of the ``with`` block (see :func:`acquire`); a directory the lock had to create
     is removed again if nothing was written to it (a run refused before any work leaves no trace)."""
     created = not Path(run).exists()
-    lock = acquire(run)
+    lock, fd = acquire(run)
     try:
         yield lock
     finally:
-        release(lock)
+        release(lock, fd)
         if created:
             with contextlib.suppress(OSError):
                 Path(run).rmdir()  # only when empty
+
+
+def temp_path(target: Path) -> Path:
+    """The one temporary path the trainer writes ``target`` through before renaming it into place. It is fixed
+    (the run's lock allows one writer), so what a killed write leaves is known by its exact name."""
+    return target.with_name(f".{target.name}{TEMP_SUFFIX}")
+
+
+def remove_leftovers(run: Path) -> None:
+    """Remove the temporary files a killed writer of ``run`` can leave, each by its exact name (the
+    :func:`temp_path` of :data:`RUN_FILES` and of the log-ratio files); nothing else under ``run`` is touched."""
+    leftovers = [temp_path(run / name) for name in RUN_FILES]
+    logs = run / "log_ratios"
+    if logs.is_dir():
+        leftovers += [logs / name for name in os.listdir(logs) if _LOG_RATIO_TEMP.fullmatch(name)]
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def checkpointed_rows(path: Path, n_lines: int) -> list[dict[str, Any]]:
+    """The first ``n_lines`` rows of a run's ``metrics.jsonl``, the steps ``1 .. n_lines`` a checkpoint follows,
+    parsed; ValueError naming the file (and the line) when any is missing or damaged. Reads only."""
+    try:
+        lines = path.read_bytes().splitlines(keepends=True) if n_lines and path.exists() else []
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror}); the checkpoint follows {n_lines} steps "
+                         "recorded there; the run cannot continue exactly") from err
+    complete = [line for line in lines[:n_lines] if line.endswith(b"\n")]
+    if len(complete) < n_lines:
+        raise ValueError(f"{path}: holds {len(complete)} complete lines, but the checkpoint follows {n_lines} "
+                         "steps; steps are missing (the file was deleted, cut short or replaced), so the run "
+                         "cannot continue exactly; start a new run")
+    rows = []
+    for i, line in enumerate(complete, 1):
+        try:
+            row = json.loads(line)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: line {i}: not a JSON metrics row ({getattr(err, 'msg', err)}); "
+                             "the file is damaged; nothing was changed") from err
+        if not isinstance(row, dict) or row.get("step") != i:
+            raise ValueError(f"{path}: line {i}: expected the metrics row of step {i}, got "
+                             f"{str(row)[:60]!r}; the file is damaged; nothing was changed")
+        rows.append(row)
+    return rows
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The trainer's checkpoint at ``path`` (loaded on the CPU); a damaged one (cut off, overwritten, empty) is one
+    ValueError naming it (:func:`damaged_checkpoint`)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise damaged_checkpoint(path, err) from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise damaged_checkpoint(path, TypeError(f"a {type(ckpt).__name__} without the model's weights"))
+    return ckpt
+
+
+def damaged_checkpoint(path: Path, err: BaseException) -> ValueError:
+    """The one-line error for a checkpoint that cannot be used, naming the file and the first line of why."""
+    why = (str(err).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"{path}: not a readable checkpoint of this run ({type(err).__name__}: {why}); the run "
+                      "cannot continue from it; nothing was changed")
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "out") -> Path:
@@ -188,7 +301,8 @@ def refused_changes(old: Any, new: Any, done_steps: int) -> list[str]:
 
 
 def recorded_config(run: str | os.PathLike, overrides=()) -> Any:
-    """The config recorded in ``RUN/config.toml``, with ``overrides`` on top.
+    """The config recorded in ``RUN/config.toml``, with ``overrides`` on top (an error in the record names the
+    file; one in the overrides, the field).
 
     The trainer records every field. A record without ``model.kernels`` was made before that
     field existed, with what is now ``"exact"``, so it reads as ``"exact"`` (the default, ``"fast"``,
@@ -202,7 +316,21 @@ def recorded_config(run: str | os.PathLike, overrides=()) -> Any:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         model = {}  # load_config names the problem
     before = [] if "kernels" in model else ['model.kernels="exact"']
-    return load_config(path, before + list(overrides))
+    try:
+        return load_config(path, before + list(overrides))
+    except ValueError as err:
+        if str(path) in str(err) or not _same_error(lambda: load_config(path, before), err):
+            raise  # named already, or the overrides are wrong
+        raise ValueError(f"{path}: {err}") from None  # the record itself is damaged or out of bounds
+
+
+def _same_error(call: Any, err: ValueError) -> bool:
+    """Whether ``call()`` fails with ``err``'s message."""
+    try:
+        call()
+    except ValueError as again:
+        return str(again) == str(err)
+    return False
 
 
 def is_file_error(err: BaseException) -> bool:

@@ -35,7 +35,7 @@ import torch
 
 from sspo_analysis.io import atomic_path, json_safe, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
-from sspo_analysis.training.health import Monitor, Verdict, nonfinite_parameters
+from sspo_analysis.training.health import Monitor, NonFiniteError, Verdict, nonfinite_parameters
 from sspo_analysis.training.inputs import check_alphabet, check_prompt_lengths
 from sspo_analysis.training.measure import (
     dump_log_ratios,
@@ -52,14 +52,20 @@ from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
     LOCK_NAME,
     RunBusyError,
+    RunInterrupted,
     check_output_dir,
+    checkpointed_rows,
     config_changes,
+    damaged_checkpoint,
     is_file_error,
     is_honoured,
     pid_alive,
+    read_checkpoint,
     recorded_config,
     refused_changes,
+    remove_leftovers,
     run_lock,
+    temp_path,
 )
 from sspo_analysis.training.state import RunState, autocast, params_of
 from sspo_analysis.training.tasks import Task, make_task
@@ -268,7 +274,8 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
     model.save_pretrained(out)
     tok.save_pretrained(out)
     write_json(out / "warm_start.json", {"success": success, "steps": step, "seconds": time.time() - start,
-                                         "history": history, "config": cfg.to_dict()})
+                                         "history": history, "config": cfg.to_dict()},
+               temp_path(out / "warm_start.json"))
 
 
 @torch.no_grad()
@@ -342,18 +349,25 @@ def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | 
         if is_file_error(err):
             raise ValueError(f"run {str(run)!r}: {err.strerror}: {err.filename or run}") from err
         raise
+    except KeyboardInterrupt as err:  # Ctrl-C: the checkpoint and the metrics are consistent; say how to go on
+        raise RunInterrupted(run, _count_lines(run / "metrics.jsonl"), (run / "config.toml").is_file()) from err
     return run
 
 
 def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | None, write_config: bool) -> None:
     """Train ``run`` (owned by this process) to ``DONE`` or ``DIVERGED``."""
     show = cfg.log.progress if progress is None else progress
-    state = _setup(cfg, run, show, write_config=write_config)
-    ckpt_path, metrics_path = run / "checkpoint" / "state.pt", run / "metrics.jsonl"
+    state = _setup(cfg, run, show)
+    metrics_path = run / "metrics.jsonl"
     counters = {"step": 0, "elapsed": 0.0, "metrics_lines": 0, "skipped_total": 0}
-    if resume and ckpt_path.exists():
-        counters = _load_checkpoint(state, ckpt_path)
-    kept = _keep_lines(metrics_path, counters["metrics_lines"])  # drop lines written after the checkpoint
+    kept: list[dict[str, Any]] = []
+    if resume and (run / "checkpoint" / "state.pt").exists():
+        counters, kept = _resume_point(state, run)
+    # the resume is known to succeed: only now do the run's files change
+    if write_config:
+        write_text(run / "config.toml", cfg.to_toml(), temp_path(run / "config.toml"))
+    (run / "DONE").unlink(missing_ok=True)  # more steps: continue a finished run from its final checkpoint
+    _keep_lines(metrics_path, counters["metrics_lines"])  # drop lines written after the checkpoint
     monitor = Monitor(cfg.algo.updates_per_batch)
     for row in kept:
         monitor.update(row)
@@ -361,11 +375,12 @@ def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | No
         state.snapshot()
     verdict = _loop(state, run, counters, monitor, show)
     if verdict.diverged:
-        write_json(run / "DIVERGED", verdict.to_dict())
+        write_json(run / "DIVERGED", verdict.to_dict(), temp_path(run / "DIVERGED"))
     else:
         # RUN/final: a transformers checkpoint of the trained policy, in the dtype of the one it started from
         save_final(run, state.policy, state.tok, checkpoint_dtype(cfg.model.path))
-        write_text(run / "DONE", f"finished {cfg.steps} steps\n")
+        write_text(run / "DONE", f"finished {cfg.steps} steps
+", temp_path(run / "DONE"))
 
 
 def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor, show: bool) -> Verdict:
@@ -378,7 +393,10 @@ def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor
             Reporters(run, cfg.log.report_to) as report:
         task_id = bar.add_task("train", total=cfg.steps, completed=counters["step"], info="")
         for step in range(counters["step"] + 1, cfg.steps + 1):
-            line = rl_step(state, step, run)
+            try:
+                line = rl_step(state, step, run)
+            except NonFiniteError as err:  # sampling met NaN or inf logits: the policy is broken
+                return Verdict(True, step, "nonfinite", f"{err} at step {step}")
             counters["skipped_total"] += line["skipped_updates"]
             line.update(skipped_updates_total=counters["skipped_total"], wall_time=time.time() - t_run)
             line = json_safe(line)  # a non-finite metric is written as null
@@ -421,9 +439,7 @@ def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig | N
 
 def _claim(recorded: TrainConfig | None, cfg: TrainConfig, run: Path) -> bool:
     """Under the lock: whether there is work to do in ``run`` (ValueError if the request cannot be honoured)."""
-    for tmp in run.glob("**/.*.tmp"):  # left by a process killed mid-write; we own the run now
-        if not tmp.name.startswith(f"{LOCK_NAME}."):  # another process's lock attempt, in flight
-            tmp.unlink(missing_ok=True)
+    remove_leftovers(run)  # our own temporary files, left by a process killed mid-write; we own the run now
     if recorded is None:
         if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
             raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
@@ -440,8 +456,19 @@ def _claim(recorded: TrainConfig | None, cfg: TrainConfig, run: Path) -> bool:
             return False
         if not (run / "checkpoint" / "state.pt").is_file():
             raise ValueError(f"--resume: run {str(run)!r} has no checkpoint to extend from; start a new run")
-        (run / "DONE").unlink()  # more steps: continue the finished run from its final checkpoint
+    _check_checkpoint_present(run, done)
     return True
+
+
+def _check_checkpoint_present(run: Path, done: int) -> None:
+    """ValueError when ``run`` has recorded more steps than its first checkpoint comes after but has no
+    checkpoint: restarting would silently replace its metrics (a run killed before its first checkpoint
+    has none to lose and restarts exactly)."""
+    every = recorded_config(run).log.checkpoint_every  # as written, before this resume's overrides
+    ckpt = run / "checkpoint" / "state.pt"
+    if done >= every and not ckpt.exists():
+        raise ValueError(f"--resume: {str(ckpt)!r} is missing, but metrics.jsonl records {done} steps (a checkpoint "
+                         f"is written every {every}); the run cannot continue exactly; start a new run")
 
 
 def _diverged_reason(run: Path) -> str:
@@ -453,10 +480,11 @@ def _diverged_reason(run: Path) -> str:
 
 
 def _count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    """The complete lines of ``path`` (0 when it is missing): the steps a metrics file records."""
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
 
 
-def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunState:
+def _setup(cfg: TrainConfig, run: Path, show: bool) -> RunState:
     """Build the policy (making the warm start if needed), seed everything, and return the run's state."""
     objective = cfg.build_objective()
     device = _device(cfg)
@@ -480,8 +508,6 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
         check_prompt_lengths(task, tok, int(context), cfg.rollout.max_new_tokens,
                              lambda p: format_prompts(tok, p, cfg.task.chat_template))
     run.mkdir(parents=True, exist_ok=True)
-    if write_config:
-        write_text(run / "config.toml", cfg.to_toml())
     _seed_all(cfg.seed)
     a, o = cfg.algo, cfg.optim
     # exact: foreach, a few multi-tensor kernels instead of a loop over the parameters (which costs more than the
@@ -505,7 +531,7 @@ def _save_checkpoint(state: RunState, path: Path, counters: dict[str, Any]) -> N
     """Everything :func:`_load_checkpoint` needs to continue exactly, written atomically (the temporary file is
     removed when the write fails; a full or read-only disk becomes one ValueError line)."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, temp_path(path)) as tmp:
             torch.save({"model": state.policy.state_dict(), "optimizer": state.opt.state_dict(),
                         "scheduler": state.sched.state_dict(), "snapshots": list(state.snapshots),
                         "rng": state.rng_state(), **counters}, tmp)
@@ -515,22 +541,31 @@ def _save_checkpoint(state: RunState, path: Path, counters: dict[str, Any]) -> N
 
 
 def _load_checkpoint(state: RunState, path: Path) -> dict[str, Any]:
-    """Restore ``state`` from ``path``; returns the loop's counters (step, elapsed, metrics_lines, skipped_total)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
-    state.policy.load_state_dict(ckpt["model"])
-    state.opt.load_state_dict(ckpt["optimizer"])
-    state.sched.load_state_dict(ckpt["scheduler"])
-    state.snapshots.extend(ckpt["snapshots"])
-    state.set_rng_state(ckpt["rng"])
-    return {k: ckpt[k] for k in ("step", "elapsed", "metrics_lines", "skipped_total")}
+    """Restore ``state`` from ``path``; returns the loop's counters (step, elapsed, metrics_lines, skipped_total).
+    A damaged file (cut off, overwritten, empty, from another model) is one ValueError naming it."""
+    ckpt = read_checkpoint(path)
+    try:
+        state.policy.load_state_dict(ckpt["model"])
+        state.opt.load_state_dict(ckpt["optimizer"])
+        state.sched.load_state_dict(ckpt["scheduler"])
+        state.snapshots.extend(ckpt["snapshots"])
+        state.set_rng_state(ckpt["rng"])
+        return {k: ckpt[k] for k in ("step", "elapsed", "metrics_lines", "skipped_total")}
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:  # another model's, or cut short
+        raise damaged_checkpoint(path, err) from err
 
 
-def _keep_lines(path: Path, n_lines: int) -> list[dict[str, Any]]:
-    """Keep the first ``n_lines`` lines of ``path`` (creating it empty if missing); returns them parsed."""
-    lines = path.read_text().splitlines(keepends=True)[:n_lines] if path.exists() else []
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(lines))
-    return [json.loads(line) for line in lines if line.strip()]
+def _resume_point(state: RunState, run: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The checkpoint's counters (``state`` restored) and the metrics rows it follows; changes no file."""
+    counters = _load_checkpoint(state, run / "checkpoint" / "state.pt")
+    return counters, checkpointed_rows(run / "metrics.jsonl", counters["metrics_lines"])
+
+
+def _keep_lines(path: Path, n_lines: int) -> None:
+    """Keep the first ``n_lines`` lines of ``path`` (creating it empty if missing)."""
+    lines = path.read_bytes().splitlines(keepends=True)[:n_lines] if path.exists() else []
+    with atomic_path(path, temp_path(path)) as tmp:
+        tmp.write_bytes(b"".join(lines))
 
 
 def _flatten_overrides(cfg: TrainConfig) -> list[str]:
