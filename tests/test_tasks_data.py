@@ -6,7 +6,10 @@ tokenizer (``tests/data/gsm8k_sample.jsonl``: eight problems written in GSM8K's 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,9 @@ def test_verl_rl_layout_reads_as_it_is(tmp_path):
     task = JsonlTask(path=str(tmp_path / "train.parquet"), grader="number")
     assert task.prompts == [r["prompt"] for r in rows] and task.answers == FINAL
     assert task.reward(ROWS[0]["answer"], task.answers[0]) == 1.0
+    # the GSM8K config's keys (question, answer) fall back to verl's prompt and reward_model.ground_truth
+    gsm8k_keys = JsonlTask(path=str(tmp_path / "train.parquet"), prompt_key="question", answer_key="answer")
+    assert (gsm8k_keys.prompts, gsm8k_keys.answers) == (task.prompts, task.answers)
 
 
 def test_trl_conversational_prompts_read_as_they_are_and_use_the_chat_template(tmp_path):
@@ -97,12 +103,40 @@ def test_chat_prompts_without_a_chat_template_are_refused_in_one_line(tmp_path, 
     assert len(err.splitlines()) == 1 and "1 prompts are chat messages" in err and "chat template" in err
 
 
+def test_json_values_are_the_files_own_in_rows_of_different_shapes(tmp_path):
+    chat = [{"role": "user", "content": "2+2="}]
+    rows = [{"prompt": "1+1=", "answer": 2}, {"prompt": chat, "answer": "4", "note": {"a": 1}},
+            {"question": "3+3=", "answer": 6.0}, {"prompt": "0.5+0=", "answer": 0.5}]
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    for path in (_write(tmp_path / "mixed.jsonl", rows), tmp_path / "mixed.json"):
+        task = JsonlTask(path=str(path))
+        assert task.prompts == ["1+1=", chat, "3+3=", "0.5+0="] and task.answers == ["2", "4", "6", "0.5"]
+
+
 def test_numeric_answers_are_written_as_numbers():
     assert tasks.record_answer(72, "w", "answer") == "72"
     assert tasks.record_answer(72.0, "w", "answer") == "72"  # arrow reads a column of 72 and 0.5 as floats
     assert tasks.record_answer(0.5, "w", "answer") == "0.5"
     with pytest.raises(ValueError, match="w: 'answer' must be a string or a number, got list"):
         tasks.record_answer([1], "w", "answer")
+
+
+def test_datasets_is_imported_only_when_a_parquet_or_saved_task_is_loaded(formats):
+    def load(path: Path) -> str:
+        return f"make_task_from(load_config(None, ['task.name=\"jsonl\"', 'task.path=\"{path}\"']))\n"
+
+    code = ("import sys, contextlib, io\n"
+            "from sspo_analysis.cli import main\n"
+            "from sspo_analysis.training.config import load_config\n"
+            "from sspo_analysis.training.trainer import make_task_from\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['config', 'show'])\n"
+            "make_task_from(load_config(None, []))\n" + load(GSM8K) +
+            "assert 'datasets' not in sys.modules and 'pyarrow' not in sys.modules, 'imported early'\n"
+            + load(formats["parquet"]) + "assert 'datasets' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr
 
 
 # --------------------------------------------------------------------------- refused records

@@ -575,7 +575,8 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _json_object(rec: Any, where: str) -> dict[str, Any]:
     """``rec`` when it is a JSON object of text; a ValueError naming ``where`` when it is not an object, or when
-    a field holds a lone surrogate (``"\\ud800"``: not text; ``datasets`` would drop it silently)."""
+    a field holds a lone surrogate (``"\\ud800"``: JSON allows the escape, but it is not text, and a tokenizer
+    fails on it)."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got a JSON {type(rec).__name__}")
     for key, value in rec.items():
@@ -587,29 +588,39 @@ def _json_object(rec: Any, where: str) -> dict[str, Any]:
     return rec
 
 
-def _check_json_array(path: Path) -> None:
-    """Check a JSON array file before ``datasets`` reads it: JSON, an array of objects of text (else a
-    ValueError naming the file and the line and column, or the row)."""
+def json_array_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each object of a file holding one JSON array; ``where`` names the row (from 0).
+
+    Not UTF-8, not JSON (with the line and column), not an array, or a row that is not an object of text
+    is a ValueError naming the file.
+    """
     where = f"task.path: {path}"
     try:
-        records = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))
+        records = json.loads(Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf"))
+    except OSError as err:
+        raise ValueError(f"{where}: cannot be read ({err.strerror})") from err
     except UnicodeDecodeError as err:
         raise ValueError(f"{where}: not UTF-8 (byte {err.start + 1})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}:{err.lineno}: not JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{where}: expected a JSON array of objects, got a JSON {type(records).__name__}")
     for i, rec in enumerate(records):
-        _json_object(rec, f"{where}: row {i}")
+        yield f"{where}: row {i}", _json_object(rec, f"{where}: row {i}")
 
 
 def read_records(path: str | Path, fields: str = "{prompt, answer}") -> list[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` for each record of a local task file, read with the ``datasets`` library.
+    """``(where, record)`` for each record of a local task file.
 
     ``path`` is a directory written by ``Dataset.save_to_disk`` (a ``DatasetDict``'s ``train`` split, or its
-    only one), a ``.parquet`` file, a ``.json`` file holding a JSON array of objects, or JSON Lines (any other
-    file). JSON Lines are checked line by line first, so a bad line is named (:func:`jsonl_records`), and
-    ``where`` is ``"task.path: FILE:LINE"``; for the other formats it is ``"task.path: FILE: row I"`` (``I``
-    counts from 0, as ``dataset[I]``). ``fields`` describes a record in the message for a missing path.
-    Nothing is cached: ``datasets`` prepares the file in a temporary directory, removed at once.
+    only one) or a ``.parquet`` file, both read with the ``datasets`` library (nothing cached: it prepares a
+    parquet file in a temporary directory, removed at once); a file holding one JSON array of objects; or JSON
+    Lines (any other file). JSON text is parsed by Python's ``json``, so every value is the file's own and
+    a bad line is named: ``datasets``' JSON reader infers one Arrow type per column, and rewrites what does
+    not fit it (``datasets`` 4.7, TRL's floor, reads a string prompt beside a list one as ``'"2+2="'``; 5.2
+    drops a lone surrogate). ``where`` is ``"task.path: FILE:LINE"`` for JSON Lines and ``"task.path: FILE:
+    row I"`` otherwise (``I`` counts from 0, as ``dataset[I]``). ``fields`` describes a record in the message
+    for a missing path.
     """
     source = Path(path)
     if str(path) and source.is_dir():
@@ -618,15 +629,10 @@ def read_records(path: str | Path, fields: str = "{prompt, answer}") -> list[tup
         raise ValueError(f"task.path: {str(path)!r} is not a file or a directory (a local JSONL, JSON or parquet "
                          f"file, or a datasets save_to_disk directory, of {fields} records)")
     if source.suffix == ".parquet":
-        return _rows(_read_file("parquet", source), f"task.path: {path}")
+        return _rows(_parquet(source), f"task.path: {path}")
     if _json_array(source):
-        _check_json_array(source)
-        return _rows(_read_file("json", source), f"task.path: {path}")
-    lines = [lineno for lineno, _ in jsonl_records(source)]  # names a bad line before datasets reads the file
-    rows = _rows(_read_file("json", source), f"task.path: {path}") if lines else []
-    if len(rows) != len(lines):
-        return rows
-    return [(f"task.path: {path}:{lineno}", rec) for lineno, (_, rec) in zip(lines, rows)]
+        return list(json_array_records(source))
+    return [(f"task.path: {path}:{lineno}", rec) for lineno, rec in jsonl_records(source)]
 
 
 def _json_array(path: Path) -> bool:
@@ -654,14 +660,14 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def _read_file(builder: str, path: Path):
-    """The records of a JSON or parquet file through ``datasets.load_dataset`` (a temporary cache)."""
+def _parquet(path: Path) -> list[dict[str, Any]]:
+    """The records of a parquet file through ``datasets.load_dataset`` (a temporary cache)."""
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="sspo-data-") as cache:
         try:
-            return datasets.load_dataset(builder, data_files=str(path.resolve()), split="train", cache_dir=cache,
+            return datasets.load_dataset("parquet", data_files=str(path.resolve()), split="train", cache_dir=cache,
                                          keep_in_memory=True).to_list()
         except Exception as err:  # noqa: BLE001 - datasets wraps the reader's error; show its cause in one line
-            raise ValueError(f"task.path: {path}: not readable as {builder} ({_root_cause(err)})") from None
+            raise ValueError(f"task.path: {path}: not readable as parquet ({_root_cause(err)})") from None
 
 
 def _saved_dataset(path: Path):
