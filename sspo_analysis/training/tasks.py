@@ -1,9 +1,9 @@
 """Tasks with verifiable rewards: a task samples prompts with reference answers and grades completions.
 
 Built in: n-digit ``addition``, ``countdown`` (reach a target from given numbers
-with + - *), sequence ``reversal``; and ``jsonl``: local records (a JSONL, JSON or
-parquet file, or a ``datasets`` ``save_to_disk`` directory, read with the
-``datasets`` library) of ``{prompt, answer}``, GSM8K's ``{question, answer: "... #### 42"}``,
+with + - *), sequence ``reversal``; and ``jsonl``: local records (a JSONL or JSON
+file, or a parquet file or ``save_to_disk`` directory read with the ``datasets``
+library) of ``{prompt, answer}``, GSM8K's ``{question, answer: "... #### 42"}``,
 TRL's conversational ``prompt`` (a list of ``{role, content}``) or verl's RL layout
 (``prompt`` as chat messages, ``reward_model.ground_truth``), graded by exact match,
 by the final number of the completion, or by ``math-verify`` (the ``math`` extra;
@@ -17,6 +17,7 @@ the sandbox on held-out inputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import tempfile
@@ -241,17 +242,23 @@ def math_reward(verifier, completion: str, answer: str) -> float:
     """
     hashes = _line_after(_HASHES, completion)
     limit = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = verifier.parse(answer, parsing_timeout=limit)
+    gold = _parsed_reference(verifier, answer, limit)
     got = verifier.parse(completion if hashes is None else hashes, parsing_timeout=limit)
     return float(bool(gold and got and verifier.verify(gold, got, timeout_seconds=limit)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_reference(verifier, answer: str, limit: int | None) -> list:
+    """A reference answer parsed once by ``math_verify`` (the same few answers are graded again and again)."""
+    return verifier.parse(answer, parsing_timeout=limit)
 
 
 @dataclass
 class JsonlTask(Task):
     """Records from a local data file; prompts are drawn uniformly with replacement.
 
-    ``path``: a JSONL, JSON or parquet file, or a directory written by ``datasets``' ``save_to_disk`` (its
-    ``train`` split, or its only one), read with the ``datasets`` library (:func:`read_records`). A record
+    ``path``: a JSONL or JSON file, or a parquet file or a directory written by ``datasets``' ``save_to_disk``
+    (its ``train`` split, or its only one), read with the ``datasets`` library (:func:`read_records`). A record
     gives its prompt in ``prompt_key`` (else ``prompt``, else GSM8K's ``question``): a string, or a list of
     chat messages ``{role, content}`` (TRL's conversational format, verl's layout), which always goes through
     the tokenizer's chat template. Its answer is ``answer_key`` (else ``answer``, else verl's
@@ -689,8 +696,11 @@ def _saved_dataset(path: Path):
 
 def _root_cause(err: BaseException) -> str:
     """The innermost cause of ``err``, as ``Type: first line``."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
+    for _ in range(32):  # a chain, not a cycle: bounded all the same
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
     return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
