@@ -12,7 +12,7 @@ LOG=$VENV/ci-install.log
 # The floors of pyproject.toml's ranges (the lowest patch release of each floor that has Python 3.11 wheels).
 LOWEST=(
     "numpy==2.0.2" "scipy==1.13.1" "pandas==2.2.3" "matplotlib==3.8.4" "rich==13.9.4" "tomli-w==1.0.0"
-    "transformers==5.0.0" "trl==1.16.0"
+    "transformers==5.0.0" "trl==1.16.0" "datasets==4.7.0"
 )
 
 if [ "${CI:-}" = "true" ] || [ "${SSPO_LOWEST_FRESH:-0}" = "1" ] || [ ! -x "$VENV/bin/python" ]; then
@@ -28,11 +28,11 @@ fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 print("lowest:", ", ".join(f"{p} {md.version(p)}" for p in
-      ("numpy", "scipy", "pandas", "matplotlib", "rich", "tomli-w", "transformers", "trl", "torch")))
+      ("numpy", "scipy", "pandas", "matplotlib", "rich", "tomli-w", "transformers", "trl", "datasets", "torch")))
 PY
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
     tests/test_gates.py tests/test_objectives.py tests/test_theory.py tests/test_simulation.py tests/test_analysis.py \
     tests/test_training.py tests/test_outputs.py tests/test_cli_conventions.py tests/test_integrations_trl.py \
-    tests/test_trl_quickstart.py tests/test_figures_units.py
+    tests/test_trl_quickstart.py tests/test_figures_units.py tests/test_tasks_data.py
 echo "lowest: checks done in $((SECONDS - start)) s"

@@ -71,6 +71,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from sspo_analysis.training.health import no_signal
     from sspo_analysis.training.runs import RunInterrupted
     from sspo_analysis.training.trainer import read_metrics, train
 
@@ -96,6 +97,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"run: {run}\n  reward {df.reward_mean.head(k).mean():.3f} (first {k} steps) -> "
           f"{df.reward_mean.tail(k).mean():.3f} (last {k}); entropy {df.entropy.iloc[0]:.3f} -> "
           f"{df.entropy.iloc[-1]:.3f}; {df.wall_time.iloc[-1]:.1f} s, {df.sequences_per_s.median():.0f} sequences/s")
+    silent = no_signal(df.to_dict("records"))  # said once while training too
+    if silent:
+        print(f"  {silent}")
     return 0
 
 

@@ -55,7 +55,7 @@ class TaskConfig:
     length: int = 5  # reversal
     numbers: int = 3  # countdown
     max_value: int = 9  # countdown
-    path: str = ""  # jsonl, code
+    path: str = ""  # jsonl, code: a JSONL, JSON or parquet file, or a datasets save_to_disk directory
     grader: str = ""  # "": the default; jsonl: exact, number, math; reversal: exact, chars; code: tests-fraction, ...
     prompt_key: str = "prompt"  # jsonl, code
     answer_key: str = "answer"  # jsonl
@@ -64,7 +64,7 @@ class TaskConfig:
     sandbox_timeout_s: float = 5.0  # code, synthesis: wall-clock limit per program
     sandbox_memory_mb: int = 512  # code, synthesis: address-space limit per process
     sandbox: str = "bwrap"  # code, synthesis: bwrap (contained) | unsafe-process (no isolation, explicit opt-in)
-    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template (chat-message prompts: always)
 
 
 @dataclass
@@ -264,8 +264,9 @@ def _check_task(cfg: TrainConfig) -> None:
     _number("task.max_value", t.max_value, 1, 9999, integer=True)
     if t.grader:
         _choice("task.grader", t.grader, TASK_GRADERS.get(t.name, GRADERS))
-    if t.name in ("jsonl", "code") and not Path(t.path).is_file():
-        raise ValueError(f"task.path: {t.path!r} is not a file; task.name = {t.name!r} needs a local JSONL file")
+    if t.name in ("jsonl", "code") and not (t.path and (Path(t.path).is_file() or Path(t.path).is_dir())):
+        raise ValueError(f"task.path: {t.path!r} is not a file or a directory; task.name = {t.name!r} needs a local "
+                         "JSONL, JSON or parquet file, or a datasets save_to_disk directory")
     _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
     _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
     _choice("task.sandbox", t.sandbox, SANDBOXES)

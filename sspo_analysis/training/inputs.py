@@ -10,9 +10,26 @@ from typing import Any
 def _records(task: Any) -> tuple[list[str], list[str]]:
     """A file-backed task's ``(prompts, what the answers make the model write)``; empty for the generated tasks
     (short, in the alphabet). ``task.written`` maps an answer to what the model must write (code: the names of
-    the functions the tests call, not the tests)."""
+    the functions the tests call, not the tests). A prompt given as chat messages counts as the text of its
+    messages."""
     written = getattr(task, "written", lambda answer: answer)
-    return list(getattr(task, "prompts", [])), [written(a) for a in getattr(task, "answers", [])]
+    prompts = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in getattr(task, "prompts", [])]
+    return prompts, [written(a) for a in getattr(task, "answers", [])]
+
+
+def check_chat(task: Any, tokenizer: Any, chat_template: bool) -> None:
+    """Refuse, before any work, prompts that need a chat template the tokenizer lacks: every prompt under
+    ``task.chat_template = true``, and prompts given as chat messages (TRL's conversational format, verl's
+    layout) always."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if chat_template:
+        raise ValueError("task.chat_template: true, but the tokenizer has no chat template; use model.path with "
+                         "a tokenizer that has one, or set task.chat_template = false")
+    n_chat = sum(isinstance(p, list) for p in getattr(task, "prompts", []))
+    if n_chat:
+        raise ValueError(f"task.path: {n_chat} prompts are chat messages (lists of {{role, content}}), which need "
+                         "a tokenizer with a chat template; use model.path with a chat model's tokenizer")
 
 
 def check_alphabet(task: Any, chars: str, name: str = "task") -> None:
@@ -42,10 +59,10 @@ def check_prompt_lengths(task: Any, tokenizer: Any, context: int, max_new_tokens
                          format_prompts: Any = None) -> None:
     """Refuse a task whose prompts (as the model sees them) leave fewer than ``max_new_tokens`` of the
     ``context`` positions: the count, the longest and the limit in one ValueError."""
-    prompts, _ = _records(task)
+    prompts = list(getattr(task, "prompts", []))
     if not prompts:
         return
-    texts = format_prompts(prompts) if format_prompts else prompts
+    texts = format_prompts(prompts) if format_prompts else _records(task)[0]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
     limit = context - max_new_tokens
     too_long = [n for n in lengths if n > limit]

@@ -14,12 +14,12 @@ from sspo_analysis.training.state import RunState
 Tensor = torch.Tensor
 
 
-def format_prompts(tokenizer, prompts: list[str], chat: bool) -> list[str]:
-    """Prompts as model input text: the chat template, or the BOS token (if any) then the prompt."""
-    if chat:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              tokenize=False) for p in prompts]
-    return [(tokenizer.bos_token or "") + p for p in prompts]
+def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
+    """Prompts as model input text: the chat template (``chat``, and always for a prompt given as a list of
+    chat messages), or the BOS token (if any) then the prompt."""
+    return [tokenizer.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}],
+                                          add_generation_prompt=True, tokenize=False)
+            if chat or isinstance(p, list) else (tokenizer.bos_token or "") + p for p in prompts]
 
 
 def eos_ids(model, tokenizer) -> list[int]:

@@ -1,10 +1,13 @@
 """Tasks with verifiable rewards: a task samples prompts with reference answers and grades completions.
 
 Built in: n-digit ``addition``, ``countdown`` (reach a target from given numbers
-with + - *), sequence ``reversal``; and ``jsonl``: local ``{prompt, answer}``
-records (GSM8K's ``{question, answer: "... #### 42"}`` too) graded by exact
-match, by the last number in the completion, or by ``math-verify`` (the
-``math`` extra, imported only when used); ``code``: local ``{prompt, tests,
+with + - *), sequence ``reversal``; and ``jsonl``: local records (a JSONL or JSON
+file, or a parquet file or ``save_to_disk`` directory read with the ``datasets``
+library) of ``{prompt, answer}``, GSM8K's ``{question, answer: "... #### 42"}``,
+TRL's conversational ``prompt`` (a list of ``{role, content}``) or verl's RL layout
+(``prompt`` as chat messages, ``reward_model.ground_truth``), graded by exact match,
+by the final number of the completion, or by ``math-verify`` (the ``math`` extra;
+the final number when it is not installed); ``code``: local ``{prompt, tests,
 entry_point?}`` records graded by running the completion's code against the
 tests in :mod:`sspo_analysis.training.sandbox`; ``synthesis``: write an
 expression in ``x`` for a hidden function shown by input/output pairs, graded in
@@ -13,8 +16,12 @@ the sandbox on held-out inputs.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
+import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,12 +163,60 @@ class Countdown(Task):
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_HASHES = re.compile(r"####")
+_ANSWER_IS = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)
+_BOXED = "\\boxed{"
 
 
 def last_number(text: str) -> str | None:
     """The last number in ``text`` without thousands separators (``"1,234.0"`` -> ``"1234.0"``)."""
     found = _NUMBER.findall(text)
     return found[-1].replace(",", "") if found else None
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced); None if there is none."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, begin = 1, start + len(_BOXED)
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin:i]
+    return None
+
+
+def _line_after(pattern: re.Pattern, text: str) -> str | None:
+    """The first non-blank line after the last match of ``pattern`` in ``text``; None without a match."""
+    matches = list(pattern.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end():].strip()
+    return rest.split("\n", 1)[0]
+
+
+def marked_answer(text: str) -> str | None:
+    """The final answer a completion marks as such, or None when it marks none.
+
+    In this order: the content of the last ``\\boxed{...}`` (MATH, Qwen's answers), the line after the last
+    ``####`` (GSM8K's reference solutions), the line after the last "answer is" or "answer:".
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    hashes = _line_after(_HASHES, text)
+    return hashes if hashes is not None else _line_after(_ANSWER_IS, text)
+
+
+def final_number(text: str) -> str | None:
+    """The number a completion gives as its answer: the first number of its :func:`marked_answer`, or,
+    when it marks none, its last number (``"#### 72\\n\\nNote: step 3 of 4"`` -> ``"72"``)."""
+    marked = marked_answer(text)
+    if marked is None:
+        return last_number(text)
+    found = _NUMBER.search(marked)
+    return found.group().replace(",", "") if found else None
 
 
 def _same_number(a: str | None, b: str | None) -> bool:
@@ -173,15 +228,51 @@ def _same_number(a: str | None, b: str | None) -> bool:
         return False
 
 
+def math_verifier():
+    """The ``math_verify`` module, or None when the optional ``math`` extra is not installed."""
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    return math_verify
+
+
+def math_reward(verifier, completion: str, answer: str) -> float:
+    """1.0 when ``math_verify`` finds the completion's answer equal to ``answer``.
+
+    The line after GSM8K's ``####`` is what is verified when the completion has one (math-verify does not know
+    the marker); otherwise the whole completion (math-verify finds ``\\boxed{}`` and "the answer is" itself).
+    Its time limits use ``SIGALRM``, which works in the main thread only: elsewhere they are off.
+    """
+    hashes = _line_after(_HASHES, completion)
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = _parsed_reference(verifier, answer, limit)
+    got = verifier.parse(completion if hashes is None else hashes, parsing_timeout=limit)
+    return float(bool(gold and got and verifier.verify(gold, got, timeout_seconds=limit)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_reference(verifier, answer: str, limit: int | None) -> list:
+    """A reference answer parsed once by ``math_verify`` (the same few answers are graded again and again)."""
+    return verifier.parse(answer, parsing_timeout=limit)
+
+
 @dataclass
 class JsonlTask(Task):
-    """Records from a local JSONL file; prompts are drawn uniformly with replacement.
+    """Records from a local data file; prompts are drawn uniformly with replacement.
 
-    Each line has ``prompt_key`` and ``answer_key`` (defaults ``prompt``/``answer``,
-    falling back to GSM8K's ``question``); an answer containing ``####`` keeps the
-    part after it (GSM8K). ``grader``: ``exact`` (stripped string equality),
-    ``number`` (last number in the completion equals the answer numerically), or
-    ``math`` (``math_verify.verify``; needs ``pip install math-verify``).
+    ``path``: a JSONL or JSON file, or a parquet file or a directory written by ``datasets``' ``save_to_disk``
+    (its ``train`` split, or its only one), read with the ``datasets`` library (:func:`read_records`). A record
+    gives its prompt in ``prompt_key`` (else ``prompt``, else GSM8K's ``question``): a string, or a list of
+    chat messages ``{role, content}`` (TRL's conversational format, verl's layout), which always goes through
+    the tokenizer's chat template. Its answer is ``answer_key`` (else ``answer``, else verl's
+    ``reward_model.ground_truth``; a dotted key reaches into nested fields); an answer containing ``####``
+    keeps the part after it (GSM8K); a numeric answer is written as its number (``72``, ``0.5``). An empty
+    prompt or answer is refused, naming the file and line (or row).
+
+    ``grader``: ``exact`` (stripped string equality), ``number`` (the completion's :func:`final_number`
+    equals the answer's), or ``math`` (``math_verify`` when the ``math`` extra is installed; otherwise, with a
+    warning, the ``number`` grader).
     """
 
     path: str = ""
@@ -194,26 +285,21 @@ class JsonlTask(Task):
         if self.grader not in GRADERS:
             raise ValueError(f"task.grader: unknown value {self.grader!r}; allowed values: {', '.join(GRADERS)}")
         self.prompts, self.answers = load_records(self.path, "{prompt, answer}", self._record)
-        if self.grader == "math":
-            self._math()  # fail before any work if the extra is missing
+        self._verifier = math_verifier() if self.grader == "math" else None
+        if self.grader == "math" and self._verifier is None:
+            warnings.warn("task.grader 'math': math-verify is not installed, so answers are compared as numbers "
+                          "(the 'number' grader: the boxed, '####' or 'answer:' number, else the last one); "
+                          "pip install 'sspo-analysis[math]' for symbolic answers", UserWarning, stacklevel=2)
 
-    def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
-        prompt = rec.get(self.prompt_key, rec.get("question"))
-        answer = rec.get(self.answer_key)
+    def _record(self, rec: dict[str, Any], where: str) -> tuple[str | list[dict[str, str]], str]:
+        prompt_key, prompt = _first_field(rec, (self.prompt_key, "prompt", "question"))
+        answer_key, answer = _first_field(rec, (self.answer_key, "answer", "reward_model.ground_truth"))
         if prompt is None or answer is None:
-            raise ValueError(f"{where} lacks {self.prompt_key!r} or {self.answer_key!r}")
-        answer = str(answer)
-        if "####" in answer:  # GSM8K: the final answer follows ####
-            answer = answer.split("####")[-1].strip()
-        return str(prompt), answer
-
-    @staticmethod
-    def _math():
-        try:
-            import math_verify
-        except ImportError as err:
-            raise ValueError("task.grader: 'math' needs the math extra (pip install math-verify)") from err
-        return math_verify
+            missing = self.prompt_key if prompt is None else self.answer_key
+            present = ", ".join(repr(key) for key, value in rec.items() if value is not None)
+            raise ValueError(f"{where}: no field {missing!r} (the fields are {present}); "
+                             "set task.prompt_key and task.answer_key")
+        return record_prompt(prompt, where, prompt_key), record_answer(answer, where, answer_key)
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
         idx = rng.integers(0, len(self.prompts), size=n)
@@ -222,10 +308,59 @@ class JsonlTask(Task):
     def reward(self, completion: str, answer: str) -> float:
         if self.grader == "exact":
             return float(completion.strip() == answer.strip())
-        if self.grader == "number":
-            return float(_same_number(last_number(completion), last_number(answer)))
-        mv = self._math()
-        return float(bool(mv.verify(mv.parse(answer), mv.parse(completion))))
+        if self._verifier is None:
+            return float(_same_number(final_number(completion), final_number(answer)))
+        return math_reward(self._verifier, completion, answer)
+
+
+def _first_field(rec: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any]:
+    """``(key, value)`` of the first of ``keys`` that ``rec`` holds (not null); a dotted key reaches into
+    nested records (``reward_model.ground_truth``). ``(keys[0], None)`` when none is there."""
+    for key in keys:
+        value: Any = rec
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return key, value
+    return keys[0], None
+
+
+def record_prompt(value: Any, where: str, key: str) -> str | list[dict[str, str]]:
+    """A record's prompt: a non-blank string, or a non-empty list of chat messages with string ``role`` and
+    ``content`` (some content non-blank); ValueError naming ``where`` and the field otherwise."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: {key!r} is empty; a prompt needs text")
+        return value
+    messages = list(value) if isinstance(value, (list, tuple)) else None
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                               and isinstance(m.get("content"), str) for m in messages):
+        raise ValueError(f"{where}: {key!r} must be a string or a list of chat messages "
+                         f"{{'role': str, 'content': str}}, got {_shown(value)}")
+    if not any(m["content"].strip() for m in messages):
+        raise ValueError(f"{where}: {key!r} holds no text (every message's content is empty)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def record_answer(value: Any, where: str, key: str) -> str:
+    """A record's reference answer as text: a string (the part after GSM8K's ``####`` when it has one) or a
+    number (``72``, not ``72.0``); ValueError naming ``where`` and the field when it is empty or neither."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: {key!r} must be a string or a number, got {_shown(value)}")
+    if isinstance(value, float):
+        value = str(int(value)) if value.is_integer() else repr(value)
+    answer = str(value)
+    if "####" in answer:  # GSM8K: the final answer follows ####
+        answer = answer.split("####")[-1]
+    answer = answer.strip()
+    if not answer:
+        raise ValueError(f"{where}: {key!r} is empty; an empty answer would reward an empty completion")
+    return answer
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
 def parse_tests_answer(answer) -> tuple[str, str | None]:
@@ -443,8 +578,8 @@ class Synthesis(SandboxTask):
 def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for each non-blank line of a JSONL file of objects.
 
-    A UTF-8 byte-order mark is skipped; a line that is not UTF-8, not JSON, or not a JSON
-    object is a ValueError naming the file and the line.
+    A UTF-8 byte-order mark is skipped; a line that is not UTF-8, not JSON, not a JSON object, or that holds
+    a lone surrogate (``"\\ud800"``, which is not text) is a ValueError naming the file and the line.
     """
     where = f"task.path: {path}"
     try:
@@ -462,20 +597,140 @@ def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             rec = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}:{lineno}: not JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}:{lineno}: expected a JSON object, got a JSON {type(rec).__name__}")
-        yield lineno, rec
+        yield lineno, _json_object(rec, f"{where}:{lineno}")
 
 
-def load_records(path: str, fields: str, parse) -> tuple[list[str], list[str]]:
-    """``(prompts, answers)`` of a local JSONL task file, ``parse(record, where)`` giving each pair.
+def _json_object(rec: Any, where: str) -> dict[str, Any]:
+    """``rec`` when it is a JSON object of text; a ValueError naming ``where`` when it is not an object, or when
+    a field holds a lone surrogate (``"\\ud800"``: JSON allows the escape, but it is not text, and a tokenizer
+    fails on it)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got a JSON {type(rec).__name__}")
+    for key, value in rec.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: {key!r} holds a lone surrogate (an escape such as \\ud800 that is not "
+                             "text); fix or drop the record") from None
+    return rec
 
-    ``where`` names the file and line for ``parse``'s errors; ``fields`` describes a record in the
+
+def json_array_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each object of a file holding one JSON array; ``where`` names the row (from 0).
+
+    Not UTF-8, not JSON (with the line and column), not an array, or a row that is not an object of text
+    is a ValueError naming the file.
+    """
+    where = f"task.path: {path}"
+    try:
+        records = json.loads(Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf"))
+    except OSError as err:
+        raise ValueError(f"{where}: cannot be read ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 (byte {err.start + 1})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}:{err.lineno}: not JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{where}: expected a JSON array of objects, got a JSON {type(records).__name__}")
+    for i, rec in enumerate(records):
+        yield f"{where}: row {i}", _json_object(rec, f"{where}: row {i}")
+
+
+def read_records(path: str | Path, fields: str = "{prompt, answer}") -> list[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each record of a local task file.
+
+    ``path`` is a directory written by ``Dataset.save_to_disk`` (a ``DatasetDict``'s ``train`` split, or its
+    only one) or a ``.parquet`` file, both read with the ``datasets`` library (nothing cached: it prepares a
+    parquet file in a temporary directory, removed at once); a file holding one JSON array of objects; or JSON
+    Lines (any other file). JSON text is parsed by Python's ``json``, so every value is the file's own and
+    a bad line is named: ``datasets``' JSON reader infers one Arrow type per column, and rewrites what does
+    not fit it (``datasets`` 4.7, TRL's floor, reads a string prompt beside a list one as ``'"2+2="'``; 5.2
+    drops a lone surrogate). ``where`` is ``"task.path: FILE:LINE"`` for JSON Lines and ``"task.path: FILE:
+    row I"`` otherwise (``I`` counts from 0, as ``dataset[I]``). ``fields`` describes a record in the message
+    for a missing path.
+    """
+    source = Path(path)
+    if str(path) and source.is_dir():
+        return _rows(_saved_dataset(source), f"task.path: {path}")
+    if not source.is_file():
+        raise ValueError(f"task.path: {str(path)!r} is not a file or a directory (a local JSONL, JSON or parquet "
+                         f"file, or a datasets save_to_disk directory, of {fields} records)")
+    if source.suffix == ".parquet":
+        return _rows(_parquet(source), f"task.path: {path}")
+    if _json_array(source):
+        return list(json_array_records(source))
+    return [(f"task.path: {path}:{lineno}", rec) for lineno, rec in jsonl_records(source)]
+
+
+def _json_array(path: Path) -> bool:
+    """Whether ``path`` holds one JSON array (its first character after a byte-order mark and blanks is ``[``)."""
+    with path.open("rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _rows(dataset, where: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{where}: row {i}", rec) for i, rec in enumerate(dataset)]
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """The ``datasets`` module with its progress bars off inside the block (as they were after it)."""
+    import datasets
+
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _parquet(path: Path) -> list[dict[str, Any]]:
+    """The records of a parquet file through ``datasets.load_dataset`` (a temporary cache)."""
+    with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="sspo-data-") as cache:
+        try:
+            return datasets.load_dataset("parquet", data_files=str(path.resolve()), split="train", cache_dir=cache,
+                                         keep_in_memory=True).to_list()
+        except Exception as err:  # noqa: BLE001 - datasets wraps the reader's error; show its cause in one line
+            raise ValueError(f"task.path: {path}: not readable as parquet ({_root_cause(err)})") from None
+
+
+def _saved_dataset(path: Path):
+    """The records of a ``save_to_disk`` directory: a ``Dataset``, or a ``DatasetDict``'s ``train`` split (or
+    its only one)."""
+    with _quiet_datasets() as datasets:
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as err:  # noqa: BLE001 - not a saved dataset: one line
+            raise ValueError(f"task.path: {path}: a directory, but not a dataset saved with datasets' "
+                             f"save_to_disk ({_root_cause(err)})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data and len(data) != 1:
+            raise ValueError(f"task.path: {path}: a DatasetDict without a 'train' split (splits: "
+                             f"{', '.join(data)}); save the split to train on")
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    return data.to_list()
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause of ``err``, as ``Type: first line``."""
+    for _ in range(32):  # a chain, not a cycle: bounded all the same
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def load_records(path: str, fields: str, parse) -> tuple[list, list[str]]:
+    """``(prompts, answers)`` of a local task file (:func:`read_records`), ``parse(record, where)`` giving each pair.
+
+    ``where`` names the file and line (or row) for ``parse``'s errors; ``fields`` describes a record in the
     message for a missing file.
     """
-    if not Path(path).is_file():
-        raise ValueError(f"task.path: {path!r} is not a file (a local JSONL of {fields} records)")
-    pairs = [parse(rec, f"task.path: {path}:{lineno}") for lineno, rec in jsonl_records(path)]
+    pairs = [parse(rec, where) for where, rec in read_records(path, fields)]
     if not pairs:
         raise ValueError(f"task.path: {path} has no records")
     return [p for p, _ in pairs], [a for _, a in pairs]

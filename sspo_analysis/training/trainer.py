@@ -35,8 +35,8 @@ import torch
 
 from sspo_analysis.io import atomic_path, json_safe, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
-from sspo_analysis.training.health import Monitor, NonFiniteError, Verdict, nonfinite_parameters
-from sspo_analysis.training.inputs import check_alphabet, check_prompt_lengths
+from sspo_analysis.training.health import Monitor, NonFiniteError, SignalWatch, Verdict, nonfinite_parameters
+from sspo_analysis.training.inputs import check_alphabet, check_chat, check_prompt_lengths
 from sspo_analysis.training.measure import (
     dump_log_ratios,
     entropy_change_metrics,
@@ -368,22 +368,33 @@ def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | No
         write_text(run / "config.toml", cfg.to_toml(), temp_path(run / "config.toml"))
     (run / "DONE").unlink(missing_ok=True)  # more steps: continue a finished run from its final checkpoint
     _keep_lines(metrics_path, counters["metrics_lines"])  # drop lines written after the checkpoint
-    monitor = Monitor(cfg.algo.updates_per_batch)
+    monitor, watch = Monitor(cfg.algo.updates_per_batch), SignalWatch()
     for row in kept:
         monitor.update(row)
+        _warn_no_signal(watch, row)
     if cfg.algo.staleness and not state.snapshots:
         state.snapshot()
-    verdict = _loop(state, run, counters, monitor, show)
+    verdict = _loop(state, run, counters, monitor, show, watch)
     if verdict.diverged:
         write_json(run / "DIVERGED", verdict.to_dict(), temp_path(run / "DIVERGED"))
     else:
         # RUN/final: a transformers checkpoint of the trained policy, in the dtype of the one it started from
         save_final(run, state.policy, state.tok, checkpoint_dtype(cfg.model.path))
-        write_text(run / "DONE", f"finished {cfg.steps} steps
-", temp_path(run / "DONE"))
+        write_text(run / "DONE", f"finished {cfg.steps} steps\n" + (f"{watch.message}\n" if watch.message else ""),
+                   temp_path(run / "DONE"))
 
 
-def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor, show: bool) -> Verdict:
+def _warn_no_signal(watch: SignalWatch, row: dict[str, Any]) -> None:
+    """Warn once when the run's first steps give no learning signal (:func:`~.health.no_signal`)."""
+    message = watch.update(row)
+    if message:
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor, show: bool,
+          watch: SignalWatch) -> Verdict:
     """Steps ``counters["step"] + 1 .. cfg.steps``, one metrics line and the checkpoints; stops on divergence."""
     cfg = state.cfg
     ckpt_path = run / "checkpoint" / "state.pt"
@@ -406,6 +417,7 @@ def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor
             counters.update(step=step, metrics_lines=counters["metrics_lines"] + 1)
             bar.update(task_id, completed=step, info=f"reward {line['reward_mean']:.3f} "
                        f"entropy {line['entropy'] or float('nan'):.3f} lr {line['lr'] or float('nan'):.1e}")
+            _warn_no_signal(watch, line)
             verdict = monitor.update(line)
             if verdict.diverged:
                 return verdict
@@ -498,11 +510,13 @@ def _setup(cfg: TrainConfig, run: Path, show: bool) -> RunState:
     if not cfg.model.path:  # the character tokenizer: check before the warm start is made
         from sspo_analysis.training.models import CHARS, PRESETS, char_tokenizer
 
+        check_chat(task, char_tokenizer(), cfg.task.chat_template)
         check_alphabet(task, CHARS, "task.path")
         check_room(cfg, task, char_tokenizer())
         check_prompt_lengths(task, char_tokenizer(), PRESETS[cfg.model.preset]["max_position_embeddings"],
                              cfg.rollout.max_new_tokens)
     policy, tok = build_policy(cfg, device, progress=show)
+    check_chat(task, tok, cfg.task.chat_template)
     context = getattr(policy.config, "max_position_embeddings", None)
     if cfg.model.path and context:
         check_prompt_lengths(task, tok, int(context), cfg.rollout.max_new_tokens,
