@@ -462,3 +462,17 @@ def test_clip_ratio_metrics_with_sspo(tmp_path):
             assert region == pytest.approx(expected) and expected > 0
             assert region == pytest.approx(low + high)
             assert 0 < logged["clip_ratio/high_max"][0] <= 1
+
+
+def test_trl_and_the_trainer_refuse_the_same_parameter(tmp_path):
+    """One check for both: sspo's arctan gate reads no clip range, whether TRL's epsilon or the config's eps_lo."""
+    from sspo_analysis.training import load_config
+
+    with pytest.raises(ValueError) as trl_err:
+        make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", epsilon=0.3)
+    with pytest.raises(ValueError) as config_err:
+        load_config(None, ['objective.name="sspo"', "objective.eps_lo=0.3"])
+    said = " not used by objective 'sspo' with gate 'arctan', which reads "
+    assert str(trl_err.value) == (f"epsilon:{said}gate, sapo_temperature_pos, sapo_temperature_neg, one_sided; "
+                                  "leave it unset")
+    assert str(config_err.value).startswith(f"objective.eps_lo:{said}objective.gate, objective.tau_pos")

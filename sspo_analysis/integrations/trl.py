@@ -41,10 +41,19 @@ from typing import Any
 
 import torch
 
-from sspo_analysis import gates
 from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, soft_loss, weighted_surrogate
 from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: F401  (re-exported for reward_funcs)
-from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
+from sspo_analysis.objectives import (
+    AGG_MODES,
+    Objective,
+    check_parameters_read,
+    compute_metrics,
+    get_objective,
+    get_spec,
+    objective_names,
+    read_parameters,
+    unread_parameters,
+)
 from sspo_analysis.primitives import k3_kl, masked_sum
 
 TRL_MIN, TRL_MAX = "1.16", "1.17"
@@ -175,18 +184,6 @@ def _hyphenated(name: str) -> str:
     return by_canonical.get(name, name)
 
 
-def used_parameters(name: str, params: dict[str, Any]) -> set[str]:
-    """The parameters of objective ``name`` that its loss reads, given the fixed ``params``.
-
-    ``sspo``'s clip range is read only by the ``hard-clip`` gate, its temperatures only by a soft gate.
-    """
-    keys = set(get_spec(name).defaults)
-    if name == "sspo":
-        gate = params.get("gate", get_spec(name).defaults["gate"])
-        keys -= {"eps_lo", "eps_hi"} if gates.gate_family(gate).soft else {"tau_pos", "tau_neg"}
-    return keys
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -207,32 +204,37 @@ def _check_importance_level(args: Any, name: str) -> str:
                      f"(or leave it unset), got {given!r}")
 
 
-def _unused_field_error(args: Any, name: str, used_fields: set[str]) -> None:
-    """A TRL loss field the objective does not read: a ValueError if set; a warning once if TRL set it by default.
+def _field_parameter(trl_field: str, name: str) -> str:
+    """The parameter of objective ``name`` a TRL loss field sets (the field's own name if it sets none).
 
-    Only a plain ``GRPOConfig`` carries TRL's defaults whether or not the user wrote them; ``SSPOConfig``
-    leaves them unset, so there any value was written by the user.
+    ``epsilon_high`` is ``eps_hi``, or ``eps_max`` for cispo; ``delta`` sets no package parameter.
     """
-    reads = ", ".join(sorted(used_fields)) or "none of TRL's loss fields"
-    defaulted = []
+    candidates = [p for p, f in TRL_PARAM_FIELDS.items() if f == trl_field]
+    defaults = get_spec(name).defaults
+    return next((p for p in candidates if p in defaults), candidates[0] if candidates else trl_field)
+
+
+def _trl_fields(args: Any, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(explicit, defaulted)``: the set TRL loss fields of ``args`` as objective parameters of ``name``.
+
+    Only a plain ``GRPOConfig`` carries TRL's defaults whether or not the user wrote them (they count as
+    ``defaulted``); ``SSPOConfig`` leaves them unset, so there any value was written by the user.
+    """
+    explicit, defaulted = {}, {}
     for trl_field, default in _TRL_DEFAULTS.items():
         value = getattr(args, trl_field, None)
-        if trl_field in used_fields or trl_field == "importance_sampling_level" or value is None:
+        if trl_field == "importance_sampling_level" or value is None:
             continue
-        if value == default and not isinstance(args, SSPOConfig):
-            defaulted.append(trl_field)
-            continue
-        raise ValueError(f"{trl_field}: not used by loss_type={args.loss_type!r} (objective {name!r}), "
-                         f"which reads {reads}; leave it unset")
-    if defaulted:
-        _warn_once(f"unused-{name}", f"{', '.join(defaulted)}: TRL's defaults, not used by objective {name!r} "
-                   f"(it reads {reads}); SSPOConfig leaves them unset")
+        given = defaulted if value == default and not isinstance(args, SSPOConfig) else explicit
+        given[_field_parameter(trl_field, name)] = value
+    return explicit, defaulted
 
 
 def package_parameters(args: Any, name: str, fixed: dict[str, Any]) -> dict[str, Any]:
     """Objective parameters from TRL's fields (``epsilon``, ``sapo_temperature_pos``, ...) and ``gate``/``one_sided``.
 
-    Unset fields keep the objective's defaults; a set field the objective does not read is a ValueError.
+    Unset fields keep the objective's defaults; a set field the objective does not read is a ValueError
+    (:func:`sspo_analysis.objectives.check_parameters_read`, the trainer's own check).
     """
     params = dict(fixed)
     for key in ("gate", "one_sided"):
@@ -244,14 +246,18 @@ def package_parameters(args: Any, name: str, fixed: dict[str, Any]) -> dict[str,
         if key in fixed and fixed[key] != value:
             raise ValueError(f"{key}: loss_type={args.loss_type!r} fixes {key}={fixed[key]!r}, got {value!r}")
         params[key] = value
-    used = used_parameters(name, params)
-    for key in sorted(used & set(TRL_PARAM_FIELDS)):
-        value = getattr(args, TRL_PARAM_FIELDS[key], None)
-        if key == "eps_hi" and value is None:
-            value = getattr(args, "epsilon", None)  # TRL: epsilon_high defaults to epsilon
-        if value is not None:
-            params[key] = value
-    _unused_field_error(args, name, {TRL_PARAM_FIELDS[k] for k in used if k in TRL_PARAM_FIELDS})
+    explicit, defaulted = _trl_fields(args, name)
+    labels = {**TRL_PARAM_FIELDS, "gate": "gate", "one_sided": "one_sided", "delta": "delta"}
+    check_parameters_read(name, {**params, **explicit}, labels)
+    unread = unread_parameters(name, {**params, **defaulted})
+    if unread:
+        reads = ", ".join(labels[k] for k in read_parameters(name, params) if k in labels) or "none of TRL's fields"
+        _warn_once(f"unused-{name}", f"{', '.join(labels[k] for k in unread)}: TRL's defaults, not used by "
+                   f"objective {name!r} (it reads {reads}); SSPOConfig leaves them unset")
+    read = read_parameters(name, params)
+    params.update({k: v for k, v in {**defaulted, **explicit}.items() if k in read})
+    if "eps_hi" in read and "eps_hi" not in params and "eps_lo" in params:
+        params["eps_hi"] = params["eps_lo"]  # TRL: epsilon_high defaults to epsilon
     return params
 
 

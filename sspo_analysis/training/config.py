@@ -282,6 +282,10 @@ def _check_objective(cfg: TrainConfig) -> None:
         cfg.build_objective()  # unknown objective name / parameter, wrong parameter type -> ValueError
     except (TypeError, AttributeError) as err:  # a parameter the objective's own checks did not foresee
         raise ValueError(f"objective.{o.name}: invalid parameters {o.params!r} ({err})") from err
+    from sspo_analysis.objectives import PARAM_ALIASES, check_parameters_read, get_spec
+
+    keys = (*get_spec(o.name).defaults, *PARAM_ALIASES, *o.params)
+    check_parameters_read(o.name, o.params, {k: f"objective.{k}" for k in keys})  # sspo's arctan gate: no eps_lo
 
 
 def _check_algo(cfg: TrainConfig) -> None:
