@@ -54,7 +54,7 @@ from sspo_analysis.objectives import (
     read_parameters,
     unread_parameters,
 )
-from sspo_analysis.primitives import k3_kl, masked_sum
+from sspo_analysis.primitives import geometric_mean_weight, k3_kl, masked_sum
 
 TRL_MIN, TRL_MAX = "1.16", "1.17"
 """Tested TRL range: ``>= 1.16, < 1.17`` (``_compute_loss`` is private and moves between minors)."""
@@ -146,6 +146,31 @@ TRL_PARAM_FIELDS: dict[str, str] = {
 
 PACKAGE_FIELDS = ("gate", "one_sided", "objective_agg", "objective_horizon")
 """What TRL has no name for: the gate family, one-sidedness, the aggregation and its horizon."""
+
+_AT_DEFAULT_OR_ERROR = "not supported: a ValueError unless at TRL's default"
+LOSS_FIELDS: dict[str, str] = {
+    "loss_type": "selects the objective",
+    "beta": "honoured: TRL's k3 KL to the reference, aggregated as the objective's loss",
+    "use_bias_correction_kl": "honoured: the KL times the ratio at the objective's level, as TRL",
+    **dict.fromkeys(("epsilon", "epsilon_high", "delta", "sapo_temperature_pos", "sapo_temperature_neg",
+                     "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                    "the objective's parameter (TRL_PARAM_FIELDS); a ValueError if the objective does not read it"),
+    "importance_sampling_level": "must be the objective's level",
+    "max_completion_length": "the horizon of seq-mean-token-sum-norm (objective_horizon unset)",
+    "steps_per_generation": "honoured: token-mean's normalisation, as TRL's dapo",
+    "use_vllm": "honoured with vllm_importance_sampling_correction",
+    "vllm_importance_sampling_correction": "honoured: token weights, a sequence objective's geometric mean; "
+                                           "package:vespo multiplies them in (TRL's vespo puts them in phi): a warning",
+    "router_aux_loss_coef": "honoured: the MoE auxiliary loss, as TRL",
+    **dict.fromkeys(("top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef", "use_adaptive_entropy",
+                     "entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"),
+                    _AT_DEFAULT_OR_ERROR),
+}
+"""What ``SSPOTrainer`` does, for a package objective, with each ``GRPOConfig`` field TRL's ``_compute_loss`` reads.
+
+Every other field acts before the loss (generation, rewards, advantages, the old and reference log-probs) and
+is TRL's own code, unchanged. The tests read TRL's ``_compute_loss`` and fail on a field missing here.
+"""
 
 _TRL_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in GRPOConfig.__dataclass_fields__.values()
@@ -359,11 +384,13 @@ class SSPOTrainer(GRPOTrainer):
 
     TRL's own loss types run TRL's ``_compute_loss`` unchanged. For a package
     objective, the loss is ``Objective.terms`` + ``Objective.aggregate`` on TRL's
-    per-token log-probs, with TRL's KL term (``beta``), vLLM importance-sampling
+    per-token log-probs, with TRL's KL term (``beta``; ``use_bias_correction_kl``, TRL's
+    default, weights it by the importance ratio as TRL does), vLLM importance-sampling
     correction (token weights; sequence objectives get their geometric mean),
     MoE auxiliary loss, data-parallel and gradient-accumulation normalisation.
     Not supported with a package objective (a ValueError says so):
     ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, the entropy bonus.
+    :data:`LOSS_FIELDS` lists what becomes of each field TRL's loss reads.
     """
 
     _tag_names = ["trl", "sspo"]
@@ -384,6 +411,9 @@ class SSPOTrainer(GRPOTrainer):
                 if bad:
                     raise ValueError(f"{key}: not supported with the package objective loss_type={args.loss_type!r}; "
                                      "leave it at its default or use a TRL loss type")
+            if self.objective.name == "vespo" and args.use_vllm and args.vllm_importance_sampling_correction:
+                _warn_once("vespo-vllm", "vllm_importance_sampling_correction: package:vespo multiplies its per-token "
+                           "loss by vLLM's ratio; TRL's own loss_type='vespo' puts the ratio inside phi(W)")
         super().__init__(model, reward_funcs, args=args, **kwargs)
 
     def _compute_loss(self, model, inputs):
@@ -417,8 +447,7 @@ class SSPOTrainer(GRPOTrainer):
         policy_loss = -objective.aggregate(weighted_surrogate(t.surrogate, is_ratio, m), m)
         loss = policy_loss
         if self.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
-            per_token_kl = k3_kl(ref - per_token_logps)
+            per_token_kl = self._per_token_kl(inputs["ref_per_token_logps"], per_token_logps, log_ratio, m)
             loss = loss + self.beta * objective.aggregate(per_token_kl.to(policy_loss.dtype), m)
 
         mode = "train" if self.model.training else "eval"
@@ -440,6 +469,17 @@ class SSPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, m))
         return loss
+
+    def _per_token_kl(self, ref_logps: torch.Tensor, logps: torch.Tensor, log_ratio: torch.Tensor,
+                      m: torch.Tensor) -> torch.Tensor:
+        """TRL's k3 KL to the reference; with ``use_bias_correction_kl`` (TRL's default) times the importance
+        ratio ``pi / pi_old`` at the objective's level (the token ratio, or the sequence's geometric mean), as TRL."""
+        per_token_kl = k3_kl(ref_logps - logps)
+        if not self.args.use_bias_correction_kl:
+            return per_token_kl
+        if self.objective.level == "sequence":
+            return per_token_kl * geometric_mean_weight(log_ratio, m)[:, None]
+        return per_token_kl * log_ratio.exp()
 
     def _log_objective_metrics(self, mode, t, log_ratio, adv, m, policy_loss) -> None:
         values = compute_metrics(t, log_ratio, adv, m, policy_loss)
