@@ -41,7 +41,15 @@ from typing import Any
 
 import torch
 
-from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, soft_loss, weighted_surrogate
+from sspo_analysis.integrations import (
+    PACKAGE_PREFIX,
+    SOFT_NAMES,
+    canonical_loss_type,
+    check_engine_version,
+    hyphenated_name,
+    soft_loss,
+    weighted_surrogate,
+)
 from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: F401  (re-exported for reward_funcs)
 from sspo_analysis.objectives import (
     AGG_MODES,
@@ -61,8 +69,6 @@ TRL_MIN, TRL_MAX = "1.16", "1.17"
 
 TRL_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 """TRL 1.16's own loss types: passed through to ``GRPOTrainer`` unchanged."""
-
-PACKAGE_PREFIX = "package:"
 
 TRL_EQUIVALENTS: dict[str, tuple[str, str]] = {
     "grpo": ("grpo", "seq-mean-token-mean"),
@@ -91,7 +97,7 @@ def resolve_loss_type(loss_type: str) -> tuple[str, dict[str, Any]] | None:
     if canonical_loss_type(loss_type) in TRL_LOSS_TYPES:
         return None
     name = loss_type[len(PACKAGE_PREFIX):] if loss_type.startswith(PACKAGE_PREFIX) else loss_type
-    name = _hyphenated(canonical_loss_type(name))
+    name = hyphenated_name(canonical_loss_type(name))
     soft = soft_loss(name)  # soft-NAME[-one-sided]: built-in gates, registered user gates, import paths
     if soft is not None:
         return soft
@@ -179,34 +185,6 @@ _TRL_DEFAULTS: dict[str, Any] = {
 """TRL's defaults of the loss fields ``SSPOConfig`` leaves unset (``None``) until it knows the loss type."""
 
 _warned: set[str] = set()
-
-
-def canonical_loss_type(loss_type: str) -> str:
-    """TRL's spelling (underscores) of a loss type: ``soft-erf-one-sided`` -> ``soft_erf_one_sided``.
-
-    Only the package's own names are respelled; a user gate's import path
-    (``soft_pkg.mod:fn``) keeps its characters after ``soft_``.
-    """
-    if ":" in loss_type and not loss_type.startswith(PACKAGE_PREFIX):
-        return loss_type
-    if loss_type.startswith(("soft-", "soft_")):
-        gate = loss_type[5:]
-        for suffix in ("-one-sided", "_one_sided"):
-            if gate.endswith(suffix):
-                return f"soft_{gate[: -len(suffix)]}_one_sided"
-        return f"soft_{gate}"
-    return loss_type.replace("-", "_")
-
-
-def _hyphenated(name: str) -> str:
-    """The package registry's spelling of a canonical name (``sspo_sigmoid`` -> ``sspo-sigmoid``)."""
-    if name.startswith("soft_"):
-        gate = name[5:]
-        one_sided = gate.endswith("_one_sided")
-        gate = gate[: -len("_one_sided")] if one_sided else gate
-        return f"soft-{gate}" + ("-one-sided" if one_sided else "")
-    by_canonical = {n.replace("-", "_"): n for n in objective_names()}
-    return by_canonical.get(name, name)
 
 
 def _warn_once(key: str, message: str) -> None:
