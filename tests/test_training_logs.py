@@ -108,3 +108,15 @@ def test_report_to_wandb_needs_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"^log.report_to: 'wandb' needs the wandb package: pip install -e '.\[wandb"):
         check_report_to(["wandb"])
+
+
+def test_wandb_that_cannot_start_is_one_error_before_any_step(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ValueError, match=r"^log.report_to: 'wandb' could not start a run \(No API key configured"):
+        train(None, tmp_path / "run", overrides=FAST + ['log.report_to=["wandb"]'])
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text() and not (tmp_path / "run" / "checkpoint").exists()

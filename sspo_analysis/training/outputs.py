@@ -141,11 +141,7 @@ class Reporters:
         if "tensorboard" in report_to:
             self.writer = _tensorboard_writer(self.run, cfg)
         if "wandb" in report_to:
-            import wandb
-
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "sspo_analysis"), name=self.run.name,
-                                    dir=str(self.run), config=flat_config(cfg), resume="allow",
-                                    id=_wandb_id(self.run))
+            self.wandb = _wandb_run(self.run, cfg)
 
     def log(self, line: dict[str, Any], step: int, samples: list[dict[str, Any]] = ()) -> None:
         """Every finite number of ``line`` at ``step`` under :func:`metric_tag`; ``samples`` (rows of
@@ -195,17 +191,24 @@ def _tensorboard_writer(run: Path, cfg: Any):
     return writer
 
 
-def _wandb_id(run: Path) -> str:
-    """The run's W&B id, kept in ``RUN/wandb/run_id`` so that a resumed run continues the same W&B run."""
-    path = run / "wandb" / "run_id"
-    if path.exists():
-        return path.read_text().strip()
+def _wandb_run(run: Path, cfg: Any):
+    """A W&B run in ``RUN/wandb`` with the config; a ValueError (one line) if W&B cannot start one."""
     import secrets
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    run_id = secrets.token_hex(4)  # W&B ids: letters and digits
-    path.write_text(run_id + "\n")
-    return run_id
+    import wandb
+
+    id_path = run / "wandb" / "run_id"  # kept so that a resumed run continues the same W&B run
+    run_id = id_path.read_text().strip() if id_path.exists() else secrets.token_hex(4)
+    id_path.parent.mkdir(parents=True, exist_ok=True)  # W&B writes into RUN/wandb only if it exists
+    try:
+        wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sspo_analysis"), name=run.name,
+                               dir=str(run), config=flat_config(cfg), resume="allow", id=run_id)
+    except (wandb.errors.Error, OSError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"log.report_to: 'wandb' could not start a run ({message}); log in with `wandb login` "
+                         "or WANDB_API_KEY, or run without a network with WANDB_MODE=offline") from None
+    id_path.write_text(run_id + "\n")
+    return wandb_run
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:

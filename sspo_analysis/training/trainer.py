@@ -375,8 +375,8 @@ def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor
     ckpt_path = run / "checkpoint" / "state.pt"
     t_run = time.time() - counters["elapsed"]
     state.policy.train()
-    with _progress(show) as bar, (run / "metrics.jsonl").open("a") as metrics_file, \
-            Reporters(run, cfg, counters["step"]) as report:
+    with Reporters(run, cfg, counters["step"]) as report, _progress(show) as bar, \
+            (run / "metrics.jsonl").open("a") as metrics_file:
         task_id = bar.add_task("train", total=cfg.steps, completed=counters["step"], info="")
         for step in range(counters["step"] + 1, cfg.steps + 1):
             line = rl_step(state, step, run)
