@@ -11,7 +11,8 @@
 # The losses are registered by importing sspo_analysis.integrations.verl, here through
 # actor_rollout_ref.model.external_lib (imported in every worker that builds the model config);
 # exporting VERL_USE_EXTERNAL_MODULES=sspo_analysis.integrations.verl works as well on a single node.
-# loss_mode: sspo | sspo-sigmoid | soft-<sigmoid|erf|arctan|softsign>[-one-sided] | gmpo.
+# loss_mode: sspo | sspo_sigmoid | soft_<sigmoid|erf|arctan|softsign>[_one_sided] | gmpo | vespo | luspo | ...
+# | package:<objective> (hyphenated names, soft-erf, are aliases; see sspo_analysis.integrations.verl).
 # tau_pos / tau_neg are the gate temperatures (A > 0 / A <= 0); loss_agg_mode=seq-mean-token-mean is SSPO's.
 set -euo pipefail
 LOSS_MODE=${LOSS_MODE:-sspo}

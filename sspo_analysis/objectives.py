@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -61,12 +61,15 @@ __all__ = [
     "ObjectiveSpec",
     "Terms",
     "all_objective_names",
+    "check_parameters_read",
     "compute_metrics",
     "get_objective",
     "get_spec",
     "objective_names",
+    "read_parameters",
     "register_objective",
     "resolve_objective",
+    "unread_parameters",
 ]
 
 Tensor = torch.Tensor
@@ -822,6 +825,60 @@ def _build(spec: ObjectiveSpec, agg: str | None, horizon: int | None, params: di
             stacklevel=3,
         )
     return Objective(name, merged, agg, horizon, spec)
+
+
+PARAM_ALIASES: dict[str, tuple[str, str]] = {"eps": ("eps_lo", "eps_hi"), "tau": ("tau_pos", "tau_neg")}
+"""Shorthands :func:`get_objective` accepts: ``eps`` sets ``eps_lo`` and ``eps_hi``, ``tau`` both temperatures."""
+
+_GATE_PARAMETERS = {"tau": ("tau_pos", "tau_neg"), "eps": ("eps_lo", "eps_hi")}
+"""What sets a gate's width (:attr:`gates.GateFamily.parameter`) -> the objective parameters that carry it."""
+
+
+def read_parameters(name: str, params: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The parameters objective ``name`` reads when ``params`` are set (the others at their defaults).
+
+    All of its parameters, except that a ``gate`` reads only the width its family has:
+    ``tau_pos`` / ``tau_neg`` for a soft gate, ``eps_lo`` / ``eps_hi`` for the hard clip
+    (``sspo``'s arctan gate never reads ``eps_lo``).
+    """
+    spec = get_spec(name)
+    gate = {**spec.defaults, **(params or {})}.get("gate")
+    unread: set[str] = set()
+    if isinstance(gate, str):
+        width = gates.gate_family(gate).parameter
+        unread = {p for kind, keys in _GATE_PARAMETERS.items() if kind != width for p in keys}
+    return tuple(k for k in spec.defaults if k not in unread)
+
+
+def unread_parameters(name: str, given: Mapping[str, Any]) -> list[str]:
+    """The keys of ``given`` (parameters, ``eps`` / ``tau`` too) that objective ``name`` does not read with them."""
+    params = {k: v for k, v in given.items() if k not in PARAM_ALIASES}
+    read = set(read_parameters(name, params))
+    return [k for k in given if not read & set(PARAM_ALIASES.get(k, (k,)))]
+
+
+def check_parameters_read(name: str, given: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError naming the first parameter of ``given`` that objective ``name`` does not read.
+
+    ``given`` holds only what the user set (not the defaults); ``labels`` names each
+    parameter as the caller's config spells it (``eps_lo`` -> ``epsilon`` in TRL,
+    ``objective.eps_lo`` in the trainer's config); without a label a parameter keeps
+    its own name, and with ``labels`` the message lists only the labelled ones. The
+    trainer's config and the TRL integration both check here.
+    """
+    unread = unread_parameters(name, given)
+    if not unread:
+        return
+    params = {k: v for k, v in given.items() if k not in PARAM_ALIASES}
+    read = read_parameters(name, params)
+    if labels is not None:
+        read = tuple(k for k in read if k in labels)
+    label = (lambda k: labels.get(k, k)) if labels is not None else str
+    gate = {**get_spec(name).defaults, **params}.get("gate")
+    with_gate = f" with gate {gate!r}" if isinstance(gate, str) else ""
+    reads = ", ".join(dict.fromkeys(label(k) for k in read)) or "none of them"
+    raise ValueError(f"{label(unread[0])}: not used by objective {name!r}{with_gate}, which reads {reads}; "
+                     "leave it unset")
 
 
 def _is_number(value: Any) -> bool:

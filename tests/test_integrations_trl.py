@@ -202,6 +202,46 @@ def test_subclass_matches_trl_normalisation(case, tmp_path):
     torch.testing.assert_close(got[1], ref[1], **TOL)
 
 
+KL_CASES = {  # TRL's loss type -> the SSPOConfig running the same loss through the package, with a KL term
+    "grpo": (dict(loss_type="grpo", epsilon=0.2), dict(loss_type="package:grpo", epsilon=0.2)),
+    "dapo": (dict(loss_type="dapo", epsilon_high=0.28), dict(loss_type="package:dapo")),
+    "gspo": (dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.01, epsilon_high=0.012),
+             dict(loss_type="gspo", epsilon=0.01, epsilon_high=0.012)),
+}
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("case", list(KL_CASES))
+def test_kl_term_equals_trls_with_and_without_bias_correction(case, bias_correction, tmp_path):
+    """beta = 0.04: TRL's use_bias_correction_kl (True by default) multiplies the k3 KL by the importance ratio;
+    SSPOTrainer's gradient equals GRPOTrainer's with the field on and off, on the same tensors."""
+    trl_kw, pkg_kw = KL_CASES[case]
+    kw = dict(beta=0.04, use_bias_correction_kl=bias_correction, gradient_accumulation_steps=2,
+              per_device_train_batch_size=3, num_generations=2)
+    lp, old, adv, mask = batch(seed=17, std=0.05 if case == "gspo" else 0.5)
+    ref_logps = lp + 0.4 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(18), dtype=F64)
+    trl_args = make_config(tmp_path, **trl_kw, **kw)
+    expected = trl_loss(bare_trainer(trl_args, grad_accum=2, num_processes=2), lp, old, adv, mask,
+                        num_processes=2, ref_per_token_logps=ref_logps)
+    tr = bare_trainer(make_config(tmp_path, cls=st.SSPOConfig, **pkg_kw, **kw), cls=st.SSPOTrainer, grad_accum=2,
+                      num_processes=2)
+    got = trl_loss(tr, lp, old, adv, mask, num_processes=2, ref_per_token_logps=ref_logps)
+    torch.testing.assert_close(got[0], expected[0], **TOL)
+    torch.testing.assert_close(got[1], expected[1], **TOL)
+    assert tr._metrics["train"]["kl"] == [pytest.approx(_trl_kl(trl_args, lp, old, adv, mask, ref_logps), rel=1e-9)]
+    other = make_config(tmp_path, **trl_kw, **{**kw, "use_bias_correction_kl": not bias_correction})
+    flipped = trl_loss(bare_trainer(other, grad_accum=2, num_processes=2), lp, old, adv, mask, num_processes=2,
+                       ref_per_token_logps=ref_logps)
+    assert (flipped[1] - expected[1]).abs().max() > 1e-4  # the field changes the gradient on these tensors
+
+
+def _trl_kl(args, lp, old, adv, mask, ref_logps):
+    """The ``kl`` metric TRL's own ``_compute_loss`` logs on these tensors."""
+    tr = bare_trainer(args)
+    trl_loss(tr, lp, old, adv, mask, ref_per_token_logps=ref_logps)
+    return tr._metrics["train"]["kl"][0]
+
+
 def test_trl_loss_types_pass_through(tmp_path):
     args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="bnpo")
     assert args.package_objective() is None
@@ -236,11 +276,14 @@ def hand_metrics(loss_type, lp, old, adv, mask, entropies, ref):
         gated = [token_gate(loss_type, float(lp[i, t] - old[i, t]), a) for t in row]
         if row:
             seq_weights.append(math.exp(sum(g[0] for g in gated) / len(row)))
+            seq_ratio = math.exp(sum(float(lp[i, t] - old[i, t]) for t in row) / len(row))
         for t, (_, dphi, low, high) in zip(row, gated):
             tokens.append((float(lp[i, t] - old[i, t]), dphi, low, high, a))
             entropy.append(float(entropies[i, t]))
             d = float(ref[i, t] - lp[i, t])
-            kl.append(math.exp(d) - d - 1)
+            # use_bias_correction_kl (TRL's default): the KL times the ratio at the objective's level
+            kl_weight = math.exp(float(lp[i, t] - old[i, t])) if loss_type == "package:grpo" else seq_ratio
+            kl.append((math.exp(d) - d - 1) * kl_weight)
     n = len(tokens)
     signal = [tok for tok in tokens if tok[4] != 0]
     mean_w = sum(seq_weights) / len(seq_weights)
@@ -462,3 +505,42 @@ def test_clip_ratio_metrics_with_sspo(tmp_path):
             assert region == pytest.approx(expected) and expected > 0
             assert region == pytest.approx(low + high)
             assert 0 < logged["clip_ratio/high_max"][0] <= 1
+
+
+def test_trl_and_the_trainer_refuse_the_same_parameter(tmp_path):
+    """One check for both: sspo's arctan gate reads no clip range, whether TRL's epsilon or the config's eps_lo."""
+    from sspo_analysis.training import load_config
+
+    with pytest.raises(ValueError) as trl_err:
+        make_config(tmp_path, cls=st.SSPOConfig, loss_type="sspo", epsilon=0.3)
+    with pytest.raises(ValueError) as config_err:
+        load_config(None, ['objective.name="sspo"', "objective.eps_lo=0.3"])
+    said = " not used by objective 'sspo' with gate 'arctan', which reads "
+    assert str(trl_err.value) == (f"epsilon:{said}gate, sapo_temperature_pos, sapo_temperature_neg, one_sided; "
+                                  "leave it unset")
+    assert str(config_err.value).startswith(f"objective.eps_lo:{said}objective.gate, objective.tau_pos")
+
+
+def test_every_field_trls_loss_reads_is_accounted_for():
+    """Each GRPOConfig field TRL 1.16's _compute_loss reads is honoured, mapped, refused or warned about
+    (st.LOSS_FIELDS says which); a TRL release reading a new field fails here until it is decided."""
+    import inspect
+    import re
+
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    fields = set(GRPOConfig.__dataclass_fields__)
+    read = {name for name in re.findall(r"self\.(?:args\.)?(\w+)", source) if name in fields}
+    if "self.epsilon_low" in source:  # GRPOTrainer's name for args.epsilon
+        read.add("epsilon")
+    assert {"beta", "use_bias_correction_kl", "epsilon", "top_entropy_quantile"} <= read  # the parse finds them
+    assert read - set(st.LOSS_FIELDS) == set()
+    assert set(st.LOSS_FIELDS) <= fields
+
+
+def test_package_vespo_under_vllm_correction_warns_once(tmp_path, monkeypatch):
+    st._warned.discard("vespo-vllm")
+    args = make_config(tmp_path, cls=st.SSPOConfig, loss_type="package:vespo", importance_sampling_level="token")
+    monkeypatch.setattr(GRPOTrainer, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(args, "use_vllm", True)
+    with pytest.warns(UserWarning, match="^vllm_importance_sampling_correction: package:vespo"):
+        st.SSPOTrainer(model=SimpleNamespace(), reward_funcs=[], args=args)

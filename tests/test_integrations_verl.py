@@ -65,10 +65,29 @@ def package(name, lp, old, adv, mask, agg, **params):
 
 
 def test_names_resolve_after_import():
-    for name in ("sspo", "sspo-sigmoid", "soft-erf", "soft-softsign-one-sided", "gmpo"):
+    for name in ("sspo", "sspo_sigmoid", "sspo-sigmoid", "soft_erf", "soft-erf", "soft_softsign_one_sided",
+                 "soft-softsign-one-sided", "gmpo", "vespo", "luspo", "pg", "grpo", "dapo", "package:clip_cov",
+                 "package:clip-cov", "package:gspo"):
         assert name in POLICY_LOSS_REGISTRY
         assert get_policy_loss_fn(name).__module__ == sv.__name__
-    assert sv.REGISTERED == list(sv.LOSS_MODES)
+    assert sv.REGISTERED == [*sv.LOSS_MODES, *sv.ALIASES]
+
+
+def test_every_package_objective_has_a_verl_name():
+    """Each registered objective under verl's spelling (or package:<name> where verl has the name), hyphens aliased."""
+    from sspo_analysis.objectives import objective_names
+
+    for name in objective_names():
+        verl_name = name.replace("-", "_")
+        assert f"package:{verl_name}" in sv.LOSS_MODES
+        assert (verl_name in sv.VERL_LOSSES) != (verl_name in sv.LOSS_MODES)
+        if "-" in name and verl_name in sv.LOSS_MODES:
+            assert sv.ALIASES[name] == verl_name
+    assert not any("-" in mode for mode in sv.LOSS_MODES)
+    ours = {name for name, fn in POLICY_LOSS_REGISTRY.items() if fn.__module__ == sv.__name__}
+    assert set(POLICY_LOSS_REGISTRY) - ours == sv.VERL_LOSSES  # verl 0.9.1's own losses, all left in place
+    with pytest.raises(ValueError, match="^loss_mode: 'clip_cov' is verl's own loss; the package's is package:clip"):
+        sv.make_policy_loss("clip_cov")
 
 
 def test_version_guard():
@@ -79,27 +98,53 @@ def test_version_guard():
 
 
 def test_unknown_loss_mode_names_allowed_values():
-    with pytest.raises(ValueError, match="loss_mode.*allowed values: sspo"):
+    with pytest.raises(ValueError, match="^loss_mode: unknown value 'sspo2'; allowed values: pg, grpo"):
         sv.make_policy_loss("sspo2")
 
 
+CONFIG = dict(tau_pos=1.3, tau_neg=2.0, clip_ratio_low=0.3, clip_ratio_high=0.25)
+POLICY = dict(clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=3.0, kl_cov_ratio=0.2, ppo_kl_coef=0.5)
+
+
+def expected_params(name, fixed):
+    """The parameters the actor config above sets, spelled out by hand (verl's meaning of each field)."""
+    from sspo_analysis.objectives import get_spec, read_parameters
+
+    by_hand = dict(tau_pos=1.3, tau_neg=2.0, eps_lo=0.3, eps_hi=0.25, eps_max=1.25, **POLICY)
+    read = read_parameters(name, fixed)
+    return {**fixed, **{k: v for k, v in by_hand.items() if k in read and k not in fixed}}, get_spec(name)
+
+
 @pytest.mark.parametrize("mode", AGG_MODES)
-@pytest.mark.parametrize("loss_mode", ["sspo", "sspo-sigmoid", "soft-erf", "soft-sigmoid-one-sided", "gmpo"])
+@pytest.mark.parametrize("loss_mode", list(sv.LOSS_MODES))
 def test_registered_loss_returns_package_values(loss_mode, mode):
+    """Every registered name against the package's own loss on the same tensors, its parameters from verl's config."""
+    from verl.workers.config.actor import PolicyLossConfig
+
     name, fixed = sv.LOSS_MODES[loss_mode]
-    cfg = actor_config(tau_pos=1.3, tau_neg=2.0, clip_ratio_low=0.3, clip_ratio_high=0.25, loss_agg_mode=mode)
+    cfg = actor_config(**CONFIG, loss_agg_mode=mode, policy_loss=PolicyLossConfig(loss_mode=loss_mode, **POLICY))
     lp, old, adv, mask = batch(seed=1)
+    params, spec = expected_params(name, fixed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loss, grad, metrics = run(get_policy_loss_fn(loss_mode), lp, old, adv, mask, mode, cfg)
-    params = dict(fixed)
-    params.update({"eps_lo": 0.3, "eps_hi": 0.25} if name == "gmpo" else {"tau_pos": 1.3, "tau_neg": 2.0})
-    ref_loss, ref_grad, ref_metrics = package(name, lp, old, adv[:, 0], mask, mode, **params)
+    token_adv = adv if spec.level == "token" else adv[:, 0]
+    ref_loss, ref_grad, ref_metrics = package(name, lp, old, token_adv, mask, mode, **params)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     torch.testing.assert_close(grad, ref_grad, **TOL)
     for key in ("gate_weight_mean", "dead_frac", "seq_weight_mean", "seq_weight_var", "ess_frac"):
         assert metrics[f"actor/{loss_mode}/{key}"] == pytest.approx(ref_metrics[key], rel=1e-6, abs=1e-9)
     assert metrics["actor/ppo_kl"] == pytest.approx(-ref_metrics["log_ratio_mean"], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("alias", list(sv.ALIASES))
+def test_hyphenated_alias_is_the_same_loss(alias):
+    lp, old, adv, mask = batch(seed=2)
+    cfg = actor_config(**CONFIG)
+    mode = "seq-mean-token-mean"
+    loss, grad, metrics = run(get_policy_loss_fn(alias), lp, old, adv, mask, mode, cfg)
+    ref_loss, ref_grad, ref_metrics = run(get_policy_loss_fn(sv.ALIASES[alias]), lp, old, adv, mask, mode, cfg)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad) and metrics == ref_metrics
 
 
 def test_gmpo_clip_fractions_by_hand():
@@ -299,6 +344,45 @@ def test_cispo_default_also_clips_below():
     torch.testing.assert_close(grad[~low], ref[~low], **TOL)
     ratio = torch.exp(lp - old)
     torch.testing.assert_close(grad[low] / ref[low], (0.8 / ratio)[low], **TOL)
+
+
+TWINS = {  # the registered package loss -> (verl's own loss computing the same, actor config, agg modes, std)
+    "grpo": ("vanilla", dict(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=1e9), AGG_MODES, 0.5),
+    "dapo": ("vanilla", dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1e9), AGG_MODES, 0.5),
+    "package:gspo": ("gspo", dict(clip_ratio_low=0.01, clip_ratio_high=0.012), AGG_MODES, 0.05),
+    "package:sapo": ("sapo", dict(tau_pos=1.0, tau_neg=1.05), ("seq-mean-token-mean",), 0.8),
+    "gmpo": ("geo_mean", dict(clip_ratio_low=0.4, clip_ratio_high=0.3), ("seq-mean-token-mean",), 0.5),
+    "package:cispo": ("cispo", dict(clip_ratio_low=1.0, clip_ratio_high=1.5), AGG_MODES, 1.0),
+    "package:clip_cov": ("clip_cov", dict(clip_ratio_low=0.2, clip_ratio_high=0.28), AGG_MODES, 0.4),
+    "package:kl_cov": ("kl_cov", {}, AGG_MODES, 0.4),
+}
+
+
+@pytest.mark.parametrize("loss_mode", list(TWINS))
+def test_registered_loss_equals_verls_own(loss_mode):
+    """Each objective verl ships, registered loss against verl's function, both from the same actor config.
+
+    Pinned differences as above: cispo's loss value (the gradient is compared), geo_mean's 1e-8 in token counts.
+    Clip-Cov: the package's default seed=0 draws verl's permutation after torch.manual_seed(0).
+    """
+    from verl.workers.config.actor import PolicyLossConfig
+
+    verl_name, fields, modes, std = TWINS[loss_mode]
+    tol = dict(rtol=1e-7, atol=1e-10) if verl_name == "geo_mean" else TOL
+    lp, old, adv, mask = batch(seed=21, b=8, std=std)
+    for mode in modes:
+        results = []
+        for name in (loss_mode, verl_name):
+            policy = PolicyLossConfig(loss_mode=name, clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=3.0,
+                                      kl_cov_ratio=0.2, ppo_kl_coef=0.5)
+            torch.manual_seed(0)
+            results.append(run(get_policy_loss_fn(name), lp, old, adv, mask, mode,
+                               actor_config(**fields, loss_agg_mode=mode, policy_loss=policy)))
+        (loss, grad, _), (verl_loss, verl_grad, _) = results
+        torch.testing.assert_close(grad, verl_grad, **tol)
+        if verl_name != "cispo":
+            torch.testing.assert_close(loss, verl_loss, **tol)
+        assert grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)

@@ -94,8 +94,8 @@ def test_defaults_are_verls_config_defaults():
         assert {k: get_spec(name).defaults[k] for k in keys} == {k: verl[k] for k in keys}
 
 
-def test_integration_registers_nothing_for_clip_cov_and_kl_cov():
-    """They are verl's: the verl integration leaves verl's own losses in place."""
+def test_integration_leaves_verls_clip_cov_and_kl_cov_in_place():
+    """They are verl's: the verl integration leaves verl's own losses in place (the package's: package:clip_cov)."""
     for loss_mode in ("clip_cov", "kl_cov"):
         assert POLICY_LOSS_REGISTRY[loss_mode].__module__ == "verl.trainer.ppo.core_algos"
         assert loss_mode not in sv.REGISTERED

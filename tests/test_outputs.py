@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sspo_analysis.training.outputs import check_report_to
+from sspo_analysis.training.outputs import check_report_to, metric_tag
 from sspo_analysis.training.trainer import train
 
 FAST = ["model.preset=\"micro\"", "model.warm_start=false", "rollout.prompts=4", "rollout.group_size=4",
@@ -59,15 +59,15 @@ def test_tensorboard_holds_every_metric_of_every_step(tmp_path):
     acc.Reload()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     numeric = {k for k, v in lines[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"step"}
-    assert numeric <= set(acc.Tags()["scalars"])
+    assert {metric_tag(k) for k in numeric} <= set(acc.Tags()["scalars"])
     for key in ("reward_mean", "entropy", "lr"):
-        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        got = [(e.step, e.value) for e in acc.Scalars(metric_tag(key))]
         assert got == [(x["step"], pytest.approx(x[key], rel=1e-6)) for x in lines]
 
 
 @pytest.mark.parametrize("value, match", [
     ("tensorboard", "must be a list"),
-    (["wandb"], "unknown value 'wandb'; allowed values: none, tensorboard"),
+    (["mlflow"], "unknown value 'mlflow'; allowed values: none, tensorboard, wandb"),
     (["none", "tensorboard"], "'none' cannot be combined"),
 ])
 def test_report_to_errors_name_the_field(value, match):

@@ -4,9 +4,11 @@
   ``GRPOConfig`` / ``GRPOTrainer`` pair for TRL 1.16 whose ``loss_type`` also
   takes ``sspo``, ``sspo_sigmoid``, ``gmpo``, ``gspo``, ``soft_<gate>`` and
   ``package:<objective>`` (TRL's underscore spelling; hyphens accepted).
-- :mod:`sspo_analysis.integrations.verl`: registers ``sspo``, ``sspo-sigmoid``,
-  ``soft-<gate>`` (and ``gmpo``) with verl 0.9's ``register_policy_loss``;
-  enable it with ``VERL_USE_EXTERNAL_MODULES=sspo_analysis.integrations.verl``.
+- :mod:`sspo_analysis.integrations.verl`: registers every package objective
+  (``sspo``, ``sspo_sigmoid``, ``soft_<gate>``, ``gmpo``, ``vespo``, ``luspo``, ...;
+  ``package:<objective>`` for all, also those verl ships itself) with verl 0.9's
+  ``register_policy_loss``, hyphenated names as aliases; enable it with
+  ``VERL_USE_EXTERNAL_MODULES=sspo_analysis.integrations.verl``.
 
 Both compute the loss with :mod:`sspo_analysis.objectives` (``Objective.terms``,
 ``Objective.aggregate``, ``compute_metrics``); only the engine's glue lives here.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from sspo_analysis import gates
+from sspo_analysis.objectives import objective_names
 from sspo_analysis.primitives import geometric_mean_weight
 
 Tensor = torch.Tensor
@@ -51,6 +54,39 @@ def soft_loss(name: str) -> tuple[str, dict] | None:
         raise ValueError(f"loss_type {name!r}: gate {gate!r} has no temperature; soft-NAME takes one of "
                          f"{', '.join(gates.SOFT_GATES)} or an import path")
     return "sspo", {"gate": family.name, **({"one_sided": True} if one_sided else {})}
+
+
+PACKAGE_PREFIX = "package:"
+"""``package:<objective>`` names any package objective in an engine, also one whose name the engine uses itself."""
+
+
+def canonical_loss_type(loss_type: str) -> str:
+    """The engines' spelling (underscores) of a loss name: ``soft-erf-one-sided`` -> ``soft_erf_one_sided``.
+
+    TRL's loss types and verl's loss modes are underscored; the package registry's
+    names are hyphenated, accepted as aliases. Only the package's own names are
+    respelled; a user gate's import path (``soft_pkg.mod:fn``) keeps its characters after ``soft_``.
+    """
+    if ":" in loss_type and not loss_type.startswith(PACKAGE_PREFIX):
+        return loss_type
+    if loss_type.startswith(("soft-", "soft_")):
+        gate = loss_type[5:]
+        for suffix in ("-one-sided", "_one_sided"):
+            if gate.endswith(suffix):
+                return f"soft_{gate[: -len(suffix)]}_one_sided"
+        return f"soft_{gate}"
+    return loss_type.replace("-", "_")
+
+
+def hyphenated_name(name: str) -> str:
+    """The package registry's spelling of a canonical name (``sspo_sigmoid`` -> ``sspo-sigmoid``)."""
+    if name.startswith("soft_"):
+        gate = name[5:]
+        one_sided = gate.endswith("_one_sided")
+        gate = gate[: -len("_one_sided")] if one_sided else gate
+        return f"soft-{gate}" + ("-one-sided" if one_sided else "")
+    by_canonical = {n.replace("-", "_"): n for n in objective_names()}
+    return by_canonical.get(name, name)
 
 
 def check_engine_version(engine: str, version: str | None, lo: str, hi: str, why: str) -> str:

@@ -41,19 +41,34 @@ from typing import Any
 
 import torch
 
-from sspo_analysis import gates
-from sspo_analysis.integrations import SOFT_NAMES, check_engine_version, soft_loss, weighted_surrogate
+from sspo_analysis.integrations import (
+    PACKAGE_PREFIX,
+    SOFT_NAMES,
+    canonical_loss_type,
+    check_engine_version,
+    hyphenated_name,
+    soft_loss,
+    weighted_surrogate,
+)
 from sspo_analysis.integrations.rewards import code_reward, make_code_reward  # noqa: F401  (re-exported for reward_funcs)
-from sspo_analysis.objectives import AGG_MODES, Objective, compute_metrics, get_objective, get_spec, objective_names
-from sspo_analysis.primitives import k3_kl, masked_sum
+from sspo_analysis.objectives import (
+    AGG_MODES,
+    Objective,
+    check_parameters_read,
+    compute_metrics,
+    get_objective,
+    get_spec,
+    objective_names,
+    read_parameters,
+    unread_parameters,
+)
+from sspo_analysis.primitives import geometric_mean_weight, k3_kl, masked_sum
 
 TRL_MIN, TRL_MAX = "1.16", "1.17"
 """Tested TRL range: ``>= 1.16, < 1.17`` (``_compute_loss`` is private and moves between minors)."""
 
 TRL_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 """TRL 1.16's own loss types: passed through to ``GRPOTrainer`` unchanged."""
-
-PACKAGE_PREFIX = "package:"
 
 TRL_EQUIVALENTS: dict[str, tuple[str, str]] = {
     "grpo": ("grpo", "seq-mean-token-mean"),
@@ -82,7 +97,7 @@ def resolve_loss_type(loss_type: str) -> tuple[str, dict[str, Any]] | None:
     if canonical_loss_type(loss_type) in TRL_LOSS_TYPES:
         return None
     name = loss_type[len(PACKAGE_PREFIX):] if loss_type.startswith(PACKAGE_PREFIX) else loss_type
-    name = _hyphenated(canonical_loss_type(name))
+    name = hyphenated_name(canonical_loss_type(name))
     soft = soft_loss(name)  # soft-NAME[-one-sided]: built-in gates, registered user gates, import paths
     if soft is not None:
         return soft
@@ -138,6 +153,31 @@ TRL_PARAM_FIELDS: dict[str, str] = {
 PACKAGE_FIELDS = ("gate", "one_sided", "objective_agg", "objective_horizon")
 """What TRL has no name for: the gate family, one-sidedness, the aggregation and its horizon."""
 
+_AT_DEFAULT_OR_ERROR = "not supported: a ValueError unless at TRL's default"
+LOSS_FIELDS: dict[str, str] = {
+    "loss_type": "selects the objective",
+    "beta": "honoured: TRL's k3 KL to the reference, aggregated as the objective's loss",
+    "use_bias_correction_kl": "honoured: the KL times the ratio at the objective's level, as TRL",
+    **dict.fromkeys(("epsilon", "epsilon_high", "delta", "sapo_temperature_pos", "sapo_temperature_neg",
+                     "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                    "the objective's parameter (TRL_PARAM_FIELDS); a ValueError if the objective does not read it"),
+    "importance_sampling_level": "must be the objective's level",
+    "max_completion_length": "the horizon of seq-mean-token-sum-norm (objective_horizon unset)",
+    "steps_per_generation": "honoured: token-mean's normalisation, as TRL's dapo",
+    "use_vllm": "honoured with vllm_importance_sampling_correction",
+    "vllm_importance_sampling_correction": "honoured: token weights, a sequence objective's geometric mean; "
+                                           "package:vespo multiplies them in (TRL's vespo puts them in phi): a warning",
+    "router_aux_loss_coef": "honoured: the MoE auxiliary loss, as TRL",
+    **dict.fromkeys(("top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef", "use_adaptive_entropy",
+                     "entropy_target", "entropy_coef_delta", "entropy_coef_min", "entropy_coef_max"),
+                    _AT_DEFAULT_OR_ERROR),
+}
+"""What ``SSPOTrainer`` does, for a package objective, with each ``GRPOConfig`` field TRL's ``_compute_loss`` reads.
+
+Every other field acts before the loss (generation, rewards, advantages, the old and reference log-probs) and
+is TRL's own code, unchanged. The tests read TRL's ``_compute_loss`` and fail on a field missing here.
+"""
+
 _TRL_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in GRPOConfig.__dataclass_fields__.values()
     if f.name in {*TRL_PARAM_FIELDS.values(), "delta", "importance_sampling_level"}
@@ -145,46 +185,6 @@ _TRL_DEFAULTS: dict[str, Any] = {
 """TRL's defaults of the loss fields ``SSPOConfig`` leaves unset (``None``) until it knows the loss type."""
 
 _warned: set[str] = set()
-
-
-def canonical_loss_type(loss_type: str) -> str:
-    """TRL's spelling (underscores) of a loss type: ``soft-erf-one-sided`` -> ``soft_erf_one_sided``.
-
-    Only the package's own names are respelled; a user gate's import path
-    (``soft_pkg.mod:fn``) keeps its characters after ``soft_``.
-    """
-    if ":" in loss_type and not loss_type.startswith(PACKAGE_PREFIX):
-        return loss_type
-    if loss_type.startswith(("soft-", "soft_")):
-        gate = loss_type[5:]
-        for suffix in ("-one-sided", "_one_sided"):
-            if gate.endswith(suffix):
-                return f"soft_{gate[: -len(suffix)]}_one_sided"
-        return f"soft_{gate}"
-    return loss_type.replace("-", "_")
-
-
-def _hyphenated(name: str) -> str:
-    """The package registry's spelling of a canonical name (``sspo_sigmoid`` -> ``sspo-sigmoid``)."""
-    if name.startswith("soft_"):
-        gate = name[5:]
-        one_sided = gate.endswith("_one_sided")
-        gate = gate[: -len("_one_sided")] if one_sided else gate
-        return f"soft-{gate}" + ("-one-sided" if one_sided else "")
-    by_canonical = {n.replace("-", "_"): n for n in objective_names()}
-    return by_canonical.get(name, name)
-
-
-def used_parameters(name: str, params: dict[str, Any]) -> set[str]:
-    """The parameters of objective ``name`` that its loss reads, given the fixed ``params``.
-
-    ``sspo``'s clip range is read only by the ``hard-clip`` gate, its temperatures only by a soft gate.
-    """
-    keys = set(get_spec(name).defaults)
-    if name == "sspo":
-        gate = params.get("gate", get_spec(name).defaults["gate"])
-        keys -= {"eps_lo", "eps_hi"} if gates.gate_family(gate).soft else {"tau_pos", "tau_neg"}
-    return keys
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -207,32 +207,37 @@ def _check_importance_level(args: Any, name: str) -> str:
                      f"(or leave it unset), got {given!r}")
 
 
-def _unused_field_error(args: Any, name: str, used_fields: set[str]) -> None:
-    """A TRL loss field the objective does not read: a ValueError if set; a warning once if TRL set it by default.
+def _field_parameter(trl_field: str, name: str) -> str:
+    """The parameter of objective ``name`` a TRL loss field sets (the field's own name if it sets none).
 
-    Only a plain ``GRPOConfig`` carries TRL's defaults whether or not the user wrote them; ``SSPOConfig``
-    leaves them unset, so there any value was written by the user.
+    ``epsilon_high`` is ``eps_hi``, or ``eps_max`` for cispo; ``delta`` sets no package parameter.
     """
-    reads = ", ".join(sorted(used_fields)) or "none of TRL's loss fields"
-    defaulted = []
+    candidates = [p for p, f in TRL_PARAM_FIELDS.items() if f == trl_field]
+    defaults = get_spec(name).defaults
+    return next((p for p in candidates if p in defaults), candidates[0] if candidates else trl_field)
+
+
+def _trl_fields(args: Any, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(explicit, defaulted)``: the set TRL loss fields of ``args`` as objective parameters of ``name``.
+
+    Only a plain ``GRPOConfig`` carries TRL's defaults whether or not the user wrote them (they count as
+    ``defaulted``); ``SSPOConfig`` leaves them unset, so there any value was written by the user.
+    """
+    explicit, defaulted = {}, {}
     for trl_field, default in _TRL_DEFAULTS.items():
         value = getattr(args, trl_field, None)
-        if trl_field in used_fields or trl_field == "importance_sampling_level" or value is None:
+        if trl_field == "importance_sampling_level" or value is None:
             continue
-        if value == default and not isinstance(args, SSPOConfig):
-            defaulted.append(trl_field)
-            continue
-        raise ValueError(f"{trl_field}: not used by loss_type={args.loss_type!r} (objective {name!r}), "
-                         f"which reads {reads}; leave it unset")
-    if defaulted:
-        _warn_once(f"unused-{name}", f"{', '.join(defaulted)}: TRL's defaults, not used by objective {name!r} "
-                   f"(it reads {reads}); SSPOConfig leaves them unset")
+        given = defaulted if value == default and not isinstance(args, SSPOConfig) else explicit
+        given[_field_parameter(trl_field, name)] = value
+    return explicit, defaulted
 
 
 def package_parameters(args: Any, name: str, fixed: dict[str, Any]) -> dict[str, Any]:
     """Objective parameters from TRL's fields (``epsilon``, ``sapo_temperature_pos``, ...) and ``gate``/``one_sided``.
 
-    Unset fields keep the objective's defaults; a set field the objective does not read is a ValueError.
+    Unset fields keep the objective's defaults; a set field the objective does not read is a ValueError
+    (:func:`sspo_analysis.objectives.check_parameters_read`, the trainer's own check).
     """
     params = dict(fixed)
     for key in ("gate", "one_sided"):
@@ -244,14 +249,18 @@ def package_parameters(args: Any, name: str, fixed: dict[str, Any]) -> dict[str,
         if key in fixed and fixed[key] != value:
             raise ValueError(f"{key}: loss_type={args.loss_type!r} fixes {key}={fixed[key]!r}, got {value!r}")
         params[key] = value
-    used = used_parameters(name, params)
-    for key in sorted(used & set(TRL_PARAM_FIELDS)):
-        value = getattr(args, TRL_PARAM_FIELDS[key], None)
-        if key == "eps_hi" and value is None:
-            value = getattr(args, "epsilon", None)  # TRL: epsilon_high defaults to epsilon
-        if value is not None:
-            params[key] = value
-    _unused_field_error(args, name, {TRL_PARAM_FIELDS[k] for k in used if k in TRL_PARAM_FIELDS})
+    explicit, defaulted = _trl_fields(args, name)
+    labels = {**TRL_PARAM_FIELDS, "gate": "gate", "one_sided": "one_sided", "delta": "delta"}
+    check_parameters_read(name, {**params, **explicit}, labels)
+    unread = unread_parameters(name, {**params, **defaulted})
+    if unread:
+        reads = ", ".join(labels[k] for k in read_parameters(name, params) if k in labels) or "none of TRL's fields"
+        _warn_once(f"unused-{name}", f"{', '.join(labels[k] for k in unread)}: TRL's defaults, not used by "
+                   f"objective {name!r} (it reads {reads}); SSPOConfig leaves them unset")
+    read = read_parameters(name, params)
+    params.update({k: v for k, v in {**defaulted, **explicit}.items() if k in read})
+    if "eps_hi" in read and "eps_hi" not in params and "eps_lo" in params:
+        params["eps_hi"] = params["eps_lo"]  # TRL: epsilon_high defaults to epsilon
     return params
 
 
@@ -353,11 +362,13 @@ class SSPOTrainer(GRPOTrainer):
 
     TRL's own loss types run TRL's ``_compute_loss`` unchanged. For a package
     objective, the loss is ``Objective.terms`` + ``Objective.aggregate`` on TRL's
-    per-token log-probs, with TRL's KL term (``beta``), vLLM importance-sampling
+    per-token log-probs, with TRL's KL term (``beta``; ``use_bias_correction_kl``, TRL's
+    default, weights it by the importance ratio as TRL does), vLLM importance-sampling
     correction (token weights; sequence objectives get their geometric mean),
     MoE auxiliary loss, data-parallel and gradient-accumulation normalisation.
     Not supported with a package objective (a ValueError says so):
     ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, the entropy bonus.
+    :data:`LOSS_FIELDS` lists what becomes of each field TRL's loss reads.
     """
 
     _tag_names = ["trl", "sspo"]
@@ -378,6 +389,9 @@ class SSPOTrainer(GRPOTrainer):
                 if bad:
                     raise ValueError(f"{key}: not supported with the package objective loss_type={args.loss_type!r}; "
                                      "leave it at its default or use a TRL loss type")
+            if self.objective.name == "vespo" and args.use_vllm and args.vllm_importance_sampling_correction:
+                _warn_once("vespo-vllm", "vllm_importance_sampling_correction: package:vespo multiplies its per-token "
+                           "loss by vLLM's ratio; TRL's own loss_type='vespo' puts the ratio inside phi(W)")
         super().__init__(model, reward_funcs, args=args, **kwargs)
 
     def _compute_loss(self, model, inputs):
@@ -411,8 +425,7 @@ class SSPOTrainer(GRPOTrainer):
         policy_loss = -objective.aggregate(weighted_surrogate(t.surrogate, is_ratio, m), m)
         loss = policy_loss
         if self.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
-            per_token_kl = k3_kl(ref - per_token_logps)
+            per_token_kl = self._per_token_kl(inputs["ref_per_token_logps"], per_token_logps, log_ratio, m)
             loss = loss + self.beta * objective.aggregate(per_token_kl.to(policy_loss.dtype), m)
 
         mode = "train" if self.model.training else "eval"
@@ -434,6 +447,17 @@ class SSPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             self._metrics[mode]["kl"].append(self._global_masked_mean(per_token_kl, m))
         return loss
+
+    def _per_token_kl(self, ref_logps: torch.Tensor, logps: torch.Tensor, log_ratio: torch.Tensor,
+                      m: torch.Tensor) -> torch.Tensor:
+        """TRL's k3 KL to the reference; with ``use_bias_correction_kl`` (TRL's default) times the importance
+        ratio ``pi / pi_old`` at the objective's level (the token ratio, or the sequence's geometric mean), as TRL."""
+        per_token_kl = k3_kl(ref_logps - logps)
+        if not self.args.use_bias_correction_kl:
+            return per_token_kl
+        if self.objective.level == "sequence":
+            return per_token_kl * geometric_mean_weight(log_ratio, m)[:, None]
+        return per_token_kl * log_ratio.exp()
 
     def _log_objective_metrics(self, mode, t, log_ratio, adv, m, policy_loss) -> None:
         values = compute_metrics(t, log_ratio, adv, m, policy_loss)

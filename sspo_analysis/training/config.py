@@ -127,7 +127,9 @@ class LogConfig:
     progress: bool = True
     entropy_change: bool = True  # entropy after the updates (one no-grad forward): entropy_change_real
     entropy_taylor: bool = True  # also log grad(H) . delta(theta) (one extra backward; 2 parameter copies)
-    report_to: list[str] = field(default_factory=lambda: ["none"])  # ["tensorboard"]: RUN/tensorboard/ too
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # ["tensorboard"], ["wandb"]: RUN/tensorboard/ ...
+    samples_every: int = 10  # RUN/samples.jsonl: a few completions with their rewards every N steps (0: never)
+    samples_per_step: int = 4  # completions written each time, from different prompts
 
 
 @dataclass
@@ -331,6 +333,10 @@ def _check_objective(cfg: TrainConfig) -> None:
             if isinstance(v, float) and abs(v) > FLOAT32_MAX:
                 raise ValueError(f"objective.{key}: must be a number of magnitude <= {FLOAT32_MAX:.4g} (the "
                                  f"trainer computes the objective in float32), got {v!r}")
+    from sspo_analysis.objectives import PARAM_ALIASES, check_parameters_read, get_spec
+
+    keys = (*get_spec(o.name).defaults, *PARAM_ALIASES, *o.params)
+    check_parameters_read(o.name, o.params, {k: f"objective.{k}" for k in keys})  # sspo's arctan gate: no eps_lo
 
 
 def _check_algo(cfg: TrainConfig) -> None:
@@ -359,6 +365,8 @@ def _check_optim(cfg: TrainConfig) -> None:
 def _check_log(cfg: TrainConfig) -> None:
     _number("log.log_ratios_every", cfg.log.log_ratios_every, 0, integer=True)
     _number("log.checkpoint_every", cfg.log.checkpoint_every, 1, integer=True)
+    _number("log.samples_every", cfg.log.samples_every, 0, integer=True)
+    _number("log.samples_per_step", cfg.log.samples_per_step, 1, integer=True)
     from sspo_analysis.training.outputs import check_report_to
 
     check_report_to(cfg.log.report_to)

@@ -52,10 +52,13 @@ def allowed_text(cfg: TrainConfig, section: str | None, name: str) -> str:
 def annotated_toml(cfg: TrainConfig) -> str:
     """The resolved config as TOML, ``# ...`` after every restricted field saying what it allows.
 
-    The ``[objective]`` table lists all of the objective's parameters, the defaults included.
+    The ``[objective]`` table lists the parameters the objective reads, the defaults included.
     """
+    from sspo_analysis.objectives import read_parameters
+
     cfg = copy.deepcopy(cfg)
-    cfg.objective.params = dict(cfg.build_objective().params)
+    params = cfg.build_objective().params
+    cfg.objective.params = {k: params[k] for k in read_parameters(cfg.objective.name, params)}  # reloads as it is
     lines, section = [], None
     for line in cfg.to_toml().splitlines():
         header = re.fullmatch(r"\[(\w+)\]", line.strip())

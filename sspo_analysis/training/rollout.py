@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,9 @@ class Rollout:
     ref_logp: Tensor | None  # (B, T) reference-policy log-probs, when there is a reference
     group_size: int
     generation_time: float
+    prompts: list[str] = field(default_factory=list)  # (B,) the task's prompt of each row, before any template
+    answers: list[str] = field(default_factory=list)  # (B,) its reference answer
+    completions: list[str] = field(default_factory=list)  # (B,) the decoded completion that was graded
 
     @property
     def size(self) -> int:
@@ -98,7 +101,8 @@ def rollout(state: RunState) -> Rollout:
     roll = Rollout(ids=torch.cat([prompt_ids, tokens], 1), attn=torch.cat([prompt_mask, mask.long()], 1),
                    n_prompt=prompt_ids.shape[1], mask=mask, old_logp=old_logp, old_entropy=old_entropy,
                    rewards=rewards, advantages=adv.reshape(-1).to(device), ref_logp=None,
-                   group_size=r.group_size, generation_time=generation_time)
+                   group_size=r.group_size, generation_time=generation_time,
+                   prompts=[p for p in prompts for _ in range(r.group_size)], answers=answers, completions=completions)
     if state.reference is not None:
         with torch.no_grad(), state.autocast():
             roll.ref_logp, _ = logprobs(state, state.reference, roll)

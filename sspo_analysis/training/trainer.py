@@ -47,7 +47,7 @@ from sspo_analysis.training.measure import (
     update_metrics,
 )
 from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model
-from sspo_analysis.training.outputs import Reporters, save_final
+from sspo_analysis.training.outputs import Reporters, sample_rows, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
     LOCK_NAME,
@@ -316,6 +316,8 @@ def rl_step(state: RunState, step: int, run: Path) -> dict[str, Any]:
                 sequences_per_s=roll.size / dt)
     if log.log_ratios_every and step % log.log_ratios_every == 0:
         dump_log_ratios(run / "log_ratios" / f"step_{step:06d}.npz", roll, updates)
+    if log.samples_every and step % log.samples_every == 0:
+        line["samples"] = sample_rows(roll, log.samples_per_step)  # to RUN/samples.jsonl, not metrics.jsonl
     return line
 
 
@@ -400,20 +402,21 @@ def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor
     ckpt_path = run / "checkpoint" / "state.pt"
     t_run = time.time() - counters["elapsed"]
     state.policy.train()
-    with _progress(show) as bar, (run / "metrics.jsonl").open("a") as metrics_file, \
-            Reporters(run, cfg.log.report_to) as report:
+    with Reporters(run, cfg, counters["step"]) as report, _progress(show) as bar, \
+            (run / "metrics.jsonl").open("a") as metrics_file:
         task_id = bar.add_task("train", total=cfg.steps, completed=counters["step"], info="")
         for step in range(counters["step"] + 1, cfg.steps + 1):
             try:
                 line = rl_step(state, step, run)
             except NonFiniteError as err:  # sampling met NaN or inf logits: the policy is broken
                 return Verdict(True, step, "nonfinite", f"{err} at step {step}")
+            samples = line.pop("samples", [])
             counters["skipped_total"] += line["skipped_updates"]
             line.update(skipped_updates_total=counters["skipped_total"], wall_time=time.time() - t_run)
             line = json_safe(line)  # a non-finite metric is written as null
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
-            report.log(line, step)
+            report.log(line, step, samples)
             counters.update(step=step, metrics_lines=counters["metrics_lines"] + 1)
             bar.update(task_id, completed=step, info=f"reward {line['reward_mean']:.3f} "
                        f"entropy {line['entropy'] or float('nan'):.3f} lr {line['lr'] or float('nan'):.1e}")
