@@ -235,7 +235,7 @@ def test_values_that_would_fail_later_are_refused_up_front(override, message, tm
 
 def test_max_new_tokens_is_bounded_by_a_local_model_s_positions(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
-    over = [f"model.path=\"{tmp_path}\"", "model.warm_start=false"]
+    over = [f"model.path=\"{tmp_path}\"", "model.warm_start=false", "model.tokenizer=\"chars\""]
     assert load_config(None, over + ["rollout.max_new_tokens=63"]).rollout.max_new_tokens == 63
     with pytest.raises(ValueError, match="max_new_tokens: .*<= 63 .*64 positions"):
         load_config(None, over + ["rollout.max_new_tokens=64"])
