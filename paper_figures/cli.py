@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m paper_figures.cli [options]``: ``sspo figures`` without the installed entry point."""
-    from sspo_analysis.cli import run_command
+    from sspo_analysis.cli import own_process, run_command
 
+    own_process()
     parser = argparse.ArgumentParser(prog="sspo")
     register(parser.add_subparsers(dest="command", required=True))
     return run_command(parser, ["figures", *(sys.argv[1:] if argv is None else argv)])
