@@ -146,3 +146,47 @@ def test_the_library_leaves_the_backend_and_warning_format_alone(tmp_path):
     sources = {p: p.read_text() for p in (ROOT / "sspo_analysis").rglob("*.py") if p != ROOT / "sspo_analysis/cli.py"}
     offenders = [str(p) for p, text in sources.items() if "matplotlib.use(" in text or "formatwarning" in text]
     assert not offenders
+
+
+def test_every_entry_point_finds_the_warm_start_in_one_cache(tmp_path, monkeypatch):
+    """``sspo figures`` (full mode), ``sspo train`` and notebook 01's run share one key and one directory."""
+    from paper_figures import Context
+    from paper_figures.experiments import overrides
+    from sspo_analysis.study import PLANS
+    from sspo_analysis.training import load_config
+    from sspo_analysis.training.trainer import warm_start_dir
+
+    monkeypatch.setenv("SSPO_CACHE", str(tmp_path))
+    figures = warm_start_dir(load_config(None, overrides(Context(quick=False).settings, 0)))
+    train = warm_start_dir(load_config(None, []))
+    notebook = warm_start_dir(load_config(None, ['objective.name="sspo"', 'objective.gate="arctan"', "steps=20"]))
+    assert figures == train == notebook and figures.parent == tmp_path / "warm_start"
+    plan = PLANS["quick"]
+    study = warm_start_dir(load_config(None, plan.runs()[0].overrides(plan)))
+    assert study.parent == tmp_path / "warm_start"  # its own settings (another key), the same cache
+    moved = warm_start_dir(load_config(None, [f'warm_start.dir="{tmp_path / "elsewhere"}"']))
+    assert moved == tmp_path / "elsewhere" / "warm_start" / train.name  # warm_start.dir still wins
+
+
+def test_warm_start_progress_is_plain_lines_in_a_log(capsys, monkeypatch):
+    from sspo_analysis.training.trainer import WarmStartProgress
+
+    monkeypatch.setattr(WarmStartProgress, "LOG_SECONDS", 0.0)
+    with WarmStartProgress(True, 50) as bar:  # pytest's captured output is not a terminal: a log
+        for step in range(1, 51):
+            bar.update(step, f"success {step / 100:.2f}" if step % 25 == 0 else None)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["warm start: step 25/50", "warm start: step 50/50"]
+    with WarmStartProgress(False, 50) as bar:
+        bar.update(25, "success 0.25")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_last_evaluation_is_logged_even_inside_the_interval(capsys):
+    from sspo_analysis.training.trainer import WarmStartProgress
+
+    with WarmStartProgress(True, 100) as bar:
+        bar.update(25, "success 0.10")
+        bar.update(50, "success 0.40")  # within LOG_SECONDS of the first line; the run stops here (target met)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["warm start: step 25/100", "warm start: step 50/100"]

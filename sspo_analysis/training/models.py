@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,22 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """transformers' own progress bars off inside the block, as they were after it: the package's loading and
+    saving calls are steps of its own progress display, and a tqdm bar beside it (stuck at 0% in a saved
+    notebook) only adds noise."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: int = 0, tokenizer=None,
                dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)``.
@@ -95,7 +113,8 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"model.path: {str(path)!r} is not a local directory (nothing is downloaded)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with quiet_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         tokenizer.padding_side = "left"

@@ -74,11 +74,14 @@ class Reporters:
 
 def save_final(run: str | Path, policy, tokenizer) -> Path:
     """Save ``policy`` and ``tokenizer`` with ``save_pretrained`` to ``RUN/final`` (replaced whole); returns it."""
+    from sspo_analysis.training.models import quiet_transformers_bars
+
     final = Path(run) / "final"
     tmp = final.with_name(f".final.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with quiet_transformers_bars():
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
