@@ -81,11 +81,9 @@ def _summary(results: list[Any], title: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sspo figures``."""
-    import os
     import time
     from pathlib import Path
 
-    os.environ.setdefault("MPLBACKEND", "Agg")
     from rich.console import Console
 
     import paper_figures
