@@ -25,8 +25,9 @@ unset MPLBACKEND  # the kernel picks its inline backend, as for a user (.ci/run 
 export JUPYTER_DATA_DIR="$PWD/$VENV/share/jupyter" SSPO_QUICK=1
 for nb in notebooks/*.ipynb; do
     t0=$SECONDS
-    # 180 s a cell: a smoke cell takes under 20 s. With nbclient 0.11 the widget cell of 01 was seen, now and then,
-    # to wait one whole limit after its outputs before the run went on, so the limit is not larger than needed.
+    # 180 s a cell: a smoke cell takes under 20 s. In 3 of 4 runs here (nbclient 0.11, jupyter_client 8.10, pyzmq
+    # 27.3) the kernel's reply to 01's widget cell was picked up only when this limit ran out, after which the run
+    # went on and passed; so the limit is kept no larger than needed.
     "$VENV/bin/jupyter" nbconvert --to notebook --execute --ExecutePreprocessor.timeout=180 \
         --ExecutePreprocessor.kernel_name=python3 --output-dir "$OUT" "$nb" > "$OUT.log" 2>&1 ||
         { echo "notebooks: $nb failed:" >&2; tail -n 60 "$OUT.log" >&2; exit 1; }
