@@ -40,11 +40,10 @@ def build_checkpoint(arch: dict, out: Path) -> Path:
     """Save a random-init Qwen2 model with ``arch`` and a tokenizer covering its vocabulary to ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sspo_analysis.training.models import CHARS, SPECIALS, char_tokenizer
+    from sspo_analysis.training.models import char_tokenizer
 
-    extra = (chr(c) for c in range(0xA1, 0x30000) if not 0xD800 <= c < 0xE000)
-    n_extra = arch["vocab_size"] - len(SPECIALS) - len(CHARS)
-    tok = char_tokenizer(CHARS + "".join(next(extra) for _ in range(n_extra)))
+    tok = char_tokenizer()
+    tok.add_tokens([f"<x{i}>" for i in range(arch["vocab_size"] - len(tok))])  # ids the model may sample
     config = AutoConfig.for_model("qwen2", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, **arch)
     torch.manual_seed(0)
@@ -111,7 +110,7 @@ def run_trl(model_dir: Path, args, tmp: Path) -> dict:
     from sspo_analysis.training.models import load_tokenizer
     from sspo_analysis.training.tasks import Addition
 
-    tok = load_tokenizer(model_dir)  # as this trainer loads it (AutoTokenizer would pick Qwen2Tokenizer)
+    tok = load_tokenizer(model_dir)  # as this trainer loads it
     task = Addition(digits=2)
     prompts, answers = task.sample(np.random.default_rng(0), args.prompts * (args.steps + 1))
     data = Dataset.from_dict({"prompt": [tok.bos_token + p for p in prompts], "answer": answers})

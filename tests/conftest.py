@@ -11,3 +11,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def scratch_objectives():
+    """Register throw-away objectives; removed again after the test."""
+    from sspo_analysis import objectives
+
+    before = set(objectives._REGISTRY)
+    yield objectives.register_objective
+    for name in set(objectives._REGISTRY) - before:
+        del objectives._REGISTRY[name]

@@ -8,6 +8,7 @@ count), and stray files from a listing of the system temporary directory.
 
 import importlib.util
 import json
+import math
 import os
 import tempfile
 import textwrap
@@ -21,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sspo_analysis.training import sandbox
-from sspo_analysis.training.sandbox import SandboxResult, extract_code, grade_many, run_python, split_tests
+from sspo_analysis.training.sandbox import SandboxResult, extract_code, grade_many, parse_tests, run_python
 from sspo_analysis.training.tasks import CodeTask, Synthesis, make_task
 
 TESTS = "assert f(1) == 2\nassert f(2) == 4\nassert f(3) == 6\n"
@@ -145,11 +146,14 @@ FORKER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.filterwarnings("ignore:sandbox 'unsafe-process'")
 @pytest.mark.parametrize("tail, status", [("", "ok"), ("time.sleep(1000)", "timeout"),
                                           ("os.kill(os.getppid(), 9); time.sleep(1000)", "crashed")])
-def test_children_daemons_and_process_groups_do_not_survive(tmp_path, tail, status):
+def test_the_fallbacks_reaper_leaves_no_children_daemons_or_process_groups(tmp_path, tail, status):
+    # sandbox="unsafe-process": no PID namespace, so the harness's reaper is what kills descendants (the bwrap
+    # sandbox's PID namespace is tested with hostile programs in test_sandbox_hostile.py)
     log = tmp_path / "pids.txt"
-    result = run_python(FORKER.format(log=str(log), tail=tail), TESTS, timeout_s=5.0)
+    result = run_python(FORKER.format(log=str(log), tail=tail), TESTS, timeout_s=5.0, sandbox="unsafe-process")
     assert result.status == status
     procs = {tag: (int(pid), start) for tag, pid, start in (line.split() for line in log.read_text().splitlines())}
     assert set(procs) == {"group", "daemon", "pgroup", "session"}
@@ -165,7 +169,8 @@ def test_children_daemons_and_process_groups_do_not_survive(tmp_path, tail, stat
         assert not survivors
 
 
-def test_file_writes_leave_nothing_outside_the_working_directory(tmp_path):
+@pytest.mark.filterwarnings("ignore:sandbox 'unsafe-process'")
+def test_the_fallbacks_relative_writes_leave_nothing_behind(tmp_path):
     before = set(os.listdir(tempfile.gettempdir()))
     where = tmp_path / "cwd.txt"
     program = textwrap.dedent(f'''
@@ -181,11 +186,11 @@ def test_file_writes_leave_nothing_outside_the_working_directory(tmp_path):
         def f(x):
             return 2 * x
     ''')
-    assert run_python(program, TESTS).status == "ok"
+    assert run_python(program, TESTS, sandbox="unsafe-process").status == "ok"
     workdir = Path(where.read_text())
     assert not workdir.exists()
     assert Path("/").exists() and os.listdir("/")  # the symlink was removed, not followed
-    new = {n for n in set(os.listdir(tempfile.gettempdir())) - before if not n.startswith("pytest")}
+    new = {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith(("sspo-sandbox-", "tmp"))}
     assert not new
 
 
@@ -229,17 +234,82 @@ def test_grade_many_keeps_order_and_a_slow_program_does_not_block_the_rest():
 # --------------------------------------------------------------------------- parsing helpers
 
 
-def test_split_tests_orders_setup_tests_and_test_functions():
-    source = "import math\nassert f(1) == 1\ndef test_two():\n    assert f(2) == 4\nx = 3\nassert f(x) == 9\n"
-    steps = split_tests(source)
-    assert [kind for kind, _ in steps] == ["setup", "test", "setup", "test", "setup", "test"]
-    assert steps[3] == ("test", "test_two()")
-    humaneval = split_tests("def check(candidate):\n    assert candidate(2) == 4\n", "square")
-    assert humaneval[0] == ("entry", "square") and humaneval[-1] == ("test", "check(candidate)")
+def test_parse_tests_reads_asserts_test_functions_and_check_into_calls():
+    source = "import math\nassert f(1) == 1\ndef test_two():\n    assert f(2) == 4\n    assert f(-2) == 4\nx = 3\n" \
+             "assert f(x) == 9\n"
+    plan = parse_tests(source)
+    assert [t.source for t in plan.tests] == ["assert f(1) == 1", "test_two()", "assert f(x) == 9"]
+    assert [(c.name, c.args, c.kwargs) for c in plan.calls] == [("f", "(1,)", "{}"), ("f", "(2,)", "{}"),
+                                                                ("f", "(-2,)", "{}"), ("f", "(3,)", "{}")]
+    humaneval = parse_tests("def check(candidate):\n    assert candidate(2) == 4\n", "square")
+    assert [t.source for t in humaneval.tests] == ["check(candidate)"] and humaneval.functions == ("square",)
+    called = parse_tests("def check(candidate):\n    assert candidate(2) == 4\ncheck(square)\n")
+    assert called.functions == ("square",) and len(called.tests) == 1
     with pytest.raises(ValueError, match="no test found"):
-        split_tests("x = 1\n")
+        parse_tests("x = 1\n")
     with pytest.raises(ValueError, match="tests: not valid Python"):
-        split_tests("assert (\n")
+        parse_tests("assert (\n")
+
+
+GOOD = textwrap.dedent("""
+    import math
+    def f(x):
+        return x * x
+    def g(items):
+        return sorted(set(items))
+    def h(s):
+        return None
+    def t():
+        return (1, [2, {3: b"x"}], {4}, None, 1.5, -2j, "\\n")
+    def k():
+        return math.nan
+""")
+BAD = GOOD.replace("x * x", "x * x + 1").replace("sorted(set(items))", "list(items)") \
+    .replace("return None", "return 0").replace("-2j", "2j").replace("math.nan", "0.0")
+FORMS = ["assert f(2) == 4", "assert 4 == f(2)", "assert abs(f(0.5) - 0.25) < 1e-9",
+         "assert math.isclose(f(1.5), 2.25, rel_tol=1e-9)", "assert isclose(f(3), 9)",
+         "assert set(g([3, 1, 3])) == {1, 3}", "assert sorted(g([3, 1])) == [1, 3]", "assert h('a') is None",
+         "assert f(2) in (4, 5)", "assert len(g([1, 2, 2])) == 2", "assert f(x=3) == 9",
+         "r = f(4)\nassert r == 16 and r > 15", "assert g((2, 1))[0] == 1", "assert isinstance(h(1), type(None))",
+         "assert not h('b')", "assert f(2) != 5", "assert t() == (1, [2, {3: b'x'}], {4}, None, 1.5, -2j, '\\n')",
+         "assert f(1e200) == float('inf')", "assert math.isnan(k())", "assert f(2) + f(3) == 13"]
+
+
+@pytest.mark.parametrize("program", [GOOD, BAD])
+def test_every_understood_test_form_agrees_with_python_itself(program):
+    # oracle: the same asserts run by Python in this process against the same (trusted) functions
+    expected = 0
+    for form in FORMS:
+        scope = {"isclose": math.isclose}
+        exec(program, scope)
+        try:
+            exec(form, scope)
+            expected += 1
+        except AssertionError:
+            pass
+    result = run_python(program, "from math import isclose\n" + "\n".join(FORMS) + "\n")
+    assert (result.passed, result.total) == (expected, len(FORMS))
+    assert (expected == len(FORMS)) == (program is GOOD) and expected >= 5  # both outcomes are exercised
+
+
+@pytest.mark.parametrize("tests, why", [
+    ("for i in range(3):\n    assert f(i) == i\n", "line 1: `for i in range.*`: For statements are not supported"),
+    ("def helper():\n    return 1\nassert f(1) == helper()\n", "line 1: .*FunctionDef statements"),
+    ("assert f(g(1)) == 2\n", "the arguments of f\\(\\) use the program's values"),
+    ("assert f(1).real == 1\n", "f\\(1\\).real is not supported"),
+    ("assert f(lambda: 1) == 2\n", "Lambda expressions are not supported"),
+    ("assert f(1, [2], {3: (4, 5)}, None, x=-1.5) == 2\nassert f(float('nan')) == 1\n", "line 2: .*cannot be sent"),
+    ("assert f(1) == y\n", "name 'y' is not bound"),
+    ("assert f(*[1]) == 2\n", "\\*args"),
+    ("x = [1]\nassert x == [1, 2]\n", "line 2: .* is false whatever the program does"),
+    ("assert max([1, 2]) == 2\n", "line 1: .*calls only builtins the grader applies itself"),
+    ("assert f(1) == 1\nassert f(2) == [i for i in (1,)]\n", "line 2: .*ListComp expressions are not supported"),
+    ("def check(candidate):\n    assert candidate(1)\n    while True:\n        pass\n",
+     "line 3: `while True:`: While statements"),
+])
+def test_tests_the_grader_cannot_read_are_refused_with_the_line(tests, why):
+    with pytest.raises(ValueError, match=why):
+        parse_tests(tests, "f")
 
 
 def test_entry_point_and_humaneval_check():
@@ -263,30 +333,6 @@ def _code_file(tmp_path, records):
     path = tmp_path / "code.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return path
-
-
-def test_code_task_grades_correct_wrong_looping_hungry_and_forking_solutions(tmp_path):
-    tests = "assert add(1, 2) == 3\nassert add(2, 2) == 4\nassert add(0, 5) == 5\nassert add(-1, 1) == 0\n"
-    path = _code_file(tmp_path, [{"prompt": "Write add(a, b).", "tests": tests}])
-    task = CodeTask(path=str(path), timeout_s=2.0, memory_mb=128)
-    log = tmp_path / "forked.txt"
-    fork = (f"import os, time\nif os.fork() == 0:\n    open({str(log)!r}, 'w').write(f'{{os.getpid()}} ' + "
-            "open(f'/proc/{os.getpid()}/stat').read().rsplit(')', 1)[1].split()[19])\n    time.sleep(1000)\n"
-            f"while not os.path.exists({str(log)!r}):\n    time.sleep(0.01)\n")
-    bodies = ["return a + b", "return a * b", "while True:\n        pass", "return len([0] * 10**9)", "return a + b"]
-    completions = [f"Here:\n```python\n{fork if i == 4 else ''}def add(a, b):\n    {body}\n```" for i, body in
-                   enumerate(bodies)]
-    _, answers = task.sample(np.random.default_rng(0), 5)
-    start = time.monotonic()
-    rewards = task.rewards(completions, answers, workers=5)
-    assert time.monotonic() - start < 2.0 + 2 * MARGIN_S
-    # a * b equals a + b at (2, 2) only; the loop and the hog earn nothing; the forker is correct
-    assert rewards == [1.0, 0.25, 0.0, 0.0, 1.0]
-    pid, start_ticks = log.read_text().split()
-    time.sleep(0.2)
-    assert not alive(int(pid), start_ticks)
-    strict = CodeTask(path=str(path), grader="tests-all")
-    assert strict.rewards(completions[:2], answers[:2]) == [1.0, 0.0]
 
 
 def test_code_task_file_errors_name_the_file_and_line(tmp_path):
@@ -468,3 +514,61 @@ def test_trl_code_reward_in_a_three_step_grpo_run(tmp_path):
             assert reward == 0.0
         else:
             assert reward in (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- which sandbox
+
+
+def test_a_missing_bubblewrap_is_said_once_and_refused_without_opt_in(monkeypatch, tmp_path):
+    from sspo_analysis.integrations.rewards import compute_score, make_code_reward
+    from sspo_analysis.training.config import load_config
+    from sspo_analysis.training.trainer import make_task_from
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # the real probe, on a PATH without bwrap
+    assert sandbox.bwrap_problem.__wrapped__() == "the bwrap command is not on PATH"
+    monkeypatch.setattr(sandbox, "bwrap_problem", lambda: "the bwrap command is not on PATH")
+    with pytest.raises(sandbox.SandboxUnavailable, match="install it .*unsafe-process"):
+        run_python(DOUBLE, TESTS)
+    with pytest.raises(sandbox.SandboxUnavailable):
+        grade_many([DOUBLE, DOUBLE], TESTS)  # for the batch, not as two zero rewards
+    with pytest.raises(sandbox.SandboxUnavailable):
+        compute_score("code", DOUBLE, TESTS)
+    with pytest.raises(sandbox.SandboxUnavailable):
+        make_code_reward()(completions=[DOUBLE], tests=[TESTS])
+    with pytest.raises(ValueError, match="task.sandbox: bubblewrap .*cannot run here .*unsafe-process"):
+        make_task_from(load_config(None, ['task.name="synthesis"']))
+    with pytest.raises(ValueError, match="task.sandbox: unknown value 'docker'; allowed values: bwrap, unsafe-process"):
+        load_config(None, ['task.sandbox="docker"'])
+    sandbox._warn_unsafe.cache_clear()
+    with pytest.warns(RuntimeWarning, match="without file-system, network or process isolation"):
+        assert run_python(DOUBLE, TESTS, sandbox="unsafe-process").status == "ok"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process
+        task = make_task_from(load_config(None, ['task.name="synthesis"', 'task.sandbox="unsafe-process"']))
+        assert task.rewards(["2*x+1"], ["2*x+1"]) == [1.0]
+
+
+def test_code_task_alphabet_check_reads_the_functions_the_model_writes(tmp_path):
+    from sspo_analysis.training.inputs import check_alphabet
+    from sspo_analysis.training.models import CHARS
+
+    tests = "assert add(1, 2) == 3\nassert add(0, 0) == 0"
+    task = CodeTask(path=str(_code_file(tmp_path, [{"prompt": "Write add(a, b).", "tests": tests}])))
+    assert task.written(task.answers[0]) == "def add(): return"
+    check_alphabet(task, CHARS, "task.path")  # was refused: the JSON of the tests holds { } " and a newline
+    humaneval = _code_file(tmp_path, [{"prompt": "p", "entry_point": "has_close_elements",
+                                       "tests": "def check(candidate):\n    assert candidate([1.0], 0.5) is False\n"}])
+    with pytest.raises(ValueError, match=r"1 of 1 answers use characters .*'_' x2"):
+        check_alphabet(CodeTask(path=str(humaneval)), CHARS, "task.path")
+
+
+def test_code_task_trains_with_the_character_tokenizer(tmp_path, one_thread):
+    from sspo_analysis.training import read_metrics, train
+
+    # the issue's report: refused because the alphabet check read the JSON-encoded tests
+    path = _code_file(tmp_path, [{"prompt": "add(a,b)=", "tests": "assert add(1, 2) == 3\nassert add(0, 0) == 0"}])
+    over = ['task.name="code"', f'task.path="{path}"', 'model.preset="micro"', "model.warm_start=false", "steps=1",
+            "rollout.prompts=2", "rollout.group_size=2", "log.progress=false", "log.entropy_taylor=false",
+            "task.sandbox_timeout_s=1.0"]
+    df = read_metrics(train(None, tmp_path / "run", overrides=over))
+    assert len(df) == 1 and df.reward_mean.iloc[0] == 0.0  # an untrained model writes no add(): reward 0

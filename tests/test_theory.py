@@ -408,17 +408,6 @@ def test_sspo_with_a_one_sided_hard_clip_is_gmpo(sign):
 # --------------------------------------------------------------------------- registration-time theory declarations
 
 
-@pytest.fixture
-def scratch_objectives():
-    """Register throw-away objectives; removed again after the test."""
-    from sspo_analysis import objectives
-
-    before = set(objectives._REGISTRY)
-    yield objectives.register_objective
-    for name in set(objectives._REGISTRY) - before:
-        del objectives._REGISTRY[name]
-
-
 def _scaled_is(log_ratio, adv, mask, *, beta):
     r = log_ratio.exp()
     return Terms(beta * r * adv, (beta * adv * r).detach(), r)

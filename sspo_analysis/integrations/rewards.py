@@ -15,7 +15,11 @@
 Both take the program from the completion's last fenced code block (or the
 whole completion), run it in :mod:`sspo_analysis.training.sandbox`, and return
 the fraction of tests passed (``grader="tests-all"``: 1 only when all pass). A
-grading error gives 0 and a warning, never an exception in the engine's loop.
+grading error gives 0 and a warning, never an exception in the engine's loop; a
+sandbox that cannot run here (bubblewrap missing, ``sandbox.SandboxUnavailable``)
+is an exception, so that training never goes on with rewards that are all zero.
+``sandbox="unsafe-process"`` (``extra_info["sandbox"]`` for verl) opts in to the
+uncontained fallback.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sspo_analysis.training.sandbox import extract_code, grade_many, run_python
+from sspo_analysis.training.sandbox import SandboxUnavailable, extract_code, grade_many, run_python
 from sspo_analysis.training.tasks import TEST_GRADERS, parse_tests_answer
 
 
@@ -43,7 +47,7 @@ def _score(result, grader: str) -> float:
 
 def make_code_reward(tests_column: str = "tests", entry_point_column: str = "entry_point", *,
                      grader: str = "tests-fraction", timeout_s: float = 5.0, memory_mb: int = 512,
-                     workers: int | None = None) -> Callable[..., list[float]]:
+                     workers: int | None = None, sandbox: str = "bwrap") -> Callable[..., list[float]]:
     """A TRL reward function grading each completion against its row's ``tests_column`` in the sandbox."""
     if grader not in TEST_GRADERS:
         raise ValueError(f"grader: unknown value {grader!r}; allowed values: {', '.join(TEST_GRADERS)}")
@@ -57,7 +61,7 @@ def make_code_reward(tests_column: str = "tests", entry_point_column: str = "ent
         entries = kwargs.get(entry_point_column) or [None] * len(completions)
         programs = [extract_code(completion_text(c)) for c in completions]
         results = grade_many(programs, [str(t) for t in tests], entry_points=[e or None for e in entries],
-                             workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+                             workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
         bad = [r.message for r in results if r.message.startswith("grader error")]
         if bad:
             warnings.warn(f"code_reward: {len(bad)} completion(s) could not be graded ({bad[0]}); reward 0",
@@ -75,7 +79,7 @@ code_reward = make_code_reward()
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None) -> float:
     """verl ``custom_reward_function``: fraction of tests passed (``extra_info["grader"] = "tests-all"``: 0 or 1).
 
-    ``extra_info`` may also set ``entry_point``, ``timeout_s`` and ``memory_mb``.
+    ``extra_info`` may also set ``entry_point``, ``timeout_s``, ``memory_mb`` and ``sandbox``.
     """
     info = extra_info or {}
     try:
@@ -84,7 +88,10 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
         if grader not in TEST_GRADERS:
             raise ValueError(f"grader: unknown value {grader!r}; allowed values: {', '.join(TEST_GRADERS)}")
         result = run_python(extract_code(solution_str), tests, entry_point=info.get("entry_point") or entry,
-                            timeout_s=float(info.get("timeout_s", 5.0)), memory_mb=int(info.get("memory_mb", 512)))
+                            timeout_s=float(info.get("timeout_s", 5.0)), memory_mb=int(info.get("memory_mb", 512)),
+                            sandbox=info.get("sandbox", "bwrap"))
+    except SandboxUnavailable:
+        raise
     except Exception as err:  # noqa: BLE001 - one bad row must not stop verl's reward loop
         warnings.warn(f"compute_score ({data_source}): grading failed ({err}); score 0", RuntimeWarning,
                       stacklevel=2)

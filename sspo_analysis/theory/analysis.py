@@ -29,7 +29,8 @@ this module never dispatches on an objective's name:
   ``E[c T / A] = E[exp(phi / L) phi'] E[exp(phi / L)]^(L - 1)``);
 - ``monte-carlo``: sampled ``(n, T)`` log-ratios through ``objective.terms``;
   needed for correlated and empirical models, available for all, with
-  delta-method standard errors in ``mc_stderr``.
+  delta-method standard errors in ``mc_stderr``; streamed in chunks into
+  running sums (:mod:`.moments`), so memory does not grow with ``n_samples``.
 
 Sequences are the unit of independence: Monte Carlo statistics are ratio
 estimators over sequences, so tokens of one sequence may be correlated.
@@ -51,7 +52,7 @@ import torch
 
 from sspo_analysis import gates as gates_mod
 from sspo_analysis.objectives import Objective, ObjectiveSpec, all_objective_names, get_spec, resolve_objective
-from sspo_analysis.theory.closed_forms import LogNormalGrid, geometric_moments, lognormal_moments
+from sspo_analysis.theory.closed_forms import LogNormalGrid, geometric_moments, lognormal_weight
 from sspo_analysis.theory.models import (
     EmpiricalRatios,
     LogNormalRatios,
@@ -59,6 +60,7 @@ from sspo_analysis.theory.models import (
     check_length,
     check_std,
 )
+from sspo_analysis.theory.moments import MonteCarloSums, clamp_variance
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,8 +85,10 @@ MC_MAX_TOKENS = 10**9
 thread); lower the samples or the length, or use a closed form or the quadrature."""
 MC_WARN_TOKENS = 10**8
 """Monte Carlo over more tokens than this warns that it will take several seconds."""
-MC_CHUNK_TOKENS = 1 << 19
-"""Monte Carlo evaluates the objective on at most this many tokens at a time."""
+MC_CHUNK_TOKENS = 1 << 18
+"""Monte Carlo draws and evaluates at most this many tokens at a time (one sequence, if longer) and keeps only
+running sums, so its memory is bounded by one chunk whatever ``n_samples``: about 100 MB above the interpreter for
+the built-in objectives (``docs/theory.md``, "Monte Carlo")."""
 
 _SIGNS = {"+": 1, "-": -1, "+1": 1, "-1": -1, "1": 1, "pos": 1, "neg": -1, "positive": 1, "negative": -1}
 
@@ -263,12 +267,20 @@ def _quadrature(obj: Objective, m: np.ndarray, s: np.ndarray, L: np.ndarray, sig
     nodes, w = normal_nodes(m, s, _gate_scale(obj), quad_nodes)  # (S, n)
     zeros = np.zeros(np.broadcast_shapes(m.shape, L.shape))
     lt = torch.from_numpy(np.ascontiguousarray(nodes, dtype=np.float64))
-    if obj.level == "token":
-        out = _token_quadrature(obj, lt, w, sign)
-        mean_w, second_w = lognormal_moments(m, s * s)  # a token objective's weight is the ratio r
-        out.update(mean_weight=mean_w, var_weight=second_w - mean_w**2, ess_fraction=mean_w**2 / second_w)
-        return {k: v + zeros for k, v in out.items()}
+    if obj.level == "token":  # a token objective's weight is the ratio r
+        return lognormal_weight(_token_quadrature(obj, lt, w, sign), m, s * s, zeros)
     return _geometric_quadrature(obj, lt, w, sign, np.broadcast_to(L, zeros.shape))
+
+
+def centred_quadrature(values: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The quadrature ``sum w x`` of the mean and ``sum w (x - mean)^2`` of the variance along the last axis.
+
+    The centred form is non-negative by construction, where ``sum w x^2 - mean^2`` cancels to rounding noise
+    (of either sign) when the variance is small against ``mean^2``. Overflow to inf is left for the caller.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = (values * w).sum(-1, keepdims=True)
+        return mean, (np.square(values - mean) * w).sum(-1, keepdims=True)
 
 
 def _token_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign: int) -> dict[str, np.ndarray]:
@@ -278,10 +290,9 @@ def _token_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign: int
     c = obj.coefficient(flat, torch.zeros_like(flat), adv, torch.ones_like(flat, dtype=torch.bool))
     c = c.reshape(lt.shape).numpy()
     xn = c * sign
-    mean = (xn * w).sum(-1, keepdims=True)
-    second = (xn * xn * w).sum(-1, keepdims=True)
+    mean, var = centred_quadrature(xn, w)
     dead = ((c == 0) * w).sum(-1, keepdims=True) * _zero_by_definition(obj)
-    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
+    return {"mean_coefficient": mean, "var_coefficient": var, "dead_fraction": dead}
 
 
 def _geometric_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign: int,
@@ -291,10 +302,10 @@ def _geometric_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign:
         phi, dphi = obj.log_gate(lt, torch.full(lt.shape, sign > 0))
     phi, dphi, w = phi.numpy()[:, None, :], dphi.numpy()[:, None, :], w[:, None, :]  # (S, 1, n)
     k = (1.0 / L)[..., None]  # (S, K, 1)
-    e1 = np.exp(k * phi)
-    e2 = e1 * e1
-    out = geometric_moments((e1 * w).sum(-1), (e2 * w).sum(-1), (e1 * dphi * w).sum(-1),
-                            (e2 * dphi**2 * w).sum(-1), L)
+    u = np.expm1(k * phi)  # e^(phi / L) - 1, exact where phi / L is tiny
+    u1, v1 = centred_quadrature(u, w)
+    c1, cv = centred_quadrature((1 + u) * dphi, w)
+    out = geometric_moments(u1[..., 0], v1[..., 0], c1[..., 0], cv[..., 0], L)
     zeros = np.zeros(L.shape)
     out["dead_fraction"] = ((dphi == 0) * w).sum(-1) * _zero_by_definition(obj) + zeros
     return {k_: v + zeros for k_, v in out.items()}
@@ -303,67 +314,44 @@ def _geometric_quadrature(obj: Objective, lt: torch.Tensor, w: np.ndarray, sign:
 # --------------------------------------------------------------------------- Monte Carlo
 
 
-def _ratio_stats(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
-    """Ratio estimator ``sum num / sum den`` and its delta-method standard error (units: sequences)."""
-    total = den.sum()
-    mean = num.sum() / total
-    n = num.size
-    se = math.sqrt(((num - mean * den) ** 2).sum() * n / max(n - 1, 1)) / total
-    return float(mean), se
-
-
-def _moment_stats(s1: np.ndarray, s2: np.ndarray, den: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Mean, variance and ``E[x]^2 / E[x^2]`` with delta-method errors from per-sequence sums."""
-    total, n = den.sum(), s1.size
-    mean, second = s1.sum() / total, s2.sum() / total
-    d1, d2 = s1 - mean * den, s2 - second * den  # influence of each sequence (times total)
-    corr = n / max(n - 1, 1)
-
-    def se(psi: np.ndarray) -> float:
-        return float(math.sqrt((psi**2).sum() * corr) / total)
-
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ess = mean**2 / second
-        ess_psi = 2 * mean / second * d1 - mean**2 / second**2 * d2
-    return {"mean": (float(mean), se(d1)), "var": (float(second - mean**2), se(d2 - 2 * mean * d1)),
-            "ess": (float(ess), se(ess_psi))}
-
-
 def _monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
                  seed: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Sample log-ratios, evaluate ``objective.terms`` on them (or the objective's hook); (stats, standard errors)."""
+    """Sample log-ratios, evaluate ``objective.terms`` on them (or the objective's hook); (stats, standard errors).
+
+    Streamed: the samples are drawn and evaluated in chunks of :data:`MC_CHUNK_TOKENS` tokens (one sequence when a
+    sequence is longer) and only running sums are kept (:class:`~.moments.MonteCarloSums`), so memory is bounded by
+    the chunk, not by ``n_samples``. The chunks split one random stream: the same seed gives the same samples
+    whatever the chunk size.
+    """
     _check_mc_work(model, n_samples)
     hook = theory_hook(obj.spec, "monte-carlo")
     if hook is not None:
         return hook(obj, model, sign, n_samples, seed)
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("T", "S1", "S2", "D", "W1", "W2", "WN")}
+    sums = MonteCarloSums()
     for values, mask in model.chunks(n_samples, rng, MC_CHUNK_TOKENS):
         _return_freed_memory()
-        lt, mt = torch.from_numpy(values), torch.from_numpy(mask)
-        adv = torch.full((lt.shape[0],), float(sign), dtype=torch.float64)
-        with torch.no_grad():
-            t = obj.terms(lt, torch.zeros_like(lt), adv, mt)[0]
-        n_tok = mt.sum(-1).to(torch.float64)
-        c = t.coefficient.to(torch.float64)
-        x = c * sign * (n_tok[:, None] if obj.level == "sequence" else 1.0)
-        x = torch.where(mt, x, 0.0)
-        w = t.weight.to(torch.float64)
-        if w.dim() == 1:
-            w1, w2, wn = w, w * w, torch.ones_like(w)
-        else:
-            w = torch.where(mt, w, 0.0)
-            w1, w2, wn = w.sum(-1), (w * w).sum(-1), n_tok
-        for key, val in (("T", n_tok), ("S1", x.sum(-1)), ("S2", (x * x).sum(-1)),
-                         ("D", (mt & (c == 0)).sum(-1) * _zero_by_definition(obj)), ("W1", w1), ("W2", w2), ("WN", wn)):
-            parts[key].append(val.to(torch.float64).numpy())
-    a = {k: np.concatenate(v) for k, v in parts.items()}
-    coef = _moment_stats(a["S1"], a["S2"], a["T"])
-    weight = _moment_stats(a["W1"], a["W2"], a["WN"])
-    dead = _ratio_stats(a["D"], a["T"])
-    pairs = {"mean_coefficient": coef["mean"], "var_coefficient": coef["var"], "dead_fraction": dead,
-             "mean_weight": weight["mean"], "var_weight": weight["var"], "ess_fraction": weight["ess"]}
-    return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+        _add_chunk(sums, obj, torch.from_numpy(values), torch.from_numpy(mask), sign)
+    return sums.stats()
+
+
+def _add_chunk(sums: MonteCarloSums, obj: Objective, lt: torch.Tensor, mt: torch.Tensor, sign: int) -> None:
+    """One chunk of sequences through ``objective.terms``, into the running sums (one row per sequence)."""
+    adv = torch.full((lt.shape[0],), float(sign), dtype=torch.float64)
+    with torch.no_grad():
+        t = obj.terms(lt, torch.zeros_like(lt), adv, mt)[0]
+    n_tok = mt.sum(-1).to(torch.float64)
+    c = t.coefficient.to(torch.float64)
+    x = torch.where(mt, c * sign * (n_tok[:, None] if obj.level == "sequence" else 1.0), 0.0)
+    w = t.weight.to(torch.float64)
+    if w.dim() == 1:  # one weight per sequence
+        w1, w2, wn, w_mask = w, w * w, torch.ones_like(w), torch.ones_like(w, dtype=torch.bool)
+    else:
+        w, w_mask = torch.where(mt, w, 0.0), mt
+        w1, w2, wn = w.sum(-1), (w * w).sum(-1), n_tok
+    dead = (mt & (c == 0)).sum(-1) * _zero_by_definition(obj)
+    columns = torch.stack([n_tok, x.sum(-1), (x * x).sum(-1), dead.to(torch.float64), w1, w2, wn])
+    sums.add(columns.numpy(), (x, mt), (w, w_mask))
 
 
 # --------------------------------------------------------------------------- public API
@@ -403,13 +391,17 @@ def analyse(
             ``closed-form``, ``quadrature`` or ``monte-carlo``.
         n_samples: Monte Carlo sequences (default :data:`DEFAULT_N_SAMPLES`; for an
             empirical model, default all of its sequences, else a bootstrap of ``n``).
+            Streamed in chunks of :data:`MC_CHUNK_TOKENS` tokens: memory does not grow with it.
         seed: Monte Carlo seed.
         quad_nodes: Gauss-Legendre nodes per panel of the quadrature (:func:`normal_nodes`).
         **params: the objective's parameters (``eps``, ``tau``, ``gate``, ...).
 
     Returns:
         A :class:`TheoryResult`; ``mc_stderr`` holds the standard errors when
-        Monte Carlo was used.
+        Monte Carlo was used. Variances are non-negative: a negative within
+        rounding (:data:`~.moments.VARIANCE_RTOL` of ``E[X]^2``) is 0, a larger
+        one a ValueError; a statistic beyond float64 is a ValueError naming the
+        model or, when the model is in range, the objective's parameters.
 
     Example::
 
@@ -443,7 +435,8 @@ def analyse(
         arrays = (_closed_form(obj, m, s, L, sign, model.correlation) if method == "closed-form"
                   else _quadrature(obj, m, s, L, sign, quad_nodes))
         stats = {k: float(arrays[k].reshape(-1)[0]) for k in STATS}
-    _check_finite(stats, model)
+    stats = {k: float(v) for k, v in _checked_variances(stats).items()}
+    _check_finite(stats, model, obj)
     return TheoryResult(obj.name, model.log_ratio_mean, model.log_ratio_std, length, sign, method=method,
                         mc_stderr=stderr, params=dict(obj.params), **stats)
 
@@ -482,12 +475,45 @@ def _check_mc_work(model: LogNormalRatios | EmpiricalRatios, n_samples: int | No
         warnings.warn(f"Monte Carlo over {tokens:.3g} tokens: expect several seconds", UserWarning, stacklevel=3)
 
 
-def _check_finite(stats: dict[str, float], model: LogNormalRatios | EmpiricalRatios) -> None:
-    """A statistic beyond float64 (the weight's variance grows like ``exp(L s^2)``) is a ValueError naming the
-    supported range, never an inf or a NaN."""
+def _checked_variances(stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` with each variance clamped at 0 within rounding of its mean's square; a larger negative raises.
+
+    The theory's own variances are non-negative by construction or already clamped (:mod:`.moments`); this is the
+    rule for every hook's, a user's included: :func:`~.moments.clamp_variance` against ``E[X]^2``, the term that
+    ``E[X^2] - E[X]^2`` subtracts.
+    """
+    out = dict(stats)
+    for var_key, mean_key in (("var_coefficient", "mean_coefficient"), ("var_weight", "mean_weight")):
+        with np.errstate(over="ignore"):
+            square = np.square(np.asarray(stats[mean_key], dtype=float))
+        out[var_key] = clamp_variance(stats[var_key], square, var_key)
+    return out
+
+
+def _blamed_params(obj: Objective) -> dict[str, Any]:
+    """The objective's numeric parameters set away from their defaults (all numeric ones if none is)."""
+    numeric = {k: v for k, v in obj.params.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    changed = {k: v for k, v in numeric.items() if obj.spec.defaults.get(k) != v}
+    return changed or numeric
+
+
+def _check_finite(stats: dict[str, float], model: LogNormalRatios | EmpiricalRatios, obj: Objective) -> None:
+    """A statistic beyond float64 is a ValueError naming the culprit, never an inf or a NaN.
+
+    The weight's variance grows like ``exp(Var(sum of log-ratios))``: beyond :data:`MAX_SUM_VARIANCE` the model is
+    to blame and the error names ``log_ratio_std``; inside it, the objective's parameters are (a temperature of
+    1e300 squares to inf), and the error names those set away from their defaults.
+    """
     bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
     if bad:
         sum_var = model.sum_variance() if isinstance(model, LogNormalRatios) else float("nan")
+        blamed = _blamed_params(obj)
+        if sum_var < MAX_SUM_VARIANCE and blamed:
+            raise ValueError(f"{', '.join(blamed)}: {', '.join(f'{v:g}' for v in blamed.values())} put "
+                             f"{', '.join(bad)} of objective {obj.name!r} beyond float64 at log_ratio_std "
+                             f"{model.log_ratio_std:g} (length {model.mean_length:g}), a model inside the supported "
+                             f"range (Var(sum of log-ratios) = {sum_var:.4g} < {MAX_SUM_VARIANCE:g}); use smaller "
+                             "values")
         raise ValueError(f"log_ratio_std: {model.log_ratio_std:g} (length {model.mean_length:g}) puts "
                          f"{', '.join(bad)} beyond float64 (Var(sum of log-ratios) = {sum_var:.4g}; the weight's "
                          f"moments grow like exp of it); supported: Var(sum of log-ratios) < {MAX_SUM_VARIANCE:g}")
@@ -617,14 +643,15 @@ def _grid_stats(obj: Objective, sign: int, method: str, g: _SweepGrid) -> tuple[
     S, K = g.std.size, g.length.size
     if method != "monte-carlo":
         m_col, s_col, L_row = g.mean[:, None], g.std[:, None], g.length[None, :]
-        stats = (_closed_form(obj, m_col, s_col, L_row, sign, g.correlation) if method == "closed-form"
-                 else _quadrature(obj, m_col, s_col, L_row, sign, g.quad_nodes))
+        stats = _checked_variances(_closed_form(obj, m_col, s_col, L_row, sign, g.correlation)
+                                   if method == "closed-form" else _quadrature(obj, m_col, s_col, L_row, sign,
+                                                                               g.quad_nodes))
         for k in STATS:
             bad = np.argwhere(~np.isfinite(np.broadcast_to(np.asarray(stats[k], dtype=float), (S, K))))
             if bad.size:
                 i, j = bad[0]
                 _check_finite({k: float("nan")}, LogNormalRatios(float(g.std[i]), int(g.length[j]),
-                                                                 float(g.mean[i]), g.correlation))
+                                                                 float(g.mean[i]), g.correlation), obj)
         return stats, np.full((S, K), None, dtype=object)
     stats = {k: np.empty((S, K)) for k in STATS}
     errs = np.empty((S, K), dtype=object)
@@ -632,6 +659,8 @@ def _grid_stats(obj: Objective, sign: int, method: str, g: _SweepGrid) -> tuple[
         for j in range(K):
             model = LogNormalRatios(float(g.std[i]), int(g.length[j]), float(g.mean[i]), g.correlation)
             vals, errs[i, j] = _monte_carlo(obj, model, sign, g.n_samples, g.seed)
+            vals = _checked_variances(vals)
+            _check_finite(vals, model, obj)
             for k in STATS:
                 stats[k][i, j] = vals[k]
     return stats, errs

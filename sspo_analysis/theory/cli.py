@@ -18,7 +18,7 @@ from typing import Any
 from sspo_analysis.cli_common import add_objective_flags, float_list, int_list, objective_params, str_list, write_csv
 from sspo_analysis.io import json_safe
 
-__all__ = ["register", "run_theory", "markdown_table"]
+__all__ = ["register", "run_theory", "markdown_table", "grid_records"]
 
 _STAT_LABELS = {
     "mean_coefficient": "E[c]", "var_coefficient": "Var[c]", "dead_fraction": "P(c=0)",
@@ -44,9 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="use the log-ratios a training run logged (RUN/log_ratios) instead of a log-normal")
     p.add_argument("--steps", help="with --run: comma-separated steps to pool (default all)")
     p.add_argument("--method", default="auto", help="auto, closed-form, quadrature or monte-carlo (default auto)")
-    p.add_argument("--n-samples", type=int, help="Monte Carlo sequences")
+    p.add_argument("--n-samples", type=int,
+                   help="Monte Carlo sequences (streamed: memory is bounded by one chunk of 2^18 tokens, or one "
+                        "sequence if longer, whatever the number)")
     p.add_argument("--seed", type=int, default=0, help="Monte Carlo seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with --grid: a JSON list, one per row)")
     add_objective_flags(p, lists=True)
     g = p.add_argument_group("grid (--grid)")
     g.add_argument("--grid", action="store_true", help="sweep a grid; write it with --csv or print it")
@@ -108,6 +110,8 @@ def _run_grid(args: argparse.Namespace) -> int:
     if any(v is not None for v in fixed.values()):
         raise ValueError("--tau-pos, --tau-neg, --eps-lo, --eps-hi, --eps-max, --one-sided: single-point only; "
                          "with --grid use --taus, --eps, --gates")
+    if args.json and args.markdown:
+        raise ValueError("--json, --markdown: give one of them")
     frame = sweep(
         names,
         float_list(args.stds, "--stds"),
@@ -125,12 +129,25 @@ def _run_grid(args: argparse.Namespace) -> int:
     if args.csv:  # mc_stderr as JSON, like the params column
         write_csv(frame.assign(mc_stderr=[None if v is None else json.dumps(v, sort_keys=True)
                                           for v in frame["mc_stderr"]]), args.csv)
-    if args.markdown:
+    if args.json:
+        print(json.dumps(json_safe(grid_records(frame)), allow_nan=False))
+    elif args.markdown:
         print(markdown_table(frame))
     elif not args.csv:
         cols = ["objective", "gate", "tau", "eps", "advantage_sign", "log_ratio_std", "length", *_STAT_LABELS, "method"]
         print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
+
+
+def grid_records(frame: Any) -> list[dict[str, Any]]:
+    """The grid as plain rows for JSON: the frame's columns, ``params`` as an object, NaN kept for ``json_safe``."""
+    records = frame.to_dict(orient="records")
+    for row in records:
+        row["params"] = json.loads(row["params"])
+        for key, value in row.items():
+            if hasattr(value, "item"):  # a numpy scalar
+                row[key] = value.item()
+    return records
 
 
 def _setting(row: Any) -> str:

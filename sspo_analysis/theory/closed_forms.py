@@ -24,10 +24,14 @@ import numpy as np
 from scipy.special import log_ndtr, ndtr
 
 from sspo_analysis.theory.models import sum_variance
+from sspo_analysis.theory.moments import variance
 
 __all__ = [
     "LogNormalGrid",
+    "geometric_moments",
     "gmpo",
+    "lognormal_variance",
+    "lognormal_weight",
     "on_policy",
     "ppo_clip",
     "sequence_ppo_clip",
@@ -80,32 +84,56 @@ def partial_moment(k: float | np.ndarray, a: float, b: float, m: np.ndarray, s: 
         return np.exp(k * m + 0.5 * k * k * s * s + log_prob)
 
 
-def lognormal_moments(mu: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``E[X]``, ``E[X^2]`` for ``log X ~ N(mu, var)``."""
+def _log_expm1(x: np.ndarray) -> np.ndarray:
+    """``log(e^x - 1)`` for ``x >= 0`` (``-inf`` at 0), without overflow for large ``x``."""
+    x = np.asarray(x, dtype=float)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        return np.where(x > 30.0, x + np.log1p(-np.exp(-x)), np.log(np.expm1(np.minimum(x, 30.0))))
+
+
+def lognormal_variance(mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """``Var[X] = e^(2 mu + var) expm1(var)`` for ``log X ~ N(mu, var)``: no cancellation, never negative."""
     with np.errstate(over="ignore"):
-        return np.exp(mu + var / 2), np.exp(2 * mu + 2 * var)
+        return np.exp(2 * mu + var + _log_expm1(var))
 
 
-def geometric_moments(m1: np.ndarray, m2: np.ndarray, c1: np.ndarray, c2: np.ndarray, L: np.ndarray) -> Stats:
-    """Moments of a geometric-mean objective from the one-token factors.
+def lognormal_weight(out: Stats, mu: np.ndarray, var: np.ndarray, zeros: np.ndarray) -> Stats:
+    """``out`` completed by the moments of a log-normal weight, ``log w ~ N(mu, var)``, broadcast to ``zeros``.
 
-    ``m1 = E[e^{phi/L}]``, ``m2 = E[e^{2 phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
-    ``c2 = E[e^{2 phi/L} phi'^2]``: ``E[w^q] = M(q/L)^L`` and
-    ``E[(w phi'_t)^q] = E[e^{q phi/L} phi'^q] M(q/L)^(L-1)`` for i.i.d. tokens.
+    ``E[w] = e^(mu + var / 2)``, :func:`lognormal_variance` and ``E[w]^2 / E[w^2] = e^(-var)``.
     """
-    with np.errstate(over="ignore", divide="ignore"):
-        lm1, lm2 = np.log(m1), np.log(m2)
+    with np.errstate(over="ignore"):
+        weight = {"mean_weight": np.exp(mu + var / 2), "var_weight": lognormal_variance(mu, var),
+                  "ess_fraction": np.exp(-var)}
+    return {k: v + zeros for k, v in {**out, **weight}.items()}
+
+
+def geometric_moments(u1: np.ndarray, v1: np.ndarray, c1: np.ndarray, cv: np.ndarray, L: np.ndarray) -> Stats:
+    """Moments of a geometric-mean objective from the one-token factors' means and variances.
+
+    ``u1 = E[e^{phi/L}] - 1 = m1 - 1`` (given as such: at large ``L`` the factor
+    is ``1 + O(1/L)`` and ``1 + u1`` would round its information away),
+    ``v1 = Var[e^{phi/L}]``, ``c1 = E[e^{phi/L} phi']``,
+    ``cv = Var[e^{phi/L} phi']``. For i.i.d. tokens ``E[w^q] = M(q/L)^L`` and
+    ``E[(w phi'_t)^q] = E[e^{q phi/L} phi'^q] M(q/L)^(L-1)``; with
+    ``g = log(M(2/L) / M(1/L)^2) = log1p(v1 / m1^2) >= 0`` the variances are
+
+        Var[w]      = E[w]^2 expm1(L g)
+        Var[w phi'] = c1^2 m1^(2L-2) expm1((L-1) g) + cv m1^(2L-2) e^((L-1) g)
+
+    sums of non-negative terms, where ``E[X^2] - E[X]^2`` cancels (at ``L = 1e6``
+    the rounding of ``M^L`` alone is 1e-10 relative).
+    """
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        lm1, g = np.log1p(u1), np.log1p(v1 / (1 + u1) ** 2)
+        mean_w = np.exp(L * lm1)
+        var_w = np.exp(2 * L * lm1 + _log_expm1(L * g))
         mean_c = c1 * np.exp((L - 1) * lm1)
-        second_c = c2 * np.exp((L - 1) * lm2)
-        mean_w, second_w = np.exp(L * lm1), np.exp(L * lm2)
-    return {"mean_coefficient": mean_c, "var_coefficient": second_c - mean_c**2,
-            "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
-
-
-def with_weight(out: Stats, mean_w: np.ndarray, second_w: np.ndarray, zeros: np.ndarray) -> Stats:
-    """``out`` completed by the weight's mean, variance and ESS fraction, all broadcast to ``zeros``' shape."""
-    out = {**out, "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": mean_w**2 / second_w}
-    return {k: v + zeros for k, v in out.items()}
+        var_c = (np.exp(2 * np.log(np.abs(c1)) + 2 * (L - 1) * lm1 + _log_expm1((L - 1) * g))
+                 + cv * np.exp((L - 1) * (2 * lm1 + g)))
+        ess = np.exp(-L * g)
+    return {"mean_coefficient": mean_c, "var_coefficient": var_c, "mean_weight": mean_w, "var_weight": var_w,
+            "ess_fraction": ess}
 
 
 def _ratio_clip(mu: np.ndarray, sd: np.ndarray, sign: int, eps_lo: float, eps_hi: float) -> Stats:
@@ -118,13 +146,13 @@ def _ratio_clip(mu: np.ndarray, sd: np.ndarray, sign: int, eps_lo: float, eps_hi
         dead = ndtr((a - mu) / sd) if eps_lo < 1 else np.zeros_like(mu)
     mean = partial_moment(1.0, a, b, mu, sd)
     second = partial_moment(2.0, a, b, mu, sd)
-    return {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead}
+    return {"mean_coefficient": mean, "var_coefficient": variance(mean, second, "var_coefficient"),
+            "dead_fraction": dead}
 
 
 def _token_weight(out: Stats, grid: LogNormalGrid) -> Stats:
     """Token objectives: the weight is the ratio ``r`` of one token, log-normal whatever the correlation."""
-    mean_w, second_w = lognormal_moments(grid.mean, grid.std * grid.std)
-    return with_weight(out, mean_w, second_w, grid.zeros)
+    return lognormal_weight(out, grid.mean, grid.std * grid.std, grid.zeros)
 
 
 # --------------------------------------------------------------------------- the hooks
@@ -139,9 +167,8 @@ def on_policy(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
 
 def token_ratio(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
     """``is-token``: ``c / A = r``, log-normal."""
-    mean, second = lognormal_moments(grid.mean, grid.std * grid.std)
-    return _token_weight({"mean_coefficient": mean, "var_coefficient": second - mean**2,
-                          "dead_fraction": grid.zeros}, grid)
+    out = _token_weight({"dead_fraction": grid.zeros}, grid)
+    return {**out, "mean_coefficient": out["mean_weight"], "var_coefficient": out["var_weight"]}
 
 
 def ppo_clip(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
@@ -157,24 +184,21 @@ def truncated_ratio(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> S
     above = ndtr((m - b) / s)
     mean = partial_moment(1.0, -np.inf, b, m, s) + eps_max * above
     second = partial_moment(2.0, -np.inf, b, m, s) + eps_max**2 * above
-    return _token_weight({"mean_coefficient": mean, "var_coefficient": second - mean**2,
+    return _token_weight({"mean_coefficient": mean, "var_coefficient": variance(mean, second, "var_coefficient"),
                           "dead_fraction": zeros + (1.0 if eps_max == 0 else 0.0)}, grid)
 
 
 def sequence_ratio(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
     """``is-seq``: ``c T / A = W = exp(sum_t l)``, log-normal with the variance of the sum."""
-    zeros, var_sum = grid.zeros, grid.sum_variance()
-    mean_w, second_w = lognormal_moments(grid.length * grid.mean, var_sum)
-    return {"mean_coefficient": mean_w, "var_coefficient": second_w - mean_w**2, "dead_fraction": zeros,
-            "mean_weight": mean_w, "var_weight": second_w - mean_w**2, "ess_fraction": np.exp(-var_sum) + zeros}
+    out = lognormal_weight({"dead_fraction": grid.zeros}, grid.length * grid.mean, grid.sum_variance(), grid.zeros)
+    return {**out, "mean_coefficient": out["mean_weight"], "var_coefficient": out["var_weight"]}
 
 
 def sequence_ppo_clip(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
     """``gspo``: PPO's clip of ``s = exp(mean_t l)``, whose log is normal with the variance of the mean."""
     sd = np.sqrt(grid.sum_variance()) / grid.length  # std of mean_t l
     out = _ratio_clip(grid.mean, sd, sign, params["eps_lo"], params["eps_hi"])
-    mean_w, second_w = lognormal_moments(grid.mean, sd**2)
-    return with_weight(out, mean_w, second_w, grid.zeros)
+    return lognormal_weight(out, grid.mean, sd**2, grid.zeros)
 
 
 def gmpo(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
@@ -191,6 +215,7 @@ def gmpo(params: dict[str, Any], grid: LogNormalGrid, sign: int) -> Stats:
         a, b = -params["eps_lo"], np.inf
         tail, edge = ndtr((a - m) / s), a
     c1, c2 = partial_moment(k1, a, b, m, s), partial_moment(k2, a, b, m, s)
-    out = geometric_moments(c1 + np.exp(k1 * edge) * tail, c2 + np.exp(k2 * edge) * tail, c1, c2, L)
+    m1, m2 = c1 + np.exp(k1 * edge) * tail, c2 + np.exp(k2 * edge) * tail
+    out = geometric_moments(m1 - 1, variance(m1, m2, "var_weight"), c1, variance(c1, c2, "var_coefficient"), L)
     out["dead_fraction"] = tail + zeros
     return {k: v + zeros for k, v in out.items()}

@@ -126,7 +126,10 @@ class LogNormalRatios:
         return self.mean + self.std * z, np.ones((n, self.length), dtype=bool)
 
     def chunks(self, n: int, rng: np.random.Generator, max_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`sample` ``n`` sequences in pieces of at most ``max_tokens`` tokens."""
+        """:meth:`sample` ``n`` sequences in pieces of at most ``max_tokens`` tokens (one sequence if longer).
+
+        The pieces split one stream of draws: the samples are the same whatever ``max_tokens``.
+        """
         per = max(1, max_tokens // self.length)
         for start in range(0, n, per):
             yield self.sample(min(per, n - start), rng)
@@ -292,11 +295,16 @@ class EmpiricalRatios:
 
     def chunks(self, n: int | None, rng: np.random.Generator,
                max_tokens: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`sample` in pieces of about ``max_tokens`` padded tokens."""
-        index = np.arange(self.n_sequences) if n is None else rng.integers(0, self.n_sequences, n)
+        """:meth:`sample` in pieces of about ``max_tokens`` padded tokens.
+
+        A bootstrap draws each piece's indices as it goes (the same indices as one draw of ``n``: numpy's
+        bounded 64-bit integers do not buffer), so memory is bounded by the piece whatever ``n``.
+        """
+        total = self.n_sequences if n is None else n
         per = max(1, max_tokens // int(self.lengths.max()))
-        for start in range(0, index.size, per):
-            yield self._pad(index[start:start + per])
+        for start in range(0, total, per):
+            size = min(per, total - start)
+            yield self._pad(np.arange(start, start + size) if n is None else rng.integers(0, self.n_sequences, size))
 
 
 RatioModel = LogNormalRatios | EmpiricalRatios

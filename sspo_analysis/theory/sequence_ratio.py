@@ -30,15 +30,10 @@ import numpy as np
 import torch
 
 from sspo_analysis.objectives import Objective
-from sspo_analysis.theory.analysis import (
-    MC_CHUNK_TOKENS,
-    _moment_stats,
-    _ratio_stats,
-    _return_freed_memory,
-    normal_nodes,
-)
+from sspo_analysis.theory.analysis import MC_CHUNK_TOKENS, _return_freed_memory, centred_quadrature, normal_nodes
 from sspo_analysis.theory.closed_forms import LogNormalGrid
 from sspo_analysis.theory.models import EmpiricalRatios, LogNormalRatios
+from sspo_analysis.theory.moments import MonteCarloSums
 
 DEFAULT_BATCH_SIZE = 64
 """Sequences per sampled batch in :func:`batch_monte_carlo` (the ranking's population is ``B L`` tokens)."""
@@ -63,12 +58,11 @@ def vespo_quadrature(obj: Objective, grid: LogNormalGrid, sign: int, quad_nodes:
     adv = torch.full((flat.shape[0],), float(sign), dtype=torch.float64)
     c = obj.coefficient(flat, torch.zeros_like(flat), adv, torch.ones_like(flat, dtype=torch.bool))
     phi = (c.reshape(log_w.shape) * sign).numpy()
-    mean = (phi * w).sum(-1)
-    second = (phi * phi * w).sum(-1)
+    mean, var = (v[..., 0] for v in centred_quadrature(phi, w))
     dead = ((phi == 0) * w).sum(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = {"mean_coefficient": mean, "var_coefficient": second - mean**2, "dead_fraction": dead,
-               "mean_weight": mean, "var_weight": second - mean**2, "ess_fraction": mean**2 / second}
+        out = {"mean_coefficient": mean, "var_coefficient": var, "dead_fraction": dead,
+               "mean_weight": mean, "var_weight": var, "ess_fraction": mean**2 / (var + mean**2)}
     return {k: v.reshape(shape) for k, v in out.items()}
 
 
@@ -83,9 +77,10 @@ def _batches(model: LogNormalRatios | EmpiricalRatios, n_samples: int | None, rn
             yield values[start:start + size], mask[start:start + size]
 
 
-def _batch_sums(obj: Objective, values: np.ndarray, mask: np.ndarray, sign: int,
-                rng: np.random.Generator) -> tuple[float, ...]:
-    """One sampled batch through ``objective.terms``; sums over the tokens of sequences with ``sign(A) = sign``."""
+def _add_batch(sums: MonteCarloSums, obj: Objective, values: np.ndarray, mask: np.ndarray, sign: int,
+               rng: np.random.Generator) -> None:
+    """One sampled batch through ``objective.terms``, into ``sums`` as one unit: the tokens of its sequences with
+    ``sign(A) = sign``."""
     lr, mt = torch.from_numpy(values), torch.from_numpy(mask)
     old = torch.from_numpy(-rng.exponential(OLD_LOG_PROB_SCALE, size=values.shape))
     adv = torch.from_numpy(rng.standard_normal(values.shape[0]))
@@ -94,8 +89,10 @@ def _batch_sums(obj: Objective, values: np.ndarray, mask: np.ndarray, sign: int,
     keep = mt & (torch.sign(adv) == sign)[:, None]
     x = torch.where(keep, t.coefficient / adv[:, None], 0.0)
     w = torch.where(keep, t.weight, 0.0)
-    return (float(keep.sum()), float(x.sum()), float((x * x).sum()), float((keep & (t.coefficient == 0)).sum()),
-            float(w.sum()), float((w * w).sum()))
+    n = keep.sum().to(torch.float64)
+    row = torch.stack([n, x.sum(), (x * x).sum(), (keep & (t.coefficient == 0)).sum().to(torch.float64),
+                       w.sum(), (w * w).sum(), n])
+    sums.add(row[:, None].numpy(), (x, keep), (w, keep))
 
 
 def batch_monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, sign: int, n_samples: int | None,
@@ -112,12 +109,10 @@ def batch_monte_carlo(obj: Objective, model: LogNormalRatios | EmpiricalRatios, 
     if not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size: must be an integer >= 2, got {batch_size!r}")
     rng = np.random.default_rng(seed)
-    rows = [_batch_sums(obj, v, m, sign, rng) for v, m in _batches(model, n_samples, rng, batch_size)]
-    if len(rows) < 2:
-        raise ValueError(f"n_samples: need at least 2 batches of {batch_size} sequences, got {len(rows)}")
-    n, s1, s2, dead, w1, w2 = (np.array(col) for col in zip(*rows))
-    coef, weight, dead_pair = _moment_stats(s1, s2, n), _moment_stats(w1, w2, n), _ratio_stats(dead, n)
-    pairs = {"mean_coefficient": coef["mean"], "var_coefficient": coef["var"], "dead_fraction": dead_pair,
-             "mean_weight": weight["mean"], "var_weight": weight["var"], "ess_fraction": weight["ess"]}
-    return {k: v[0] for k, v in pairs.items()}, {k: (v[1] if math.isfinite(v[1]) else math.nan)
-                                                 for k, v in pairs.items()}
+    sums = MonteCarloSums()
+    for values, mask in _batches(model, n_samples, rng, batch_size):
+        _add_batch(sums, obj, values, mask, sign, rng)
+    if sums.n_units < 2:
+        raise ValueError(f"n_samples: need at least 2 batches of {batch_size} sequences, got {sums.n_units}")
+    stats, stderr = sums.stats()
+    return stats, {k: (v if math.isfinite(v) else math.nan) for k, v in stderr.items()}

@@ -34,6 +34,7 @@ DEFAULT_CONFIG = Path(str(PACKAGED_CONFIGS / "default.toml"))
 class ModelConfig:
     preset: str = "tiny"  # a training.models.PRESETS name, used when path is empty
     path: str = ""  # local checkpoint directory (from_pretrained); wins over preset and warm_start
+    tokenizer: str = "auto"  # auto: path's own tokenizer (an error if it has none), presets' characters; chars
     warm_start: bool = True  # start the preset from the cached supervised warm start (made on first use)
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on the run's device, CUDA or CPU)
     gradient_checkpointing: bool = False
@@ -62,6 +63,7 @@ class TaskConfig:
     entry_point_key: str = "entry_point"  # code
     sandbox_timeout_s: float = 5.0  # code, synthesis: wall-clock limit per program
     sandbox_memory_mb: int = 512  # code, synthesis: address-space limit per process
+    sandbox: str = "bwrap"  # code, synthesis: bwrap (contained) | unsafe-process (no isolation, explicit opt-in)
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
 
 
@@ -227,16 +229,20 @@ def _check_run(cfg: TrainConfig) -> None:
 
 
 def _check_model(cfg: TrainConfig) -> None:
-    from sspo_analysis.training.models import PRESETS
+    from sspo_analysis.training.models import PRESETS, TOKENIZERS, check_has_tokenizer
 
     m = cfg.model
     if not m.path:
         _choice("model.preset", m.preset, tuple(PRESETS))
+    _choice("model.tokenizer", m.tokenizer, TOKENIZERS)
+    if m.path and m.tokenizer == "auto":
+        check_has_tokenizer(m.path)
     _choice("model.precision", m.precision, ("fp32", "bf16"))
     _choice("model.kernels", m.kernels, ("fast", "exact"))
 
 
 def _check_task(cfg: TrainConfig) -> None:
+    from sspo_analysis.training.sandbox import SANDBOXES
     from sspo_analysis.training.tasks import GRADERS, TASK_GRADERS, TASKS
 
     t = cfg.task
@@ -251,6 +257,7 @@ def _check_task(cfg: TrainConfig) -> None:
         raise ValueError(f"task.path: {t.path!r} is not a file; task.name = {t.name!r} needs a local JSONL file")
     _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
     _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
+    _choice("task.sandbox", t.sandbox, SANDBOXES)
 
 
 def _check_warm_start(cfg: TrainConfig) -> None:

@@ -1,19 +1,27 @@
-"""The sandbox's harness script: run by ``python -I -S`` in the temporary directory, never imported.
+"""The sandbox's harness: run as ``python -I -S harness.py`` inside the sandbox, where it only computes.
 
-``sspo_analysis.training.sandbox`` copies this file into each run's temporary
-directory and feeds it a JSON spec on stdin. The process is a small trusted
-*reaper*: it marks itself a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``),
-forks one *worker* that starts a new session, applies the resource limits and
-runs the program and its tests in order, reporting one line per test on a
-private pipe (never through the program's stdout, which goes to /dev/null).
-When the worker ends or the wall-clock deadline passes, the reaper kills the
-worker's process group, then every process reparented to it (children that
-left the group with ``setsid`` or ``setpgid`` come back to the subreaper when
-their parent dies), until it has no child left. It prints the worker's pid on
-the first line of stdout and a JSON summary on the last; the library reads
-both. Only the standard library is used (``-S``: no site-packages).
+``sspo_analysis.training.sandbox`` starts it with a JSON spec on stdin: the program, the calls to
+make (a function name and the literal text of its arguments, see ``training/checks.py``) and the
+limits. This process is a small *reaper* (a Linux child subreaper): it forks a *worker* that
+starts a new session, applies the limits, runs the program, calls each function in turn and writes
+one line per event on the result channel (this process's original stdout; the program's own stdout
+and stderr go to /dev/null):
+
+- ``L``: the program's top level ran; ``S|E|M <why>``: syntax error; error at import or missing
+  entry point; out of memory;
+- ``V <i> <literal>``: call ``i`` returned this value (a Python literal of builtin types only);
+  ``R <i> <why>``: call ``i`` raised, or returned something that is not plain data;
+- ``D``: every call was made.
+
+When the worker ends or ``timeout_s`` passes, the reaper kills the worker's process group, then
+every process reparented to it, and writes ``Z <timed out 0|1> <exit code|-> <signal|->`` (after
+``W <worker pid>`` at the start). Nothing here is trusted by the grader: the program can write any
+of these lines itself, so the grader decides a test only by comparing a value received here with
+an expected value it never sends. Only the standard library is used (``-S``: no site-packages);
+the library imports :func:`decode` from here, so both sides read values the same way.
 """
 
+import ast
 import json
 import os
 import resource
@@ -23,7 +31,52 @@ import sys
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
-MAX_REPORT_BYTES = 1 << 20
+MAX_VALUE_CHARS = 1 << 16
+"""The longest value sent back (its literal text, 64 KiB); a longer one fails its call. It bounds what the grader
+parses, whatever the program writes."""
+MAX_NODES = 1 << 20
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def decode(text):
+    """The value of a Python literal of builtin types (``inf``, ``nan`` too); ValueError or SyntaxError if not one."""
+    tree = ast.parse(text, mode="eval")
+    for node in ast.walk(tree):  # inf and nan are the only names a value's repr holds
+        if isinstance(node, ast.Name) and node.id not in ("inf", "nan"):
+            raise ValueError(f"not a literal: name {node.id!r}")
+    tree = _Numbers().visit(tree)
+    return ast.literal_eval(tree)
+
+
+class _Numbers(ast.NodeTransformer):
+    def visit_Name(self, node):
+        return ast.copy_location(ast.Constant(float(node.id)), node)
+
+
+def encode(value):
+    """The literal text of ``value`` if it is built of builtin literal types only (exact types), else None."""
+    budget = [MAX_NODES]
+
+    def plain(item, depth):
+        budget[0] -= 1
+        kind = type(item)
+        if kind in _PLAIN:
+            return True
+        if budget[0] < 0 or depth > 100:
+            return False
+        if kind in (list, tuple, set):
+            return all(plain(x, depth + 1) for x in item)
+        if kind is dict:
+            return all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in item.items())
+        return False
+
+    if not plain(value, 0):
+        return None
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than sys.get_int_max_str_digits()
+        return None
+    return text if len(text) <= MAX_VALUE_CHARS else None
 
 
 def set_subreaper():
@@ -56,79 +109,79 @@ def describe(err):
     return text.replace("\n", " ")[:240]
 
 
-def attempt(source, ns, name):
-    """None if ``source`` ran, else ("memory" | "error", message)."""
+def sender(channel):
+    """A function writing one line on the channel (bound now: the program may patch ``os`` later)."""
+    write = os.write
+
+    def send(line):
+        data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+        while data:
+            data = data[write(channel, data):]
+
+    return send
+
+
+def answer(send, index, function, args, kwargs):
+    """Make call ``index`` and send its value (``V``) or why there is none (``R``); False on MemoryError."""
     try:
-        exec(compile(source, name, "exec"), ns)
-        return None
+        value = function(*decode(args), **decode(kwargs))
     except MemoryError:
-        return "memory", "MemoryError"
+        return False
     except BaseException as err:  # SystemExit and KeyboardInterrupt from the program count as errors too
-        return "error", describe(err)
+        send(f"R {index} raised {describe(err)}")
+        return True
+    text = encode(value)
+    if text is None:
+        send(f"R {index} returned a {type(value).__name__}, not plain data (or more than {MAX_VALUE_CHARS} chars)")
+    else:
+        send(f"V {index} {text}")
+    return True
 
 
-def worker(spec, fd):
+def worker(spec, channel):
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for target in (0, 1, 2):
         os.dup2(null, target)
-    os.closerange(3, fd)
-    os.closerange(fd + 1, 1 << 16)
-    write, leave = os.write, os._exit  # bound now: the program may monkeypatch os
-
-    def report(line):
-        write(fd, (line.replace("\n", " ")[:300] + "\n").encode("utf-8", "replace"))
-
+    os.closerange(3, channel)
+    os.closerange(channel + 1, 1 << 16)
+    send, leave = sender(channel), os._exit
     apply_limits(spec)
     ballast = [bytearray(1 << 20)]  # released on MemoryError so that the report itself can allocate
     try:
-        compile(spec["program"], "program.py", "exec")
+        code = compile(spec["program"], "program.py", "exec")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as err:
-        report("S " + describe(err))
+        send("S " + describe(err))
         leave(0)
     ns = {"__name__": "solution"}
-    steps = [("program", spec["program"])] + [tuple(item) for item in spec["items"]]
-    test_index = 0
-    for kind, source in steps:
-        if kind == "entry":
-            if source not in ns:
-                report(f"E entry point {source!r} is not defined by the program")
-                leave(0)
-            ns["candidate"] = ns[source]
-            continue
-        outcome = attempt(source, ns, "program.py" if kind == "program" else "tests.py")
-        if outcome is not None and outcome[0] == "memory":
+    try:
+        exec(code, ns)
+    except MemoryError:
+        ballast.clear()
+        send("M MemoryError at import")
+        leave(0)
+    except BaseException as err:
+        send("E " + describe(err))
+        leave(0)
+    send("L")
+    entry = spec.get("entry_point")
+    if entry and not callable(ns.get(entry)):
+        send(f"E entry point {entry!r} is not defined by the program")
+        leave(0)
+    for index, (name, args, kwargs) in enumerate(spec["calls"]):
+        function = ns.get(name)
+        if not callable(function):
+            send(f"R {index} the program defines no function {name!r}")
+        elif not answer(send, index, function, args, kwargs):
             ballast.clear()
-            ns.clear()
-            report("M " + outcome[1])
+            send(f"M MemoryError in {name}()")
             leave(0)
-        if kind == "test":
-            report(f"P {test_index}" if outcome is None else f"F {test_index} {outcome[1]}")
-            test_index += 1
-        elif outcome is not None:
-            report(("E " if kind == "program" else "X ") + outcome[1])
-            leave(0)
-    report("D")
+    send("D")
     leave(0)
 
 
-def drain(fd, data):
-    """Read what is available; False at end of file. Keeps at most MAX_REPORT_BYTES."""
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return True
-        if not chunk:
-            return False
-        if len(data) < MAX_REPORT_BYTES:
-            data.extend(chunk[: MAX_REPORT_BYTES - len(data)])
-
-
-def collect(pid, fd, timeout_s):
-    """The worker's report and whether the deadline passed before the worker ended."""
-    os.set_blocking(fd, False)
-    data, open_ = bytearray(), True
+def wait_for(pid, timeout_s):
+    """Wait until the worker ends; True if ``timeout_s`` passed first."""
     deadline = time.monotonic() + timeout_s
     try:
         waiter = os.pidfd_open(pid)
@@ -137,19 +190,14 @@ def collect(pid, fd, timeout_s):
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            return data, True
-        watch = ([waiter] if waiter is not None else []) + ([fd] if open_ else [])
-        ready = select.select(watch, [], [], left if waiter is not None else min(left, 0.005))[0]
-        if fd in ready:
-            open_ = drain(fd, data)
-        if (waiter is not None and waiter in ready) or (waiter is None and exited(pid)):
-            if open_:
-                drain(fd, data)
-            return data, False
-
-
-def exited(pid):
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            return True
+        if waiter is not None:
+            if select.select([waiter], [], [], left)[0]:
+                return False
+        elif os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return False
+        else:
+            time.sleep(min(left, 0.005))
 
 
 def children(ppid):
@@ -188,31 +236,29 @@ def reap_all(limit_s=3.0):
 
 def main():
     spec = json.loads(sys.stdin.buffer.read())
-    subreaper = set_subreaper()
-    read_end, write_end = os.pipe()
+    channel = os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1):
+        os.dup2(null, target)
+    set_subreaper()
     pid = os.fork()
     if pid == 0:
-        os.close(read_end)
         try:
-            worker(spec, write_end)
+            worker(spec, channel)
         finally:
             os._exit(70)
-    os.close(write_end)
-    sys.stdout.write(f"{pid}\n")
-    sys.stdout.flush()
-    data, timed_out = collect(pid, read_end, spec["timeout_s"])
+    send = sender(channel)
+    send(f"W {pid}")
+    timed_out = wait_for(pid, spec["timeout_s"])
     try:
         os.killpg(pid, signal.SIGKILL)  # the worker's session and group: no child outlives the run
     except ProcessLookupError:
         pass
     _, status = os.waitpid(pid, 0)
-    clean = reap_all()
-    sys.stdout.write(json.dumps({
-        "lines": data.decode("utf-8", "replace").splitlines(), "timed_out": timed_out,
-        "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        "clean": clean, "subreaper": subreaper}) + "\n")
-    sys.stdout.flush()
+    reap_all()
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else "-"
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else "-"
+    send(f"Z {int(timed_out)} {code} {sig}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ from typing import Any
 
 
 def _records(task: Any) -> tuple[list[str], list[str]]:
-    """A file-backed task's ``(prompts, answers)``; empty for the generated tasks (short, in the alphabet)."""
-    return list(getattr(task, "prompts", [])), list(getattr(task, "answers", []))
+    """A file-backed task's ``(prompts, what the answers make the model write)``; empty for the generated tasks
+    (short, in the alphabet). ``task.written`` maps an answer to what the model must write (code: the names of
+    the functions the tests call, not the tests)."""
+    written = getattr(task, "written", lambda answer: answer)
+    return list(getattr(task, "prompts", [])), [written(a) for a in getattr(task, "answers", [])]
 
 
 def check_alphabet(task: Any, chars: str, name: str = "task") -> None:

@@ -1,10 +1,13 @@
 """Models, the character tokenizer, and the two numerical kernels of the trainer.
 
 - :func:`char_tokenizer`: a character-level ``PreTrainedTokenizerFast`` built in
-  code from a ``tokenizers`` WordLevel model (nothing downloaded), so the same
-  code path serves real tokenizers.
+  code from a ``tokenizers`` byte-level BPE without merges (nothing downloaded), so the
+  same code path serves real tokenizers.
 - :data:`PRESETS` and :func:`load_model`: named tiny configs built with
-  ``from_config``, or any local checkpoint through ``from_pretrained``.
+  ``from_config``, or any local checkpoint through ``from_pretrained`` with its own tokenizer
+  (refused when it has none, unless the character tokenizer is asked for).
+- :func:`save_pretrained`: a checkpoint that reloads as it was trained (the tokenizer's
+  encodings, the original dtype) on any machine.
 - :func:`token_logprobs`: the sampled tokens' log-probabilities and the exact
   per-token entropy, computed chunk by chunk from the last hidden state so that
   full-vocabulary float32 logits never exist for the whole batch.
@@ -45,27 +48,94 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+TOKENIZERS = ("auto", "chars")
+"""Values of ``model.tokenizer``: ``"auto"`` is the checkpoint's own tokenizer for ``model.path`` (an error when
+its directory holds none) and the character tokenizer for a preset; ``"chars"`` is always the character tokenizer."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""The files ``AutoTokenizer`` builds a tokenizer from; a checkpoint directory with none of them has no tokenizer."""
+
+LOCAL_FLAGS = ("local_files_only", "is_local")
+"""Loading flags transformers records in a loaded tokenizer's config; meaningless on another machine."""
+
+
 def char_tokenizer(chars: str = CHARS):
-    """A character-level ``PreTrainedTokenizerFast``: one token per character, ``<bos>``/``<eos>``/``<pad>``."""
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, ``<bos>``/``<eos>``/``<pad>``.
+
+    Spelled as a byte-level BPE without merges (the format of Qwen2's and GPT-2's own
+    tokenizers), so that ``AutoTokenizer``, which loads a ``qwen2`` checkpoint's tokenizer
+    as ``Qwen2Tokenizer`` whatever class it was saved as, encodes the alphabet the same way.
+    Each character is its own pre-token, and a character outside ``chars`` is one ``<unk>``
+    (``Qwen2Tokenizer`` drops it instead). ``chars``: single-byte (ASCII) characters.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    wide = sorted({ch for ch in chars if len(ch.encode()) > 1})
+    if wide:
+        raise ValueError(f"char_tokenizer: characters must be single-byte (ASCII), got {''.join(wide[:5])!r}")
+    byte_char = _byte_chars()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+        vocab.setdefault(byte_char[ord(ch)], len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False)
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved in the directory ``path``; the character tokenizer when it holds none.
+def _byte_chars() -> dict[int, str]:
+    """The byte-level alphabet: the printable character that stands for each byte (``' '`` is ``'Ġ'``)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
+def _legacy_chars(path: Path) -> str | None:
+    """The alphabet of a character tokenizer saved in its earlier WordLevel form, else None.
+
+    That form encodes as :func:`char_tokenizer` does (the same ids) but reloads through
+    ``AutoTokenizer`` as a ``Qwen2Tokenizer`` that drops spaces, so it is rebuilt when loaded.
+    """
+    import json
+
+    file = path / "tokenizer.json"
+    spec = json.loads(file.read_text()) if file.exists() else {}
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "WordLevel" or pre.get("pattern") != {"Regex": "[\\s\\S]"}:
+        return None
+    ordered = sorted(model.get("vocab", {}).items(), key=lambda kv: kv[1])
+    names = [name for name, _ in ordered]
+    added = [token.get("content") for token in spec.get("added_tokens") or []]
+    if names[:len(SPECIALS)] != list(SPECIALS) or [i for _, i in ordered] != list(range(len(ordered))) \
+            or added != list(SPECIALS):
+        return None
+    chars = "".join(names[len(SPECIALS):])
+    return chars if len(chars.encode()) == len(chars) == len(names) - len(SPECIALS) else None
+
+
+def tokenizer_files(path: str | Path) -> list[str]:
+    """The :data:`TOKENIZER_FILES` present in the directory ``path``."""
+    return [name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
+
+
+def check_has_tokenizer(path: str | Path, field: str = "model.path") -> None:
+    """ValueError naming ``field`` and the files looked for when the directory ``path`` holds no tokenizer."""
+    if Path(path).is_dir() and not tokenizer_files(path):
+        raise ValueError(f"{field}: {str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save the checkpoint's tokenizer there (tokenizer.save_pretrained), or set "
+                         "model.tokenizer = \"chars\" to train it with the character tokenizer")
+
+
+def load_tokenizer(path: str | Path, field: str = "tokenizer path"):
+    """The tokenizer saved in the directory ``path``; ValueError naming ``field`` when it holds none.
 
     A tokenizer saved as a plain ``tokenizers`` backend (the character tokenizer)
     is loaded as such: ``AutoTokenizer`` would pick the model type's tokenizer
-    class (``Qwen2Tokenizer`` for the tiny presets), whose pre-tokenizer drops spaces.
+    class (``Qwen2Tokenizer`` for the tiny presets), which rebuilds its own pipeline.
+    A character tokenizer saved in its earlier form is rebuilt (:func:`_legacy_chars`).
     """
     import json
 
@@ -73,14 +143,19 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"tokenizer path: {str(path)!r} is not a local directory (nothing is downloaded)")
+        raise ValueError(f"{field}: {str(path)!r} is not a local directory (nothing is downloaded)")
+    check_has_tokenizer(path, field)
     config = path / "tokenizer_config.json"
-    if not config.exists() and not (path / "tokenizer.json").exists():
-        return char_tokenizer()
     saved_class = json.loads(config.read_text()).get("tokenizer_class", "") if config.exists() else ""
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if saved_class not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    saved = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    legacy = _legacy_chars(path)
+    if legacy is None:
+        return saved
+    tok = char_tokenizer(legacy)
+    tok.chat_template = saved.chat_template
+    return tok
 
 
 @contextlib.contextmanager
@@ -99,31 +174,49 @@ def quiet_transformers_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: int = 0, tokenizer=None,
+def checkpoint_dtype(path: str | Path | None) -> torch.dtype:
+    """The dtype the checkpoint directory ``path`` declares in its config.json (float32 for a preset: no path)."""
+    if not path:
+        return torch.float32
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    declared = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, declared) if isinstance(declared, str) else declared
+
+
+def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: int = 0, tokenizer: Any = "auto",
                dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)``.
 
-    ``path`` (a local directory) wins: ``AutoModelForCausalLM.from_pretrained``
-    and its tokenizer (the character tokenizer when the directory has none).
-    Otherwise the named preset, randomly initialised with ``seed``.
+    ``path`` (a local directory) wins: ``AutoModelForCausalLM.from_pretrained`` and,
+    with ``tokenizer = "auto"``, the tokenizer saved beside it (ValueError when there is none).
+    Otherwise the named preset, randomly initialised with ``seed``, with the character tokenizer.
+    ``tokenizer``: a :data:`TOKENIZERS` value (None: ``"auto"``), or a tokenizer object to use as it is.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    tokenizer = "auto" if tokenizer is None else tokenizer
+    if isinstance(tokenizer, str) and tokenizer not in TOKENIZERS:
+        raise ValueError(f"model.tokenizer: unknown value {tokenizer!r}; allowed values: {', '.join(TOKENIZERS)}")
     if path:
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"model.path: {str(path)!r} is not a local directory (nothing is downloaded)")
+        if tokenizer == "auto":
+            tokenizer = load_tokenizer(path, "model.path")
+        elif tokenizer == "chars":
+            tokenizer = char_tokenizer()
         with quiet_transformers_bars():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(path)
+        _check_vocab(model, tokenizer, path)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer
     if preset not in PRESETS:
         raise ValueError(f"model.preset: unknown value {preset!r}; allowed values: {', '.join(PRESETS)}")
-    tokenizer = tokenizer or char_tokenizer()
+    tokenizer = char_tokenizer() if isinstance(tokenizer, str) else tokenizer
     cfg = dict(PRESETS[preset])
     config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg)
@@ -131,6 +224,41 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, tokenizer
+
+
+def _check_vocab(model, tokenizer, path: Path) -> None:
+    """ValueError when the tokenizer has ids the model's embedding has no row for."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"model.path: {str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"embedding only {rows} rows")
+
+
+def save_pretrained(model, tokenizer, out: str | Path, *, dtype: torch.dtype | None = None) -> None:
+    """``model`` and ``tokenizer`` with ``save_pretrained`` into ``out``, loadable on any machine as they are.
+
+    The weights are written in ``dtype`` (the checkpoint's own, see :func:`checkpoint_dtype`; default:
+    as they are held), and the configs carry none of the :data:`LOCAL_FLAGS`.
+    """
+    import json
+
+    out = Path(out)
+    weights = None
+    if dtype is not None and dtype != model.dtype:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    held = model.config.dtype
+    with quiet_transformers_bars():
+        model.save_pretrained(out, state_dict=weights)
+        tokenizer.save_pretrained(out)
+    model.config.dtype = held  # save_pretrained records the held dtype in the live config
+    for name, declared in (("config.json", dtype), ("tokenizer_config.json", None)):
+        file = out / name
+        spec = json.loads(file.read_text())
+        clean = {k: v for k, v in spec.items() if k not in LOCAL_FLAGS}
+        if declared is not None:
+            clean["dtype"] = str(declared).removeprefix("torch.")
+        if clean != spec:
+            file.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- log-probs and entropy
@@ -377,6 +505,25 @@ class _LeanSteps:
         return self.head(self.decoder.hidden(tok[:, None], pos, attn, kv=self.kv, rope=rope))[:, -1]
 
 
+def _draw(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(token, its log-prob, entropy)`` of each row drawn from float32 ``logits`` (B, V) as ``sampling`` says.
+
+    Temperature 0 is the argmax of the logits (the first on a tie, as ``torch.argmax`` and transformers'
+    greedy search): the limit of ``softmax(logits / T)`` as T -> 0, a point mass, so log-prob 0 and entropy 0.
+    """
+    if sampling.temperature == 0:
+        tok = logits.argmax(-1)
+        zero = logits.new_zeros(tok.shape)
+        return tok, zero, zero
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
+    top_p = sampling.top_p
+    probs = (_top_p_filter(logits, top_p) if top_p < 1.0 else logits).softmax(-1)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+    return tok, logp, entropy_from_logits(logits)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling, *, eos_id: int | list[int],
              pad_id: int, generator: torch.Generator | None = None, forward: str = "fast"
@@ -389,9 +536,10 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     sampling filter and is not in the recorded log-prob, as in TRL and verl),
     the completion mask (tokens up to and including ``<eos>``; ``eos_id`` may be a list),
     and the exact entropy of ``softmax(logits / temperature)`` at each position, 0 after ``<eos>``.
-    ``forward``: see :data:`FORWARDS` (the lean ones decode with a preallocated cache).
+    Temperature 0 is greedy decoding (see :func:`_draw`). ``forward``: see :data:`FORWARDS` (the lean ones
+    decode with a preallocated cache).
     """
-    max_new_tokens, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
+    max_new_tokens = sampling.max_new_tokens
     B = prompt_ids.shape[0]
     eos = torch.as_tensor(eos_id, device=prompt_ids.device).reshape(-1)
     attn = prompt_mask.long()
@@ -405,20 +553,12 @@ def generate(model, prompt_ids: Tensor, prompt_mask: Tensor, sampling: Sampling,
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     toks, logps, masks, ents = [], [], [], []
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp_all = torch.log_softmax(logits, dim=-1)
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = (_top_p_filter(logits, top_p) if top_p < 1.0 else logits).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok, logp, ent = _draw(logits.float(), sampling, generator)
         masks.append(~done)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks.append(tok)
-        logps.append(torch.where(done, 0.0, logp_all.gather(-1, tok[:, None]).squeeze(-1)))
-        ents.append(torch.where(done, 0.0, entropy_from_logits(logits)))
+        logps.append(torch.where(done, 0.0, logp))
+        ents.append(torch.where(done, 0.0, ent))
         done = done | torch.isin(tok, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
             break

@@ -5,11 +5,10 @@
   extra: ``pip install -e '.[tensorboard]'``).
 - At the end of a run, and with ``sspo export RUN`` from its last checkpoint, the policy
   and tokenizer are saved with ``save_pretrained`` to ``RUN/final/``: a transformers
-  checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads. The tiny presets' character
-  tokenizer is a plain ``PreTrainedTokenizerFast``: load it with
-  ``PreTrainedTokenizerFast.from_pretrained(RUN/final)`` or
-  :func:`sspo_analysis.training.models.load_tokenizer` (``AutoTokenizer`` would pick the model
-  type's ``Qwen2Tokenizer``, whose pre-tokenizer drops spaces).
+  checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads, in the dtype of the checkpoint the
+  run started from, and ``AutoTokenizer.from_pretrained`` reloads its tokenizer with the same encodings
+  (the presets' character tokenizer is a byte-level ``PreTrainedTokenizerFast``, see
+  :func:`sspo_analysis.training.models.char_tokenizer`).
 """
 
 from __future__ import annotations
@@ -72,16 +71,15 @@ class Reporters:
         self.close()
 
 
-def save_final(run: str | Path, policy, tokenizer) -> Path:
-    """Save ``policy`` and ``tokenizer`` with ``save_pretrained`` to ``RUN/final`` (replaced whole); returns it."""
-    from sspo_analysis.training.models import quiet_transformers_bars
+def save_final(run: str | Path, policy, tokenizer, dtype=None) -> Path:
+    """Save ``policy`` (its weights in ``dtype``, the checkpoint's own) and ``tokenizer`` with
+    :func:`~sspo_analysis.training.models.save_pretrained` to ``RUN/final`` (replaced whole); returns it."""
+    from sspo_analysis.training.models import save_pretrained
 
     final = Path(run) / "final"
     tmp = final.with_name(f".final.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_transformers_bars():
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_pretrained(policy, tokenizer, tmp, dtype=dtype)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -91,7 +89,7 @@ def export_run(run: str | Path) -> Path:
     """``RUN/final`` from the run's last checkpoint (``sspo export RUN``): the policy as trained so far."""
     import torch
 
-    from sspo_analysis.training.models import load_model
+    from sspo_analysis.training.models import checkpoint_dtype, load_model
     from sspo_analysis.training.runs import recorded_config
 
     run = Path(run)
@@ -101,7 +99,8 @@ def export_run(run: str | Path) -> Path:
                          "(needs config.toml and checkpoint/state.pt)")
     cfg = recorded_config(run)
     # the architecture and tokenizer the run started from; the weights come from the checkpoint
-    policy, tok = load_model(path=cfg.model.path) if cfg.model.path else load_model(cfg.model.preset, seed=cfg.seed)
+    policy, tok = load_model(cfg.model.preset, path=cfg.model.path or None, seed=cfg.seed,
+                             tokenizer=cfg.model.tokenizer)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     policy.load_state_dict(state["model"])
-    return save_final(run, policy, tok)
+    return save_final(run, policy, tok, checkpoint_dtype(cfg.model.path))

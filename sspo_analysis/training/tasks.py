@@ -53,6 +53,10 @@ class Task:
         """Rewards of a batch (the trainer's entry point; sandboxed tasks grade it in parallel)."""
         return [self.reward(c, a) for c, a in zip(completions, answers)]
 
+    def written(self, answer: str) -> str:
+        """What a completion must write to earn reward for ``answer`` (the tokenizer's alphabet must hold it)."""
+        return answer
+
 
 @dataclass
 class Addition(Task):
@@ -253,13 +257,20 @@ class SandboxTask(Task):
     grader: str = "tests-fraction"
     timeout_s: float = 5.0
     memory_mb: int = 512
+    sandbox: str = "bwrap"
     reward_failures: int = field(default=0, init=False, repr=False)
     cache_size = 65536
 
     def __post_init__(self) -> None:
+        from sspo_analysis.training.sandbox import SandboxUnavailable, require_sandbox
+
         if self.grader not in TEST_GRADERS:
             raise ValueError(f"task.grader: unknown value {self.grader!r} for task {self.name!r}; "
                              f"allowed values: {', '.join(TEST_GRADERS)}")
+        try:  # before any work: a reward that could never be computed is not silently zero
+            require_sandbox(self.sandbox)
+        except (ValueError, SandboxUnavailable) as err:
+            raise ValueError(f"task.{err}") from None
         self._cache: dict[tuple, object] = {}
 
     def program(self, completion: str, answer: str) -> tuple[str, str, str | None] | None:
@@ -287,7 +298,7 @@ class SandboxTask(Task):
         try:
             results = sandbox.grade_many([j[0] for j in todo], [j[1] for j in todo], workers=workers,
                                          entry_points=[j[2] for j in todo], timeout_s=self.timeout_s,
-                                         memory_mb=self.memory_mb) if todo else []
+                                         memory_mb=self.memory_mb, sandbox=self.sandbox) if todo else []
         except Exception as err:  # noqa: BLE001 - the pool itself failed: this batch earns 0
             self._failed(err)
             return out
@@ -320,7 +331,9 @@ class CodeTask(SandboxTask):
     """Records ``{prompt, tests, entry_point?}`` from a local JSONL file, graded by running tests in the sandbox.
 
     ``tests`` is Python source: top-level ``assert`` lines, ``test_*``
-    functions, or HumanEval's ``check(candidate)`` with ``entry_point``. The
+    functions, or HumanEval's ``check(candidate)`` with ``entry_point``, in the
+    forms :func:`~sspo_analysis.training.checks.parse_tests` reads (a record whose
+    tests it cannot read is refused with its file and line). The
     program is the completion's last fenced code block, or the whole completion
     when it has none. ``grader``: ``tests-fraction`` (fraction of tests passed)
     or ``tests-all`` (1 only when every test passes). The reference answer
@@ -338,7 +351,7 @@ class CodeTask(SandboxTask):
         self.prompts, self.answers = load_records(self.path, "{prompt, tests}", self._record)
 
     def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
-        from sspo_analysis.training.sandbox import split_tests
+        from sspo_analysis.training.sandbox import parse_tests
 
         prompt, tests, entry = (rec.get(k) for k in (self.prompt_key, self.tests_key, self.entry_point_key))
         if not isinstance(prompt, str) or not isinstance(tests, str):
@@ -346,7 +359,7 @@ class CodeTask(SandboxTask):
         if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
             raise ValueError(f"{where}: {self.entry_point_key!r} must be a Python identifier, got {entry!r}")
         try:
-            split_tests(tests, entry)
+            parse_tests(tests, entry)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         return prompt, json.dumps({"tests": tests, "entry_point": entry})
@@ -360,6 +373,13 @@ class CodeTask(SandboxTask):
 
         tests, entry = parse_tests_answer(answer)
         return extract_code(completion), tests, entry
+
+    def written(self, answer: str) -> str:
+        """A definition of each function the tests call (``def name(): return``): the names are what the
+        model must be able to write; the tests themselves are never written."""
+        from sspo_analysis.training.sandbox import parse_tests
+
+        return " ".join(f"def {name}(): return" for name in parse_tests(*parse_tests_answer(answer)).functions)
 
 
 _REFERENCE = re.compile(r"(?:(\d)\*)?x(\*x)?(?:\+(\d))?")

@@ -47,7 +47,7 @@ from sspo_analysis.training.measure import (
     rollout_metrics,
     update_metrics,
 )
-from sspo_analysis.training.models import Sampling, generate, load_model, quiet_transformers_bars
+from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model, quiet_transformers_bars
 from sspo_analysis.training.outputs import Reporters, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
@@ -96,7 +96,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 def make_task_from(cfg: TrainConfig) -> Task:
     t = cfg.task
-    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb)
+    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb, sandbox=t.sandbox)
     params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length, grader=t.grader),
               "countdown": dict(numbers=t.numbers, max_value=t.max_value),
               "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key),
@@ -164,7 +164,7 @@ def ensure_warm_start(cfg: TrainConfig, progress: bool | None = None) -> Path:
 def build_policy(cfg: TrainConfig, device: torch.device, progress: bool | None = None):
     """``(model, tokenizer)``: from ``model.path``, the warm start, or a random preset."""
     if cfg.model.path:
-        model, tok = load_model(path=cfg.model.path)
+        model, tok = load_model(path=cfg.model.path, tokenizer=cfg.model.tokenizer)
     elif cfg.model.warm_start:
         model, tok = load_model(path=str(ensure_warm_start(cfg, progress)))
     else:
@@ -291,7 +291,7 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
         torch.set_num_threads(cfg.threads)
     device = _device(cfg)
     task = make_task_from(cfg)
-    model, tok = load_model(cfg.model.preset, path=cfg.model.path or None, seed=w.seed)
+    model, tok = load_model(cfg.model.preset, path=cfg.model.path or None, seed=w.seed, tokenizer=cfg.model.tokenizer)
     check_room(cfg, task, tok)
     model.to(device)
     rng = np.random.default_rng(w.seed)
@@ -321,8 +321,8 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
 
 @torch.no_grad()
 def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: int = 0,
-             generator: torch.Generator | None = None, temperature: float | None = None) -> float:
-    """Mean reward of one sampled completion on ``n`` fresh prompts."""
+             generator: torch.Generator | None = None) -> float:
+    """Mean reward of one completion sampled at the rollout settings on ``n`` fresh prompts."""
     device, r = next(model.parameters()).device, cfg.rollout
     prompts, answers = task.sample(np.random.default_rng(seed), n)
     enc = tok(format_prompts(tok, prompts, cfg.task.chat_template), padding=True, add_special_tokens=False,
@@ -330,7 +330,7 @@ def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: in
     was_training = model.training
     model.eval()
     with autocast(cfg, device):
-        sampling = Sampling(r.max_new_tokens, temperature or r.temperature, r.top_p)
+        sampling = Sampling(r.max_new_tokens, r.temperature, r.top_p)
         tokens, *_ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device), sampling,
                               eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator,
                               forward=cfg.model.forward)
@@ -411,7 +411,8 @@ def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | No
     if verdict.diverged:
         write_json(run / "DIVERGED", verdict.to_dict())
     else:
-        save_final(run, state.policy, state.tok)  # RUN/final: a transformers checkpoint of the trained policy
+        # RUN/final: a transformers checkpoint of the trained policy, in the dtype of the one it started from
+        save_final(run, state.policy, state.tok, checkpoint_dtype(cfg.model.path))
         write_text(run / "DONE", f"finished {cfg.steps} steps\n")
 
 
@@ -510,6 +511,10 @@ def _setup(cfg: TrainConfig, run: Path, show: bool, write_config: bool) -> RunSt
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = make_task_from(cfg)
+    if cfg.model.path and cfg.model.tokenizer == "chars":
+        from sspo_analysis.training.models import CHARS
+
+        check_alphabet(task, CHARS, "task.path")
     if not cfg.model.path:  # the character tokenizer: check before the warm start is made
         from sspo_analysis.training.models import CHARS, PRESETS, char_tokenizer
 
