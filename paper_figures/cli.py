@@ -81,11 +81,9 @@ def _summary(results: list[Any], title: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sspo figures``."""
-    import os
     import time
     from pathlib import Path
 
-    os.environ.setdefault("MPLBACKEND", "Agg")
     from rich.console import Console
 
     import paper_figures
@@ -106,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m paper_figures.cli [options]``: ``sspo figures`` without the installed entry point."""
-    from sspo_analysis.cli import run_command
+    from sspo_analysis.cli import own_process, run_command
 
+    own_process()
     parser = argparse.ArgumentParser(prog="sspo")
     register(parser.add_subparsers(dest="command", required=True))
     return run_command(parser, ["figures", *(sys.argv[1:] if argv is None else argv)])

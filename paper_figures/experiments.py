@@ -1,7 +1,7 @@
 """The training runs behind figures 5-8 and the results table, made with the package's trainer.
 
-One warm start (``sspo_analysis.training``'s cached supervised phase) serves
-every run. The plan (:func:`plan`):
+One warm start (``sspo_analysis.training``'s cached supervised phase, in the
+trainer's one cache) serves every run. The plan (:func:`plan`):
 
 - main grid: every objective of :data:`paper_figures.TRAINED_OBJECTIVES` x the
   seeds, staleness 0, ``updates_per_batch = 4`` (off-policy from the second
@@ -53,10 +53,11 @@ def runs_root(ctx: Context) -> Path:
     return Path(base) / ctx.settings.name
 
 
-def overrides(settings: Settings, staleness: int, cache: Path) -> list[str]:
-    """The trainer settings (``section.field=value``) every run of a mode shares, at staleness ``k``."""
+def overrides(settings: Settings, staleness: int) -> list[str]:
+    """The trainer settings (``section.field=value``) every run of a mode shares, at staleness ``k``; the warm start
+    comes from the trainer's one cache (``$SSPO_CACHE`` or ``~/.cache/sspo_analysis``), which ``sspo train``, the
+    notebooks and the study share, so the same warm start is trained once."""
     return [
-        f'warm_start.dir="{cache}"',
         "threads=1",
         "log.progress=false",
         f'model.preset="{settings.preset}"',
@@ -106,10 +107,10 @@ def _train_one(objective: str, seed: int, group: str, over: list[str]) -> tuple[
 def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
     """Train whatever the plan lacks; returns one dict per run (``name, objective, seed, staleness, run_dir, done``)."""
     from sspo_analysis.training import load_config
+    from sspo_analysis.training.trainer import warm_start_dir
 
     specs = plan(ctx)
     root = runs_root(ctx)
-    cache = root / "cache"
     todo = [s for s in specs if not (s.run_dir / "DONE").exists()]
     for s in specs:
         if s in todo:
@@ -118,17 +119,18 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
     if todo:
         import multiprocessing
 
-        over = overrides(ctx.settings, 0, cache)
-        load_config(None, over)  # validates every setting before any work
+        over = overrides(ctx.settings, 0)
+        where = warm_start_dir(load_config(None, over))  # validates every setting before any work
         ctx.report(f"{len(specs) - len(todo)} of {len(specs)} runs reused; training {len(todo)} under {root}")
         ctx.advance(0, len(todo), "training runs: warm start (supervised, made once, then cached)")
+        ctx.report(f"warm start: {where} " + ("(cached)" if (where / "warm_start.json").exists() else "(training it)"))
         with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=quiet_worker) as pool:
             t0 = time.perf_counter()
             warm = pool.submit(warm_start, over).result()
             ctx.report(f"warm start {Path(warm).name} ready ({time.perf_counter() - t0:.0f} s)")
             futures = {pool.submit(_train_one, s.objective, s.seed, str(s.group),
-                                   overrides(ctx.settings, s.staleness, cache)): s for s in todo}
+                                   overrides(ctx.settings, s.staleness)): s for s in todo}
             _follow(ctx, futures)
     else:
         ctx.report(f"all {len(specs)} runs reused from {root}")

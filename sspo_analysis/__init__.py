@@ -1,18 +1,14 @@
-"""Soft versus hard clipping in LLM policy optimisation: gates, objectives, theory, training."""
+"""Soft versus hard clipping in LLM policy optimisation: gates, objectives, theory, training.
 
-from sspo_analysis.gates import GATES, Gate, get_gate, register_gate
-from sspo_analysis.objectives import Objective, Terms, get_objective, objective_names, register_objective
+The names below load on first use (:mod:`sspo_analysis.lazy`): ``import sspo_analysis`` imports no torch.
+"""
+
+from sspo_analysis.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GATES",
-    "Gate",
-    "Objective",
-    "Terms",
-    "get_gate",
-    "get_objective",
-    "objective_names",
-    "register_gate",
-    "register_objective",
-]
+_MODULES = {"sspo_analysis.gates": ("GATES", "Gate", "get_gate", "register_gate"),
+            "sspo_analysis.objectives": ("Objective", "Terms", "get_objective", "objective_names",
+                                         "register_objective")}
+__all__ = sorted(n for names in _MODULES.values() for n in names)
+__getattr__, __dir__ = lazy_exports(__name__, {name: module for module, names in _MODULES.items() for name in names})

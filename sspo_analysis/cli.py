@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # area module -> the sub-commands it registers
@@ -35,6 +38,11 @@ AREAS: dict[str, tuple[str, ...]] = {
     "sspo_analysis.check_cli": ("check",),
     "sspo_analysis.study.cli": ("study",),
 }
+DISTRIBUTION = "sspo-analysis"
+"""This package's distribution name, whose metadata lists the extras (:func:`missing_extra`)."""
+OWN_PACKAGES = ("sspo_analysis", "paper_figures")
+"""The packages whose warnings are this command's own (:func:`own_warnings_one_line`), installed side by side."""
+_PACKAGES_DIR = Path(__file__).resolve().parent.parent
 EXTENSION_GROUP = "sspo_analysis.commands"
 """The entry-point group through which installed packages add ``sspo`` sub-commands."""
 
@@ -69,12 +77,6 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     return run_args(parser.parse_args(argv))
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None) -> str:
-    """A warning as one line (no source file, no code line): what a CLI user needs is the message."""
-    return f"sspo: warning: {message}\n"
-
-
 def _quiet_transformers() -> None:
     """``--no-progress`` silences transformers' own bars too (loading and saving weights)."""
     from transformers.utils import logging as hf_logging
@@ -82,16 +84,92 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _is_own_warning(filename: str) -> bool:
+    """Whether a warning is this package's: attributed to ``sspo_analysis`` or ``paper_figures`` code."""
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(_PACKAGES_DIR / name) for name in OWN_PACKAGES)
+
+
+def own_warnings_one_line(others: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints the package's own warnings as one line (``sspo: warning: ...``)
+    and hands every other library's to ``others``, so they read as that library's."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if not _is_own_warning(filename):
+            others(message, category, filename, lineno, file, line)
+            return
+        try:
+            (file or sys.stderr).write(f"sspo: warning: {message}\n")
+        except OSError:  # no stderr (a closed pipe): a warning is not worth a crash
+            pass
+
+    return show
+
+
+def missing_extra(err: ImportError) -> str | None:
+    """One line naming the extra that installs the optional module ``err`` lacks; None if it is not an extra's.
+
+    The extras are read from the installed metadata (``pyproject.toml``'s optional dependencies), so this stays
+    true as they change; the message follows the chain of ``err`` (a library's own ImportError about the module).
+    """
+    name = next((e.name for e in _chain(err) if isinstance(e, ModuleNotFoundError) and e.name), None)
+    if name is None:
+        return None
+    top = name.split(".")[0]
+    extras = sorted(_extras_providing(top))
+    if not extras:
+        return None
+    names = " or ".join(f"[{e}]" for e in extras)
+    return f"needs {top}, which the {names} extra installs: pip install -e '.[{extras[0]}]' (or pip install {top})"
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling."""
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _extras_providing(module: str) -> set[str]:
+    """The extras of this distribution whose requirements include ``module`` (``math_verify``: ``math-verify``)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires(DISTRIBUTION) or []
+    except PackageNotFoundError:
+        return set()
+    found = set()
+    for req in reqs:
+        dist = re.split(r"[\s<>=!~;\[(]", req, maxsplit=1)[0]
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if extra and re.sub(r"[-_.]+", "_", dist).lower() == module.lower():
+            found.add(extra.group(1))
+    return found
+
+
 def run_args(args: argparse.Namespace) -> int:
-    """Run the parsed command ``args.func``; a ``ValueError`` becomes one line on stderr and status 2."""
-    warnings.formatwarning = _one_line_warning
+    """Run the parsed command ``args.func``: a ``ValueError``, or an optional dependency that is not installed,
+    becomes one line on stderr and status 2; the package's own warnings print as one line while it runs."""
     if getattr(args, "no_progress", False):
         _quiet_transformers()
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as err:  # bad input: one clear line, no traceback
-        print(f"sspo {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    others = warnings.showwarning
+    with warnings.catch_warnings():  # restores showwarning afterwards: a caller of run_args keeps its own
+        warnings.showwarning = own_warnings_one_line(others)
+        try:
+            return int(args.func(args) or 0)
+        except ValueError as err:  # bad input: one clear line, no traceback
+            print(f"sspo {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except ImportError as err:
+            line = missing_extra(err)
+            if line is None:
+                raise
+            print(f"sspo {args.command}: error: {line}", file=sys.stderr)
+            return 2
 
 
 def _extension_parser(entry: Any) -> argparse.ArgumentParser:
@@ -101,8 +179,15 @@ def _extension_parser(entry: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def own_process() -> None:
+    """Process setup of the ``sspo`` command (the library never does this): a non-interactive matplotlib backend,
+    unless the user chose one (``MPLBACKEND``); set before matplotlib is imported, and inherited by job processes."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sspo``."""
+    own_process()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     entry = getattr(args, "extension", None)

@@ -279,10 +279,11 @@ STABILITY_COLUMNS = ("arm", "objective", "regime", "length", "lr", "updates", "s
 
 
 @pytest.mark.slow
-def test_a_tiny_study_end_to_end_and_a_second_call_trains_nothing(tmp_path):
+def test_a_tiny_study_end_to_end_and_a_second_call_trains_nothing(tmp_path, monkeypatch):
     from sspo_analysis.study import load_results
     from sspo_analysis.study.stability import stability
 
+    monkeypatch.setenv("SSPO_CACHE", str(tmp_path / "cache"))  # the job processes inherit it: a warm start of its own
     stability(TINY, tmp_path, jobs=1, progress=False)
     tables = load_results(tmp_path)
     df = tables["stability"]

@@ -92,17 +92,15 @@ def write_csv(columns: dict[str, np.ndarray], path: str | Path) -> Path:
 
 def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: str = "gates") -> list[Path]:
     """Draw the gate figure into ``out_dir`` as PNG, PDF and CSV; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no figure manager, and the caller's backend is left alone
 
     from sspo_analysis.plotting import style
 
     style.apply()
     data = gate_curves(tau, eps)
     l, r = data["log_ratio"], data["ratio"]
-    fig, axes = plt.subplots(2, 3, figsize=(style.FULL_WIDTH, 4.6), layout="constrained")
+    fig = Figure(figsize=(style.FULL_WIDTH, 4.6), layout="constrained")
+    axes = fig.subplots(2, 3)
     for row, (space, x, xlabel) in enumerate((("ratio", r, "ratio r"), ("log", l, "log-ratio l = log r"))):
         u = "r - 1" if space == "ratio" else "l"
         for name in families():
@@ -145,6 +143,5 @@ def plot_gates(out_dir: str | Path, tau: float = 1.0, eps: float = 0.2, stem: st
         title=f"soft gates at tau = {tau:g}; hard clip at eps = {eps:g}",
     )
     paths = style.save(fig, Path(out_dir) / stem)
-    plt.close(fig)
     paths.append(write_csv(data, Path(out_dir) / f"{stem}.csv"))
     return paths

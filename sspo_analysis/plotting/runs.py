@@ -20,10 +20,7 @@ PLOT_PANELS = (
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     """Curves of every run (colour by objective), one panel per metric; returns the PNG and PDF paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no figure manager, and the caller's backend is left alone
 
     from sspo_analysis.plotting import style
     from sspo_analysis.training.trainer import read_metrics
@@ -36,7 +33,8 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     for run, df in zip(runs, frames):
         if df.empty or "step" not in df:
             raise ValueError(f"runs: {str(run)!r} has no complete step in metrics.jsonl (nothing to plot)")
-    fig, axes = plt.subplots(3, 3, figsize=(style.FULL_WIDTH, 5.4), sharex=True)
+    fig = Figure(figsize=(style.FULL_WIDTH, 5.4))
+    axes = fig.subplots(3, 3, sharex=True)
     labelled = set()
     for df in frames:
         name = str(df["objective"].iloc[0]) if "objective" in df else Path(df["run"].iloc[0]).name
@@ -51,5 +49,4 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     axes.flat[0].legend(loc="best")
     fig.tight_layout()
     paths = style.save(fig, Path(out) / "training_curves")
-    plt.close(fig)
     return paths

@@ -9,14 +9,15 @@
 Objective names resolve through :func:`sspo_analysis.objectives.resolve_objective`
 (the reference estimators ``is-token`` and ``is-seq`` included); the advantages
 and the entropy are :mod:`sspo_analysis.primitives`'.
+
+The names load on first use (:mod:`sspo_analysis.lazy`), so ``sspo --help`` imports no torch.
 """
 
-from sspo_analysis.simulation.bandit import entropy_change_first_order, run_bandit
-from sspo_analysis.simulation.sequence import TabularPolicy, staleness_study
+from sspo_analysis.lazy import lazy_exports
 
-__all__ = [
-    "TabularPolicy",
-    "entropy_change_first_order",
-    "run_bandit",
-    "staleness_study",
-]
+_MODULES = {
+    "sspo_analysis.simulation.bandit": ("entropy_change_first_order", "run_bandit"),
+    "sspo_analysis.simulation.sequence": ("TabularPolicy", "staleness_study"),
+}
+__all__ = sorted(n for names in _MODULES.values() for n in names)
+__getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})

@@ -118,10 +118,13 @@ class RunSpec:
     def run_dir(self, root: Path) -> Path:
         return root / self.name
 
-    def overrides(self, plan: Plan, cache: Path) -> list[str]:
-        """Every trainer setting of this run, shared ones first."""
-        return [f'warm_start.dir="{cache}"', *plan.settings, f"steps={plan.steps}", *self.regime.overrides(),
-                *self.arm.overrides(), f"seed={self.seed}"]
+    def overrides(self, plan: Plan, cache: Path | None = None) -> list[str]:
+        """Every trainer setting of this run, shared ones first; the warm start comes from the trainer's one cache
+        (``$SSPO_CACHE`` or ``~/.cache/sspo_analysis``, shared with ``sspo train``, the figures and the notebooks)
+        unless ``cache`` names another."""
+        where = [f'warm_start.dir="{cache}"'] if cache is not None else []
+        return [*where, *plan.settings, f"steps={plan.steps}", *self.regime.overrides(), *self.arm.overrides(),
+                f"seed={self.seed}"]
 
 
 ARMS: tuple[Arm, ...] = (

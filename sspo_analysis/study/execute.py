@@ -14,6 +14,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -38,7 +39,8 @@ def warm_start(overrides: list[str]) -> str:
     from sspo_analysis.training import load_config
     from sspo_analysis.training.trainer import ensure_warm_start
 
-    return str(ensure_warm_start(load_config(None, overrides), progress=False))
+    # On a terminal the parent's display shows this phase; in a log, the warm start's own lines do.
+    return str(ensure_warm_start(load_config(None, overrides), progress=not sys.stderr.isatty()))
 
 
 def _train(objective: str, seed: int, group: str, overrides: list[str], tag: str, rerun: bool) -> tuple[str, float]:
@@ -66,8 +68,7 @@ def validate(plan: Plan, root: Path) -> None:
 
     for spec in plan.runs():
         run = spec.run_dir(root / "runs")
-        check_sweep([spec.arm.objective], [spec.seed], None, run.parent, spec.overrides(plan, root / "cache"),
-                    tag=spec.arm.tag)
+        check_sweep([spec.arm.objective], [spec.seed], None, run.parent, spec.overrides(plan), tag=spec.arm.tag)
 
 
 def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = False) -> None:
@@ -78,13 +79,12 @@ def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = F
     if not todo:
         display.phase("all runs reused")
         return
-    cache = root / "cache"
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=quiet_worker) as pool:
         lengths = {s.regime.length: s for s in todo}
         display.phase(f"warm starts for answer lengths {', '.join(map(str, sorted(lengths)))} (made once, cached)")
-        for fut in [pool.submit(warm_start, s.overrides(plan, cache)) for s in lengths.values()]:
-            fut.result()
+        for fut in [pool.submit(warm_start, s.overrides(plan)) for s in lengths.values()]:
+            display.note(f"warm start ready: {fut.result()}")
         display.phase(f"training ({jobs} jobs)")
         pending: dict[Future, RunSpec] = {}
         queue = list(todo)
@@ -93,7 +93,7 @@ def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = F
                 spec = queue.pop(0)
                 group = spec.run_dir(root / "runs").parent
                 pending[pool.submit(_train, spec.arm.objective, spec.seed, str(group),
-                                    spec.overrides(plan, cache), spec.arm.tag, rerun)] = spec
+                                    spec.overrides(plan), spec.arm.tag, rerun)] = spec
                 display.running(spec)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
@@ -122,6 +122,7 @@ class Display:
         self.overall = self.progress.add_task("runs", total=1)
         self.active: dict[str, int] = {}
         self.counts = {"done": 0, "diverged": 0, "failed": 0}
+        self.t0 = time.perf_counter()
 
     def start(self, total: int, reused: int) -> None:
         # The bar counts only the runs to train: reused runs would make the time-left estimate far too short.
@@ -129,7 +130,12 @@ class Display:
         self.console.print(f"study: {total} runs, {reused} reused, {total - reused} to train")
 
     def phase(self, text: str) -> None:
+        """A new phase: the bar says it, and a line with the time so far, so a log shows where the time goes."""
         self.progress.update(self.overall, description=text)
+        self.note(text)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"study: {text} ({time.perf_counter() - self.t0:.0f} s)")
 
     def running(self, spec: RunSpec) -> None:
         self.active[spec.name] = self.progress.add_task(f"  {spec.arm.label} | {spec.regime.label} | "

@@ -291,7 +291,7 @@ def _smallest_p(plan: Any) -> str:
 def _batch_text(plan: Any) -> str:
     from sspo_analysis.training import load_config
 
-    cfg = load_config(None, plan.runs()[0].overrides(plan, Path("cache")))
+    cfg = load_config(None, plan.runs()[0].overrides(plan))
     r = cfg.rollout
     return (f"{cfg.model.preset} Qwen2 preset, {r.prompts} prompts x {r.group_size} samples per step at "
             f"temperature {r.temperature:g}, gradient norm clipped at {cfg.optim.grad_clip:g}")

@@ -1,10 +1,11 @@
 """``sspo study stability`` as a function: train the plan (or reuse it), then write the tables, figures and report.
 
 Outputs under ``out``: ``runs/`` (one trainer run directory per arm, regime and
-seed), ``cache/`` (the warm starts), ``stability.csv``, ``summary.csv``,
-``comparisons.csv``, ``theory.csv``, ``theory_correlations.csv``, ``figures/``,
-``timing.json`` and ``results.md``. The study directory is owned by one process
-at a time (a lock file); every file is written atomically.
+seed), ``stability.csv``, ``summary.csv``, ``comparisons.csv``, ``theory.csv``,
+``theory_correlations.csv``, ``figures/``, ``timing.json`` and ``results.md``. The study
+directory is owned by one process at a time (a lock file); every file is written
+atomically. The warm starts live in the trainer's one cache (``$SSPO_CACHE`` or
+``~/.cache/sspo_analysis``), shared with every entry point.
 """
 
 from __future__ import annotations

@@ -18,23 +18,17 @@ Example: the sequence importance weight's variance, against its closed form
     >>> r = analyse("is-seq", LogNormalRatios(0.3, length=16))  # W = exp(sum_t l): Var[W] = e^(L s^2) - 1
     >>> r.method, round(r.var_coefficient, 4), round(math.expm1(16 * 0.3**2), 4)
     ('closed-form', 3.2207, 3.2207)
+
+The names load on first use (:mod:`sspo_analysis.lazy`), so ``sspo --help`` imports no torch.
 """
 
-from sspo_analysis.objectives import REFERENCE_ESTIMATORS, all_objective_names, resolve_objective
-from sspo_analysis.theory.analysis import METHODS, RESULT_KEYS, STATS, TheoryResult, analyse, available_methods, sweep
-from sspo_analysis.theory.models import EmpiricalRatios, LogNormalRatios
+from sspo_analysis.lazy import lazy_exports
 
-__all__ = [
-    "METHODS",
-    "REFERENCE_ESTIMATORS",
-    "RESULT_KEYS",
-    "STATS",
-    "EmpiricalRatios",
-    "LogNormalRatios",
-    "TheoryResult",
-    "all_objective_names",
-    "analyse",
-    "available_methods",
-    "resolve_objective",
-    "sweep",
-]
+_MODULES = {
+    "sspo_analysis.objectives": ("REFERENCE_ESTIMATORS", "all_objective_names", "resolve_objective"),
+    "sspo_analysis.theory.analysis": ("METHODS", "RESULT_KEYS", "STATS", "TheoryResult", "analyse",
+                                      "available_methods", "sweep"),
+    "sspo_analysis.theory.models": ("EmpiricalRatios", "LogNormalRatios"),
+}
+__all__ = sorted(n for names in _MODULES.values() for n in names)
+__getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})

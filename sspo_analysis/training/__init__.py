@@ -1,9 +1,15 @@
 """A compact RL trainer for causal LMs that runs every registered objective.
 
 ``from sspo_analysis.training import TrainConfig, load_config, train, pretrain, sweep, read_metrics, read_log_ratios``
+
+The names load on first use (:mod:`sspo_analysis.lazy`), so ``sspo --help`` imports no torch.
 """
 
-from sspo_analysis.training.config import TrainConfig, load_config
-from sspo_analysis.training.trainer import pretrain, read_log_ratios, read_metrics, sweep, train
+from sspo_analysis.lazy import lazy_exports
 
-__all__ = ["TrainConfig", "load_config", "train", "pretrain", "sweep", "read_metrics", "read_log_ratios"]
+_MODULES = {
+    "sspo_analysis.training.config": ("TrainConfig", "load_config"),
+    "sspo_analysis.training.trainer": ("pretrain", "read_log_ratios", "read_metrics", "sweep", "train"),
+}
+__all__ = sorted(n for names in _MODULES.values() for n in names)
+__getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})

@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,22 @@ def load_tokenizer(path: str | Path, field: str = "tokenizer path"):
     return tok
 
 
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """transformers' own progress bars off inside the block, as they were after it: the package's loading and
+    saving calls are steps of its own progress display, and a tqdm bar beside it (stuck at 0% in a saved
+    notebook) only adds noise."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def checkpoint_dtype(path: str | Path | None) -> torch.dtype:
     """The dtype the checkpoint directory ``path`` declares in its config.json (float32 for a preset: no path)."""
     if not path:
@@ -190,7 +208,8 @@ def load_model(preset: str = "tiny", path: str | Path | None = None, *, seed: in
             tokenizer = load_tokenizer(path, "model.path")
         elif tokenizer == "chars":
             tokenizer = char_tokenizer()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        with quiet_transformers_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         _check_vocab(model, tokenizer, path)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -229,9 +248,10 @@ def save_pretrained(model, tokenizer, out: str | Path, *, dtype: torch.dtype | N
     if dtype is not None and dtype != model.dtype:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     held = model.config.dtype
-    model.save_pretrained(out, state_dict=weights)
+    with quiet_transformers_bars():
+        model.save_pretrained(out, state_dict=weights)
+        tokenizer.save_pretrained(out)
     model.config.dtype = held  # save_pretrained records the held dtype in the live config
-    tokenizer.save_pretrained(out)
     for name, declared in (("config.json", dtype), ("tokenizer_config.json", None)):
         file = out / name
         spec = json.loads(file.read_text())

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 import traceback
 import zipfile
@@ -46,7 +47,7 @@ from sspo_analysis.training.measure import (
     rollout_metrics,
     update_metrics,
 )
-from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model
+from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model, quiet_transformers_bars
 from sspo_analysis.training.outputs import Reporters, sample_rows, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
@@ -126,6 +127,7 @@ def check_room(cfg: TrainConfig, task: Task, tokenizer) -> None:
 
 
 def cache_root(cfg: TrainConfig) -> Path:
+    """The warm-start cache: ``warm_start.dir``, else ``$SSPO_CACHE``, else ``~/.cache/sspo_analysis``."""
     root = cfg.warm_start.dir or os.environ.get("SSPO_CACHE") or Path.home() / ".cache" / "sspo_analysis"
     return Path(root)
 
@@ -141,9 +143,15 @@ def warm_start_key(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def warm_start_dir(cfg: TrainConfig) -> Path:
+    """Where the warm start of ``cfg`` is cached: one directory per key, under the one cache of every entry point
+    (``sspo train``, ``sspo figures``, the study, the notebooks); ``warm_start.dir`` or ``$SSPO_CACHE`` move it."""
+    return cache_root(cfg) / "warm_start" / f"{cfg.model.preset}-{cfg.task.name}-{warm_start_key(cfg)}"
+
+
 def ensure_warm_start(cfg: TrainConfig, progress: bool | None = None) -> Path:
     """The cached warm start for ``cfg`` (preset + task + warm_start settings), made now if missing."""
-    target = cache_root(cfg) / "warm_start" / f"{cfg.model.preset}-{cfg.task.name}-{warm_start_key(cfg)}"
+    target = warm_start_dir(cfg)
     if (target / "warm_start.json").exists():
         return target
     for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed process
@@ -188,6 +196,46 @@ def _seed_all(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- warm start
+
+
+class WarmStartProgress:
+    """The warm start's progress: rich's bar on a terminal or in Jupyter; elsewhere (a log file, a pipe) one plain
+    line on stderr per evaluation, at most every :attr:`LOG_SECONDS` (and the last), so a log shows where time goes.
+    """
+
+    LOG_SECONDS = 10.0
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        from rich.console import Console
+
+        self.total, self.start, self.logged, self.unlogged = total, time.time(), 0.0, ""
+        self.live = enabled and (Console().is_terminal or Console().is_jupyter)
+        self.lines = enabled and not self.live
+        self.bar = _progress(self.live)
+        self.task_id = self.bar.add_task("warm start", total=total, info="")
+
+    def __enter__(self) -> WarmStartProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+        if self.unlogged:  # the last evaluation, if the time limit held it back
+            print(self.unlogged, file=sys.stderr, flush=True)
+
+    def update(self, step: int, info: str | None = None) -> None:
+        """``step`` done; ``info`` (the evaluation's loss and success) when it evaluated."""
+        if info is None:
+            self.bar.update(self.task_id, completed=step)
+            return
+        self.bar.update(self.task_id, completed=step, info=info)
+        if not self.lines:
+            return
+        now = time.time()
+        self.unlogged = f"warm start: step {step}/{self.total}, {info}, {now - self.start:.0f} s"
+        if now - self.logged >= self.LOG_SECONDS:
+            print(self.unlogged, file=sys.stderr, flush=True)
+            self.logged, self.unlogged = now, ""
 
 
 def _sft_batch(tok, texts: list[str], answers: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -256,8 +304,7 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
     gen = torch.Generator(device=device).manual_seed(w.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, history, success = time.time(), [], 0.0
-    with _progress(cfg.log.progress if progress is None else progress) as bar:
-        task_id = bar.add_task("warm start", total=w.max_steps, info="")
+    with WarmStartProgress(cfg.log.progress if progress is None else progress, w.max_steps) as bar:
         for step in range(1, w.max_steps + 1):
             prompts, answers = task.sample(rng, w.batch_size)
             batch = _sft_batch(tok, format_prompts(tok, prompts, cfg.task.chat_template), answers, device)
@@ -265,14 +312,15 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
             if step % w.eval_every == 0 or step == w.max_steps:
                 success = evaluate(model, tok, task, cfg, n=w.eval_prompts, seed=w.seed + 10_000, generator=gen)
                 history.append({"step": step, "loss": loss, "success": success})
-                bar.update(task_id, completed=step, info=f"loss {loss:.3f} success {success:.2f}")
+                bar.update(step, f"loss {loss:.3f} success {success:.2f} (target {w.target_success:g})")
                 if success >= w.target_success:
                     break
             else:
-                bar.update(task_id, completed=step)
+                bar.update(step)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    with quiet_transformers_bars():
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
     write_json(out / "warm_start.json", {"success": success, "steps": step, "seconds": time.time() - start,
                                          "history": history, "config": cfg.to_dict()},
                temp_path(out / "warm_start.json"))
