@@ -447,7 +447,7 @@ def sspo(  # noqa: PLR0913 - the registry passes each of the paper's parameters 
 ) -> Terms:
     """Soft sequence policy optimisation: ``w_i = exp(mean_t phi_tau(l_t))``; ``c = A w_i phi'(l) / T_i``.
 
-    A reconstruction (see the README): ``phi`` is a log-space gate of any family,
+    A reconstruction (see docs/objectives.md): ``phi`` is a log-space gate of any family,
     ``arctan`` by default, its temperature chosen by ``sign(A)``. ``eps_lo`` /
     ``eps_hi`` are used only by ``gate="hard-clip"`` (the range ``[-eps_lo, eps_hi]``
     in log space; with ``one_sided=True`` that is GMPO).
@@ -925,7 +925,7 @@ def _validate_params(name: str, p: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- the field's other objectives
 # VESPO and LUSPO as TRL 1.16 ships them, Clip-Cov and KL-Cov as verl 0.9.1 ships them; parameters
-# carry the engines' names. Where the package and the engine differ, the README's engine table says so.
+# carry the engines' names. Where the package and the engine differ, docs/integrations.md says so.
 
 VESPO_LOG_W_MIN = math.log(1e-8)
 """TRL's lower clamp of VESPO's sequence log-ratio ``log W`` (the upper one is :data:`LOG_RATIO_CLAMP`)."""

@@ -1,6 +1,6 @@
 """Real data for the ``jsonl`` task: the formats ``datasets`` reads (JSONL, JSON, parquet, ``save_to_disk``),
 TRL's and verl's layouts, refused records, the math grader on GSM8K's own solutions, the no-signal warning, and
-the README's real-checkpoint command end to end on a config-built Qwen2.5-architecture checkpoint with its own
+the real-checkpoint command of docs/trainer.md end to end on a config-built Qwen2.5-architecture checkpoint with its own
 tokenizer (``tests/data/gsm8k_sample.jsonl``: eight problems written in GSM8K's format for these tests)."""
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def test_signal_watch_says_it_once():
     assert watch.message == said[NO_SIGNAL_STEPS - 1]
 
 
-# --------------------------------------------------------------------------- the README's real-checkpoint command
+# ------------------------------------------------------------------ docs/trainer.md's real-checkpoint command
 
 # Qwen2.5's chat format (ChatML, with its default system turn).
 CHATML = ("{%- if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -1,4 +1,4 @@
-"""The README's offline TRL quickstart: the README shows examples/trl_quickstart.py verbatim, and it runs offline."""
+"""The offline TRL quickstart: docs/integrations.md shows examples/trl_quickstart.py verbatim, and it runs offline."""
 
 import os
 import re
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "trl_quickstart.py"
 
 
-def test_readme_shows_the_script_verbatim():
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+def test_the_docs_show_the_script_verbatim():
+    page = (ROOT / "docs" / "integrations.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert SCRIPT.read_text() in blocks
 
 
