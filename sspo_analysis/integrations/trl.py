@@ -117,7 +117,7 @@ def trl_equivalent(loss_type: str, args: Any) -> Objective:
     ``args`` needs TRL's ``epsilon``, ``epsilon_high``, ``sapo_temperature_pos`` /
     ``_neg``, ``importance_sampling_level`` and ``max_completion_length``. With
     ``importance_sampling_level="sequence"``, ``grpo`` is the package's ``gspo``.
-    The match is exact for every batch without empty completions; the README's
+    The match is exact for every batch without empty completions; docs/integrations.md's
     table lists where the two differ.
     """
     if loss_type not in TRL_EQUIVALENTS:

@@ -13,7 +13,7 @@ the registry's hyphenated name as an alias:
 ``soft_<gate>_one_sided``       the same with ``one_sided=True`` (gate only on the side ``sign(A)`` makes dangerous)
 ``soft_<user gate>``            a registered user gate or import path: ``register("soft_mymod:mygate")``
 ``gmpo``                        ``gmpo``: GMPO through ``agg_loss`` (verl's own ``geo_mean`` ignores
-                                ``loss_agg_mode`` and the global batch info; see the README)
+                                ``loss_agg_mode`` and the global batch info; see docs/integrations.md)
 ``pg``, ``grpo``, ``dapo``,     the package objective of that name
 ``vespo``, ``luspo``
 ``package:<objective>``         any package objective, also those verl ships under the same name
