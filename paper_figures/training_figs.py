@@ -484,7 +484,7 @@ def plot_theory_vs_measured(df):
             ("dead_fraction", "dead_frac", "dead-gradient fraction", False))):
         zero = _theory_panel(ax, df, key, meas, log)
         scale = "" if log else f" (linear below {DEAD_LINTHRESH:g})"
-        ax.set(xlabel=f"predicted {label}{scale}", ylabel=f"measured {label}{scale}", title=label)
+        ax.set(xlabel=f"predicted{scale}", ylabel=f"measured{scale}", title=label)
         if zero:
             note(ax, f"exactly 0 in every logged step, predicted and measured\n(a soft gate zeroes no gradient): "
                      f"{', '.join(zero)}, drawn at (0, 0)", loc="upper left")
