@@ -212,7 +212,7 @@ def verdict_text(tests) -> str:
     sig = tests[tests.verdict != "no significant difference"]
     n = int(tests.n.max())
     if not len(sig):
-        return (f"no significant difference between any two objectives at any k (paired sign-flip test over {n} "
+        return (f"no significant difference between any two objectives at any k\n(paired sign-flip test over {n} "
                 f"seeds, smallest p = {tests.p_value.min():.2g}): the figure ranks none of them")
     pairs = "; ".join(f"k={r.staleness}: {r.a} {r.verdict} than {r.b}" for r in sig.itertuples())
     return f"significant (paired, {n} seeds): {pairs}; every other pair: no significant difference"
@@ -233,7 +233,7 @@ def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTI
     top, bottom = fig.subfigures(2, 1, height_ratios=[3.2, 2.0])
     _step_grid(top, main, names)
     n_seeds = int(main.groupby("objective").seed.nunique().min()) if len(main) else 0
-    top.suptitle(f"Staleness k = 0, per step. {_seeds_text(n_seeds)} (log axes: geometric mean, CI of the log); "
+    top.suptitle(f"Staleness k = 0, per step. {_seeds_text(n_seeds)}\n(log axes: geometric mean, CI of the log); "
                  "grey: the other objectives' means", fontsize=7)
     axes = bottom.subplots(1, 3, squeeze=False)[0]
     ks = sorted(summary.staleness.unique())
@@ -274,8 +274,8 @@ def figure_6(out_dir: Path, ctx: Context) -> list[Path]:
     return paths
 
 
-_STALE_TEXT = ("Against staleness k: mean over the seeds run at every k; bars: 95% t CI of the mean (spikes: exact "
-               "Poisson interval of the\nmean count; weight variance: geometric mean); no bar with one seed; points "
+_STALE_TEXT = ("Against staleness k: mean over the seeds run at every k; bars: 95% t CI of the mean (weight variance: "
+               "geometric mean;\nspikes: exact Poisson interval of the mean count); no bar with one seed; points "
                "shifted sideways so that equal values stay visible")
 
 COUNT_KEYS = ("spikes",)

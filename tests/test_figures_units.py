@@ -325,3 +325,23 @@ def test_only_the_main_grid_dumps_log_ratios(tmp_path):
 
     assert "log.log_ratios_every=5" in overrides(FULL, 0, tmp_path)  # figure 8 reads these
     assert "log.log_ratios_every=0" in overrides(FULL, 2, tmp_path)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_reused_runs_lose_their_checkpoints_unless_asked_to_keep_them(tmp_path, keep):
+    from paper_figures import QUICK, Context
+    from paper_figures.experiments import ensure_runs, plan
+
+    ctx = Context(quick=True, runs_dir=tmp_path, keep_checkpoints=keep)
+    for spec in plan(ctx):  # every planned run finished, as a call before this one left it
+        (spec.run_dir / "checkpoint").mkdir(parents=True)
+        (spec.run_dir / "checkpoint" / "state.pt").write_bytes(b"x")
+        (spec.run_dir / "DONE").write_text("")
+        (spec.run_dir / "config.toml").write_text(
+            f'seed = {spec.seed}\nsteps = {QUICK.train_steps}\n[model]\npreset = "{QUICK.preset}"\n'
+            f'[task]\ndigits = {QUICK.task_digits}\n[objective]\nname = "{spec.objective}"\n[algo]\n'
+            f"staleness = {spec.staleness}\n")
+    runs = ensure_runs(ctx)
+    assert len(runs) == len(plan(ctx)) and all(r["done"] for r in runs)
+    kept = [(r["run_dir"] / "checkpoint" / "state.pt").exists() for r in runs]
+    assert kept == [keep] * len(runs)
