@@ -444,12 +444,20 @@ DEAD_LINTHRESH = 1e-3
 
 def _theory_panel(ax, df, key: str, meas: str, log: bool) -> list[str]:
     """One panel of figure 8: predicted against measured per objective; returns the objectives exactly 0 throughout."""
+    from matplotlib.transforms import offset_copy
+
     from sspo_analysis.plotting import style
 
     cols = [f"empirical_{key}", f"lognormal_{key}", meas]
     zero = [] if log else [n for n, g in df.groupby("objective", sort=False) if (g[cols] == 0).all().all()]
     for name, g in df.groupby("objective", sort=False):
         mk = style.marker(name)
+        if name in zero:  # every point at (0, 0): one marker each, side by side there (an offset in points)
+            shift = offset_copy(ax.transData, fig=ax.figure, x=7 * (zero.index(name) - (len(zero) - 1) / 2),
+                                units="points")
+            ax.scatter([0.0], [0.0], s=16, color=color(name), label=name, lw=0, marker=mk, transform=shift,
+                       zorder=3)
+            continue
         ax.scatter(g[f"empirical_{key}"], g[meas], s=12, color=color(name), label=name, alpha=0.8, lw=0, marker=mk)
         ax.scatter(g[f"lognormal_{key}"], g[meas], s=16, marker=mk, facecolor="none", edgecolor=color(name), lw=0.7,
                    alpha=0.8)
@@ -486,8 +494,8 @@ def plot_theory_vs_measured(df):
         scale = "" if log else f" (linear below {DEAD_LINTHRESH:g})"
         ax.set(xlabel=f"predicted{scale}", ylabel=f"measured{scale}", title=label)
         if zero:
-            note(ax, f"exactly 0 in every logged step, predicted and measured\n(a soft gate zeroes no gradient): "
-                     f"{', '.join(zero)}, drawn at (0, 0)", loc="upper left")
+            note(ax, f"{', '.join(zero)}: exactly 0 in every logged step,\npredicted and measured (a soft gate "
+                     "zeroes no\ngradient); drawn side by side at (0, 0)", loc="upper left")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     from matplotlib.lines import Line2D
 
