@@ -423,9 +423,12 @@ def figure_4(out_dir: Path, ctx: Context) -> list[Path]:
         winners = g[g.overall_best]
         b, length = winners.iloc[0], g.length.max()
         d = g.sort_values("default_mse").iloc[0]
-        edge = " (at the edge of its range: effectively the least gating swept)" if b.best_at_grid_edge else ""
+        at_edge = [t.objective for t in winners.itertuples() if t.best_at_grid_edge]
+        parts = [f"a tie: MSEs within {b.tie_rtol:.0%}"] if len(winners) > 1 else []
+        if at_edge:
+            parts.append(f"at the edge of the swept range: {', '.join(at_edge)}, so the optimum may lie beyond")
         who = " = ".join(f"{t.objective} ({t.param} = {t.best_value:.3g})" for t in winners.itertuples())
-        tie = f" (a tie: MSEs within {b.tie_rtol:.0%})" if len(winners) > 1 else f"{edge}"
+        tie = f" ({'; '.join(parts)})" if parts else ""
         notes.append(f"- Figure 4 (s = {s:g}, L = {int(length)}): the lowest-MSE setting is {who}{tie}: "
                      f"MSE {b.best_mse:.3g} (variance {b.best_var:.3g}). "
                      f"At default parameters the lowest MSE is {d.objective}'s, {d.default_mse:.3g}.")
