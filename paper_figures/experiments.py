@@ -136,11 +136,11 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
             _follow(ctx, futures)
     else:
         ctx.report(f"all {len(specs)} runs reused from {root}")
-    if not ctx.keep_checkpoints:
+    if not ctx.keep_checkpoints:  # runs left by an earlier call, or by one with --keep-checkpoints
         freed = sum(drop_checkpoints(s.run_dir) for s in specs)
         if freed:
-            ctx.report(f"deleted the checkpoints of finished runs ({freed / 2**20:.0f} MiB; --keep-checkpoints "
-                       "keeps them)")
+            ctx.report(f"deleted the checkpoints of finished runs made earlier ({freed / 2**20:.0f} MiB; "
+                       "--keep-checkpoints keeps them)")
     return [{"name": s.name, "objective": s.objective, "seed": s.seed, "staleness": s.staleness,
              "run_dir": s.run_dir, "done": (s.run_dir / "DONE").exists()} for s in specs]
 
@@ -207,6 +207,8 @@ def _follow(ctx: Context, futures: dict) -> None:
             started.pop(spec.name, None)
             status = "done" if ok else f"FAILED (see {spec.run_dir / 'FAILED'})"
             ctx.report(f"run {spec.name}: {status} in {seconds:.0f} s")
+            if not ctx.keep_checkpoints:  # at once, so that the disk never holds every run's checkpoint
+                drop_checkpoints(spec.run_dir)
         for fut in pending:
             if fut.running():
                 started.setdefault(futures[fut].name, now)
