@@ -99,6 +99,9 @@ class Context:
         report: a callable ``(message)`` for progress lines (the CLI passes a rich one).
         advance: a callable ``(done, total, description)`` for sub-progress within a
             figure (the CLI drives a rich progress bar with it).
+        keep_checkpoints: keep each finished run's ``checkpoint/`` and ``final/`` model (by
+            default they are deleted once the run is finished: the figures read only metrics
+            and log-ratio dumps; see :func:`paper_figures.experiments.drop_checkpoints`).
     """
 
     quick: bool = False
@@ -107,6 +110,7 @@ class Context:
     report: Callable[[str], None] = lambda message: None
     advance: Callable[[int, int, str], None] = lambda done, total, description: None
     cache: dict[str, Any] = field(default_factory=dict)
+    keep_checkpoints: bool = False
 
     @property
     def settings(self) -> Settings:

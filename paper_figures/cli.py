@@ -24,13 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "figures",
         help="make every paper figure (PNG, PDF, CSV) and the results table",
         description="Make the paper figures 1-9 and figures/results.{md,csv}. Training runs are kept under "
-        "<out>/runs and reused, so a second call only replots.",
+        "<out>/runs and reused, so a second call only replots; a finished run keeps its metrics and log-ratio dumps, "
+        "not its checkpoint (unless --keep-checkpoints).",
     )
     p.add_argument("--quick", action="store_true", help="fewer steps, seeds and samples (CI: <= 5 min on 2 cores)")
     p.add_argument("--only", default=None, metavar="LIST",
                    help="comma-separated figure numbers or ranges, and/or 'table' (e.g. 3,5 or 2-4,table)")
     p.add_argument("--out", default="figures", help="output directory (default: figures/)")
     p.add_argument("--runs-dir", default=None, help="training runs directory (default: <out>/runs)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished run's checkpoint/ and final/ model (default: deleted once the run is "
+                        "finished, also in runs made by earlier calls; the figures read only metrics and log-ratio "
+                        "dumps)")
     p.set_defaults(func=run)
 
 
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     display = _Display(console, len(numbers) + int(table), "quick" if args.quick else "full")
     with display.progress:
         ctx = paper_figures.Context(quick=args.quick, runs_dir=runs_dir, report=lambda m: console.print(f"  {m}"),
-                                    advance=display.advance)
+                                    advance=display.advance, keep_checkpoints=args.keep_checkpoints)
         paper_figures.make_figures(out, numbers, table, ctx, on_start=display.on_start, on_done=display.on_done)
     console.print(_summary(display.results, f"sspo figures -> {out}/ ({time.perf_counter() - t_start:.0f} s)"))
     return 0

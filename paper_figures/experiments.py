@@ -13,7 +13,10 @@ Runs live in ``<runs_dir>/<mode>/k<k>/<objective>_seed<seed>`` and are made by
 torch thread each, the two cores of the target machine). A finished run
 (``DONE``) is reused as it is, a killed one resumes from its checkpoint, and a
 crashed one is recorded (``FAILED``) and counted as diverged; so a second call
-only replots.
+only replots. A finished run keeps what the figures read (``config.toml``,
+``metrics.jsonl``, and for the main grid the log-ratio dumps of figure 8); its
+checkpoint and ``final/`` model are deleted (:func:`drop_checkpoints`) unless
+``Context.keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def overrides(settings: Settings, staleness: int) -> list[str]:
         f"task.digits={settings.task_digits}",
         "algo.updates_per_batch=4",
         f"algo.staleness={staleness}",
-        f"log.log_ratios_every={settings.log_ratios_every}",
+        # log-ratio dumps only where a figure reads them: figure 8 reads the main grid's (k = 0)
+        f"log.log_ratios_every={settings.log_ratios_every if staleness == 0 else 0}",
     ]
 
 
@@ -134,8 +138,45 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
             _follow(ctx, futures)
     else:
         ctx.report(f"all {len(specs)} runs reused from {root}")
+    if not ctx.keep_checkpoints:  # runs left by an earlier call, or by one with --keep-checkpoints
+        freed = sum(drop_checkpoints(s.run_dir) for s in specs)
+        if freed:
+            ctx.report(f"deleted the checkpoints of finished runs made earlier ({freed / 2**20:.0f} MiB; "
+                       "--keep-checkpoints keeps them)")
     return [{"name": s.name, "objective": s.objective, "seed": s.seed, "staleness": s.staleness,
              "run_dir": s.run_dir, "done": (s.run_dir / "DONE").exists()} for s in specs]
+
+
+FINISHED = ("DONE", "DIVERGED")
+"""A run with one of these files is finished: it is reused as it is and never resumed."""
+CHECKPOINT_FILES = ("checkpoint/state.pt",)
+"""What the trainer writes to resume a run: dropped once the run is finished (exact paths)."""
+FINAL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
+               "vocab.json", "merges.txt")
+"""The files ``save_pretrained`` writes into ``RUN/final`` for the presets (exact names; anything else stays)."""
+
+
+def drop_checkpoints(run_dir: Path) -> int:
+    """Delete a finished run's checkpoint and ``final/`` model by their exact paths; returns the bytes freed.
+
+    An unfinished run is left alone (it resumes from its checkpoint). ``checkpoint/``
+    and ``final/`` are removed only when nothing else is left in them, so a file this
+    code did not expect is never deleted.
+    """
+    run = Path(run_dir)
+    if not any((run / name).is_file() for name in FINISHED):
+        return 0
+    files = [run / rel for rel in CHECKPOINT_FILES] + [run / "final" / name for name in FINAL_FILES]
+    freed = 0
+    for path in files:
+        if path.is_file() and not path.is_symlink():
+            freed += path.stat().st_size
+            path.unlink()
+    for folder in (run / "checkpoint", run / "final"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return freed
 
 
 POLL_SECONDS = 2.0
@@ -168,6 +209,8 @@ def _follow(ctx: Context, futures: dict) -> None:
             started.pop(spec.name, None)
             status = "done" if ok else f"FAILED (see {spec.run_dir / 'FAILED'})"
             ctx.report(f"run {spec.name}: {status} in {seconds:.0f} s")
+            if not ctx.keep_checkpoints:  # at once, so that the disk never holds every run's checkpoint
+                drop_checkpoints(spec.run_dir)
         for fut in pending:
             if fut.running():
                 started.setdefault(futures[fut].name, now)

@@ -178,50 +178,81 @@ def coinciding(df, keys: Sequence[str], rtol: float = 0.01, by: str = "length") 
     return [g for g in groups if len(g) > 1]
 
 
-def plot_sequence_weights(df, sign: int = 1, rtol: float = 0.01):
-    """Figure 3: rows mean / variance of the weight, columns the stds; log length axis, log variance axis.
+SEQUENCE_ROWS = (
+    ("mean_coefficient", "mean coefficient E[c L / A]\n(1 = unbiased)", "linear"),
+    ("var_coefficient", "coefficient variance\nVar[c L / A]", "log"),
+    ("dead_fraction", "dead fraction P(c = 0)\n(linear below 1e-4)", "symlog"),
+)
+"""Figure 3's rows: column of :func:`data_sequence_weights`, y label, y scale."""
 
-    ``is-seq``'s variance ``exp(L s^2) - 1`` leaves the panel at large ``L``: its
-    last value is written beside the cut. Curves that agree within ``rtol`` are
-    named on the panel; their markers are staggered so that each stays visible.
+
+def exactly_zero(df, key: str) -> list[str]:
+    """The objectives whose ``key`` is exactly 0 at every point of ``df`` (a soft gate's dead fraction)."""
+    return [n for n, g in df.groupby("objective", sort=False) if (g[key] == 0).all()]
+
+
+def _sequence_panel(ax, ds, key: str, scale: str, names: list[str], rtol: float) -> None:
+    """One panel of figure 3: ``key`` against length for every objective, with what coincides named on it."""
+    every = len(names)  # each curve its own marker positions: no marker hides another
+    values = ds[ds.objective != "is-seq"][key] if scale == "log" else ds[key]
+    top = 10 ** np.ceil(np.log10(max(float(values.max()), 1e-12)) + 3) if scale == "log" else None
+    for i, name in enumerate(names):
+        g = ds[ds.objective == name].sort_values("length")
+        y = g[key].clip(lower=1e-12) if scale == "log" else g[key]
+        ax.plot(g.length, y, label=name, lw=1.1, **line_style(name, marker=True, every=every, index=i))
+        if top is not None and g[key].iloc[-1] > top:
+            ax.annotate(f"{name}: {g[key].iloc[-1]:.1e}\nat L = {int(g.length.iloc[-1])} (off the panel)",
+                        xy=(0.02, 0.97), xycoords="axes fraction", ha="left", va="top", fontsize=6, color=color(name))
+    text = []
+    if key == "dead_fraction":
+        zero = exactly_zero(ds, key)
+        if zero:
+            text.append(f"exactly 0 at every L (no clip): {', '.join(zero)}")
+        ds = ds[~ds.objective.isin(zero)]
+    same = coinciding(ds[ds.objective != "is-seq"] if scale == "log" else ds, [key], rtol)
+    if same:
+        text.append(f"within {rtol:.0%} of each other: " + "; ".join(" ≈ ".join(g) for g in same))
+    if text:
+        note(ax, "\n".join(text), loc="upper left" if key == "dead_fraction" else "lower left")
+    if scale == "symlog":
+        ax.set_yscale("symlog", linthresh=1e-4, linscale=0.5)
+        ax.set_ylim(-2e-5, 1.5)
+    elif scale == "log":
+        ax.set(yscale="log", ylim=(float(values.clip(lower=1e-12).min()) / 3, top))
+
+
+def plot_sequence_weights(df, sign: int = 1, rtol: float = 0.01):
+    """Figure 3: what each sequence objective applies to a sequence's gradient, against its length.
+
+    Rows: the mean and variance of the normalised coefficient ``c L / A`` (the
+    importance weight after the objective's own clip or gate, at its default
+    parameters) and the dead fraction ``P(c = 0)``; columns: the log-ratio stds.
+    Curves that agree within ``rtol`` are named on the panel, and their markers
+    staggered so that each stays visible; ``is-seq``'s variance ``exp(L s^2) - 1``
+    leaves the panel at large ``L`` and its last value is written beside the cut.
     """
     stds = sorted(df.log_ratio_std.unique())
-    fig, axes = new_figure(2, len(stds), 4.6, sharex=True)
+    fig, axes = new_figure(len(SEQUENCE_ROWS), len(stds), 6.2, sharex=True)
     d = df[df.advantage_sign == sign]
     names = list(dict.fromkeys(d.objective))
-    every = len(names)  # each curve its own marker positions: no marker hides another
-
     for j, s in enumerate(stds):
         ds = d[np.isclose(d.log_ratio_std, s)]
-        others = ds[ds.objective != "is-seq"].var_weight
-        top = 10 ** np.ceil(np.log10(max(float(others.max()), 1e-12)) + 3)
-        for i, name in enumerate(names):
-            g = ds[ds.objective == name].sort_values("length")
-            kw = {**line_style(name, marker=True, every=every, index=i), "lw": 1.1}
-            axes[0, j].plot(g.length, g.mean_weight, label=name, **kw)
-            axes[1, j].plot(g.length, g.var_weight.clip(lower=1e-12), label=name, **kw)
-            last = g.iloc[-1]
-            if last.var_weight > top:
-                axes[1, j].annotate(f"{name}: {last.var_weight:.1e}\nat L = {int(last.length)}",
-                                    xy=(0.98, 0.97), xycoords="axes fraction", ha="right", va="top", fontsize=6,
-                                    color=color(name))
-        for row, key in ((0, "mean_weight"), (1, "var_weight")):
-            same = coinciding(ds[ds.objective != "is-seq"] if row else ds, [key], rtol)
-            if same:
-                note(axes[row, j], f"within {rtol:.0%} of each other: " + "; ".join(" ≈ ".join(g) for g in same))
-        axes[0, j].set(xscale="log", title=f"log-ratio std s = {s:g} nats, {SIGN_STYLE[sign][0]}",
-                       ylabel="mean weight E[w]")
-        axes[1, j].set(xscale="log", yscale="log", xlabel="sequence length L (tokens)",
-                       ylabel="weight variance Var[w]")
-        axes[1, j].set_ylim(float(ds.var_weight.clip(lower=1e-12).min()) / 3, top)
+        for row, (key, ylabel, scale) in enumerate(SEQUENCE_ROWS):
+            _sequence_panel(axes[row, j], ds, key, scale, names, rtol)
+            axes[row, j].set(xscale="log", ylabel=ylabel)
+        axes[0, j].set_title(f"log-ratio std s = {s:g} nats, {SIGN_STYLE[sign][0]}")
+        axes[-1, j].set_xlabel("sequence length L (tokens)")
     legend_below(fig, axes[0, 0])
-    fig.suptitle("Sequence weights against length. gspo, gmpo and sspo nearly coincide while little is clipped or "
-                 "gated:\neach weights a sequence by about exp(mean token log-ratio); dashes and staggered markers "
-                 "keep each curve visible", fontsize=7.5)
+    dead = d.groupby("objective", sort=False).dead_fraction.max()
+    clipping = [f"{n} (up to {dead[n]:.0%})" for n in names if dead[n] >= 0.01]
+    fig.suptitle("Sequence-level objectives at their default parameters: the coefficient each applies to a "
+                 "sequence's gradient\n(its importance weight after its own clip or gate), against length. "
+                 + (f"Dead fraction 1% or more: {', '.join(clipping)}" if clipping else ""), fontsize=7.5)
     return fig
 
 
-@figure(3, "sequence_weights", "sequence weight mean and variance against length")
+@figure(3, "sequence_weights", "sequence objectives: coefficient mean, variance and dead fraction "
+        "against length")
 def figure_3(out_dir: Path, ctx: Context) -> list[Path]:
     ctx.advance(0, 1, "theory: sequence weights")
     df = ctx.cached("fig3", lambda: data_sequence_weights(lengths=ctx.settings.lengths))
@@ -286,15 +317,66 @@ def winner_text(best: dict) -> str:
     return f"lowest MSE {best['mse']:.3g}: {best['objective']} {best['param']} = {best['value']:.3g}"
 
 
+def star_groups(best: dict, decades: float = 0.05) -> list[list[str]]:
+    """The objectives whose lowest-MSE stars would sit on one point: within ``decades`` on both log axes.
+
+    ``best`` is :func:`~sspo_analysis.analysis.lowest_mse`'s dict; groups are connected sets, in its order.
+    """
+    names = [n for n in best if n != "overall"]
+    pos = {n: np.log10([max(best[n]["var_coefficient"], 1e-8), best[n]["mse"]]) for n in names}
+    group = {n: n for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if np.all(np.abs(pos[a] - pos[b]) <= decades):
+                root = group[a]
+                group.update({n: root for n in names if group[n] == group[b]})
+    return [[n for n in names if group[n] == root] for root in dict.fromkeys(group.values())]
+
+
+STAR_SHIFT = 0.3
+"""Figure 4: stars on one point are drawn this far apart (natural log of the x factor), around the point."""
+
+
+def _stars(ax, best: dict) -> None:
+    """Each objective's lowest-MSE star (hollow at the edge of its swept range); stars on one point drawn side by
+    side around it (a black dot marks the point) and named there, ties as ties."""
+    tied = best["overall"]["tied"]
+    for group in star_groups(best):
+        b0 = best[group[0]]
+        x0, y0 = max(b0["var_coefficient"], 1e-8), b0["mse"]
+        for j, name in enumerate(group):
+            b = best[name]
+            x = max(b["var_coefficient"], 1e-8) * np.exp((j - (len(group) - 1) / 2) * STAR_SHIFT)
+            edge = {"mfc": "white", "mec": color(name), "mew": 1.0} if b["at_edge"] else {"mec": "black", "mew": 0.4}
+            ax.plot(x, b["mse"], "*", color=color(name), ms=9, zorder=3, **edge)
+        if len(group) > 1:
+            ax.plot(x0, y0, "o", color="black", ms=1.8, zorder=4)
+            ties = [n for n in group if n in tied] if len(tied) > 1 else []
+            rest = [f"{n} (MSE {best[n]['mse'] / best['overall']['mse'] - 1:+.1%})" for n in group if n not in ties]
+            label = ", ".join(([" = ".join(ties) + " (tie)"] if ties else []) + rest)
+            ax.annotate(label, (x0 * np.exp(len(group) / 2 * STAR_SHIFT), y0), xytext=(3, -1),
+                        textcoords="offset points", fontsize=5.5, va="top", ha="left")
+
+
+def edge_text(best: dict) -> str:
+    """Which of the overall winners sit at the edge of their swept range (the optimum may lie beyond it)."""
+    edge = [n for n in best["overall"].get("tied", [best["overall"]["objective"]]) if best[n]["at_edge"]]
+    return f"at the edge of its swept range: {', '.join(edge)}" if edge else "inside the swept ranges"
+
+
 def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
     """Figure 4: MSE against variance per objective (one panel per std); stars mark each lowest-MSE setting.
 
     The vertical distance above the diagonal is the squared bias. MSE above
     ``mse_cap`` is cut off (``sspo-sigmoid`` at large tau, whose on-policy scale is
     tau/2). Arrows point the way each swept parameter grows (its range is in the
-    legend); objectives tied at the lowest MSE are named as a tie.
+    legend); a hollow star is a lowest MSE at the end of the swept range; stars on
+    one point are drawn side by side and named; objectives tied at the lowest MSE
+    are named as a tie.
     """
-    fig, axes = new_figure(1, len(dfs), 3.4)
+    from matplotlib.lines import Line2D
+
+    fig, axes = new_figure(1, len(dfs), 3.6)
     for ax, (std, df) in zip(axes[0], dfs.items()):
         shown = df[df.mse <= mse_cap]
         lo = max(shown.var_coefficient.min(), 1e-8) / 2
@@ -309,17 +391,21 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
                     **line_style(name, marker=True, every=4, index=j))
             _sweep_arrow(ax, x, y, color(name))
             ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=color(name), ms=5, mfc="none", mew=1.0)
-            b = best[name]
-            ax.plot(max(b["var_coefficient"], 1e-8), b["mse"], "*", color=color(name), ms=9, mec="black", mew=0.4,
-                    zorder=3)
+        _stars(ax, best)
         ax.set(xscale="log", yscale="log", ylim=(max(shown.mse.min() / 2, 1e-8), hi),
                xlim=(lo, shown.var_coefficient.max() * 2), xlabel="coefficient variance Var[c/A]",
                ylabel="MSE of c/A  (bias² + variance)",
-               title=f"s = {std:g} nats, L = {int(df.length.max())}\n{winner_text(best['overall'])}")
-    legend_below(fig, axes[0, 0], ncols=3)
+               title=f"s = {std:g} nats, L = {int(df.length.max())}\n{winner_text(best['overall'])}\n{edge_text(best)}")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    keys = [(Line2D([], [], ls="", marker="*", color="#777777", mec="black", mew=0.4, ms=8),
+             "lowest MSE of an objective, inside its swept range"),
+            (Line2D([], [], ls="", marker="*", color="#777777", mfc="white", mew=1.0, ms=8),
+             "lowest MSE at the end of its swept range (may lie beyond)"),
+            (Line2D([], [], ls="", marker="s", color="#777777", mfc="none", ms=5), "default parameters")]
+    fig.legend(handles + [k[0] for k in keys], labels + [k[1] for k in keys], loc="outside lower center", ncols=3)
     fig.suptitle("Bias-variance frontier as eps or tau sweeps (A > 0 and A < 0 averaged). Arrows: the way the "
-                 "parameter grows (range in the legend);\nopen square: default parameters; star: lowest MSE of each "
-                 "objective; MSEs within 1 % of each other count as a tie", fontsize=7.5)
+                 "parameter grows (range in the legend).\nStars on one point are drawn side by side around it (black "
+                 "dot) and named; MSEs within 1 % of each other count as a tie", fontsize=7.5)
     return fig
 
 
@@ -337,9 +423,12 @@ def figure_4(out_dir: Path, ctx: Context) -> list[Path]:
         winners = g[g.overall_best]
         b, length = winners.iloc[0], g.length.max()
         d = g.sort_values("default_mse").iloc[0]
-        edge = " (at the edge of its range: effectively the least gating swept)" if b.best_at_grid_edge else ""
+        at_edge = [t.objective for t in winners.itertuples() if t.best_at_grid_edge]
+        parts = [f"a tie: MSEs within {b.tie_rtol:.0%}"] if len(winners) > 1 else []
+        if at_edge:
+            parts.append(f"at the edge of the swept range: {', '.join(at_edge)}, so the optimum may lie beyond")
         who = " = ".join(f"{t.objective} ({t.param} = {t.best_value:.3g})" for t in winners.itertuples())
-        tie = f" (a tie: MSEs within {b.tie_rtol:.0%})" if len(winners) > 1 else f"{edge}"
+        tie = f" ({'; '.join(parts)})" if parts else ""
         notes.append(f"- Figure 4 (s = {s:g}, L = {int(length)}): the lowest-MSE setting is {who}{tie}: "
                      f"MSE {b.best_mse:.3g} (variance {b.best_var:.3g}). "
                      f"At default parameters the lowest MSE is {d.objective}'s, {d.default_mse:.3g}.")

@@ -68,86 +68,193 @@ def _seeds_text(n: int, log: bool = False) -> str:
 # --------------------------------------------------------------------------- figure 5
 
 
-def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=None):
-    """Figure 5: entropy against step (mean over seeds, band: 95 % t CI of the mean); reward against entropy with
-    the fitted law ``R = -a exp(H) + b`` per objective (points: every seed and step)."""
-    from sspo_analysis.plotting import style
+FIT_WINDOW = 10
+"""Figure 5: steps per window of the per-window fits (the pooled fit mixes training time in)."""
 
-    fig, axes = new_figure(1, 2, 2.8)
+
+def fit_windows(metrics, objectives: Sequence[str], window: int = FIT_WINDOW):
+    """The entropy-reward fit of every objective per ``window`` steps (``fit_entropy_reward`` on each window).
+
+    Returns its table with ``step_lo`` and ``step_hi`` (inclusive) added: whether the pooled
+    fit's ``a`` holds within a stretch of training, or comes from entropy and reward both
+    drifting with the step.
+    """
+    import pandas as pd
+
     main = metrics[metrics.staleness == 0]
+    frames = []
+    for lo in range(int(main.step.min()), int(main.step.max()) + 1, window):
+        part = main[(main.step >= lo) & (main.step < lo + window)]
+        frames.append(fit_entropy_reward(part, objectives).assign(step_lo=lo, step_hi=int(part.step.max())))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _fit_text(f, windows) -> str:
+    """A panel's fit in words: the pooled ``a`` with its standard error, and the per-window range."""
+    text = f"all: a = {f.a:.2f} ± {f.a_se:.2f}\nR² = {f.r2:.2f}, n = {int(f.n)}"
+    ok = windows[np.isfinite(windows.a)]
+    if len(ok):
+        text += f"\nper window:\na = {ok.a.min():.2f} to {ok.a.max():.2f}"
+    return text
+
+
+def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=None, windows=None):
+    """Figure 5, one column per objective: top, entropy against step (mean over seeds, band: 95 % t CI of the mean;
+    grey: the other objectives' means); bottom, reward against entropy (points: every seed and step, coloured by
+    step) with the law ``R = -a exp(H) + b`` fitted on all of them, ``a`` with its standard error."""
+    main = metrics[metrics.staleness == 0]
+    names = [o for o in objectives if o in set(main.objective)]
+    fits = (fit_entropy_reward(main, names) if fits is None else fits).set_index("objective")
+    windows = fit_windows(main, names) if windows is None else windows
+    fig, axes = new_figure(2, len(names), 4.4, sharey="row")
     n_seeds = main.groupby("objective").seed.nunique()
-    fits = fit_entropy_reward(main, [o for o in objectives if o in set(main.objective)]) if fits is None else fits
-    fits = fits.set_index("objective")
-    for j, name in enumerate(objectives):
+    steps = (float(main.step.min()), float(main.step.max()))
+    for j, name in enumerate(names):
         g = main[main.objective == name]
-        if g.empty:
-            continue
-        _band(axes[0, 0], g, "entropy", name, index=j)
-        axes[0, 1].scatter(g.entropy, g.reward_mean, s=5, color=color(name), alpha=0.4, lw=0,
-                           marker=style.marker(name))
-        if name in fits.index and np.isfinite(fits.loc[name, "a"]):
+        for other in names:
+            if other != name:
+                mean = main[main.objective == other].groupby("step").entropy.mean()
+                axes[0, j].plot(mean.index, mean, color="#cccccc", lw=0.6, zorder=0)
+        _band(axes[0, j], g, "entropy", name, index=j)
+        axes[0, j].set_title(name, color=color(name))
+        points = axes[1, j].scatter(g.entropy, g.reward_mean, s=5, c=g.step, cmap="viridis", vmin=steps[0],
+                                    vmax=steps[1], alpha=0.7, lw=0)
+        f = fits.loc[name] if name in fits.index else None
+        if f is not None and np.isfinite(f.a):
             h = np.linspace(g.entropy.min(), g.entropy.max(), 50)
-            f = fits.loc[name]
-            axes[0, 1].plot(h, entropy_reward_law(h, f.a, f.b), lw=1.2, label=f"{name}: a = {f.a:.2g}, R² = {f.r2:.2f}",
-                            **line_style(name))
-    axes[0, 0].set(xlabel="RL step (rollout batches)", ylabel="policy entropy (nats / token)", title="entropy")
-    note(axes[0, 0], _seeds_text(int(n_seeds.min()) if len(n_seeds) else 0))
-    axes[0, 1].set(xlabel="policy entropy H (nats / token)", ylabel="reward (batch mean)",
-                   title="reward against entropy; lines: fit R = -a exp(H) + b")
-    axes[0, 1].legend(loc="best", fontsize=5.5, handlelength=1.2, borderaxespad=0.2)
-    legend_below(fig, axes[0, 0])
+            axes[1, j].plot(h, entropy_reward_law(h, f.a, f.b), color="black", lw=1.0)
+            axes[1, j].set_title(_fit_text(f, windows[windows.objective == name]), fontsize=6)
+        axes[0, j].set_xlabel("RL step")
+        axes[1, j].set_xlabel("entropy H")
+    axes[0, 0].set_ylabel("policy entropy (nats / token)")
+    axes[1, 0].set_ylabel("reward (batch mean)")
+    fig.colorbar(points, ax=axes[1, :], label="RL step", shrink=0.9, pad=0.01)
+    fig.suptitle(f"Entropy H (nats / token) on the tiny LLM, staleness k = 0. Top: {_seeds_text(int(n_seeds.min()))}; "
+                 "grey: the other "
+                 "objectives' means.\nBottom: every seed's every step; black: R = -a exp(H) + b fitted on all of "
+                 f"them (training time pooled), a ± its standard error;\nper window: the range of a fitted per "
+                 f"{FIT_WINDOW} steps (fig5_entropy_fit.csv)",
+                 fontsize=7)
     return fig
 
 
 @figure(5, "entropy", "entropy curves on the tiny LLM", needs_training=True)
 def figure_5(out_dir: Path, ctx: Context) -> list[Path]:
+    import pandas as pd
+
     from paper_figures.experiments import training_data
 
     metrics, _ = training_data(ctx)
     cols = ["objective", "seed", "staleness", "step", "entropy", "reward_mean"]
-    fits = fit_entropy_reward(metrics, [o for o in TRAINED_OBJECTIVES if o in set(metrics.objective)])
+    names = [o for o in TRAINED_OBJECTIVES if o in set(metrics.objective)]
+    fits = fit_entropy_reward(metrics, names)
+    windows = fit_windows(metrics, names)
     base = stem(out_dir, 5)
     ctx.advance(0, 1, "plotting")
-    paths = save(plot_entropy(metrics, fits=fits), base, metrics[metrics.staleness == 0][cols])
-    paths.append(write_frame(fits, base.with_name(base.name + "_fit.csv")))
+    paths = save(plot_entropy(metrics, fits=fits, windows=windows), base, metrics[metrics.staleness == 0][cols])
+    table = pd.concat([fits.assign(window="all steps"), windows.assign(window="steps")], ignore_index=True)
+    paths.append(write_frame(table, base.with_name(base.name + "_fit.csv")))
     return paths
 
 
 # --------------------------------------------------------------------------- figure 6
 
 
-def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTIVES):
-    """Figure 6: top, reward / weight variance / grad norm against step; bottom, against staleness k."""
-    fig, axes = new_figure(2, 3, 4.6)
+STEP_PANELS = (("reward_mean", "reward\n(batch mean)", False), ("seq_weight_var", "Var of sequence\nweight", True),
+               ("grad_norm", "grad norm\n(before clipping)", True))
+"""Figure 6, top: the per-step metrics (column, label, log axis), one row each, one column per objective."""
+
+
+def _step_grid(sub, main, names: list[str]) -> None:
+    """Figure 6, top: one row per metric of :data:`STEP_PANELS`, one column per objective (grey: the others)."""
+    axes = sub.subplots(len(STEP_PANELS), len(names), sharex=True, sharey="row", squeeze=False)
+    for row, (key, label, log) in enumerate(STEP_PANELS):
+        for j, name in enumerate(names):
+            ax = axes[row, j]
+            for other in names:
+                if other != name:
+                    mean = main[main.objective == other].groupby("step")[key].mean()
+                    ax.plot(mean.index, mean, color="#cccccc", lw=0.5, zorder=0)
+            _band(ax, main[main.objective == name], key, name, log=log, index=j)
+            if log:
+                ax.set_yscale("log")
+            if row == 0:
+                ax.set_title(f"{name}, k = 0", color=color(name), fontsize=7)
+        axes[row, 0].set_ylabel(label, fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("RL step")
+
+
+def staleness_tests(summary, key: str = "final_reward"):
+    """Every pair of objectives compared at every staleness k on ``key``, paired by seed
+    (:func:`sspo_analysis.study.stats.paired_difference`: bootstrap interval and exact sign-flip test)."""
+    import itertools
+
+    import pandas as pd
+
+    from sspo_analysis.study.stats import paired_difference
+
+    rows = []
+    for k, g in summary.groupby("staleness"):
+        piv = g.pivot_table(index="seed", columns="objective", values=key)
+        for a, b in itertools.combinations(list(piv.columns), 2):
+            both = piv[[a, b]].dropna()
+            if len(both) >= 2:
+                rows.append({"staleness": k, "metric": key, "a": a, "b": b,
+                             **paired_difference(both[a].to_numpy(), both[b].to_numpy())})
+    return pd.DataFrame(rows)
+
+
+def verdict_text(tests) -> str:
+    """What the paired tests allow one to say about a ranking, in words for the figure."""
+    if tests is None or not len(tests):
+        return "no paired comparison (fewer than 2 seeds)"
+    sig = tests[tests.verdict != "no significant difference"]
+    n = int(tests.n.max())
+    if not len(sig):
+        return (f"no significant difference between any two objectives at any k\n(paired sign-flip test over {n} "
+                f"seeds, smallest p = {tests.p_value.min():.2g}): the figure ranks none of them")
+    pairs = "; ".join(f"k={r.staleness}: {r.a} {r.verdict} than {r.b}" for r in sig.itertuples())
+    return f"significant (paired, {n} seeds): {pairs}; every other pair: no significant difference"
+
+
+def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTIVES, tests=None):
+    """Figure 6: top, reward / weight variance / grad norm against step at staleness 0, one column per objective;
+    bottom, final reward, grad-norm spikes and weight variance against staleness k."""
+    import matplotlib.pyplot as plt
+
+    from sspo_analysis.plotting import style
+
+    style.apply()
+    tests = staleness_tests(summary) if tests is None else tests
     main = metrics[metrics.staleness == 0]
-    n_seeds = 0
-    for j, name in enumerate(objectives):
-        g = main[main.objective == name]
-        if g.empty:
-            continue
-        n_seeds = _band(axes[0, 0], g, "reward_mean", name, index=j)
-        _band(axes[0, 1], g, "seq_weight_var", name, log=True, index=j)
-        _band(axes[0, 2], g, "grad_norm", name, log=True, index=j)
-    axes[0, 0].set(xlabel="RL step", ylabel="reward (mean over batch)", title="reward")
-    axes[0, 1].set(xlabel="RL step", ylabel="Var of sequence weight", yscale="log", title="importance-weight variance")
-    axes[0, 2].set(xlabel="RL step", ylabel="grad norm (before clipping)", yscale="log", title="gradient norm")
-    legend_below(fig, axes[0, 0])
-    fig.suptitle(f"Top: {_seeds_text(n_seeds)} (log axes: geometric mean, CI of the log).\nBottom: {_STALE_TEXT}",
-                 fontsize=7)
+    names = [o for o in objectives if o in set(main.objective)]
+    fig = plt.figure(figsize=(style.FULL_WIDTH, 7.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.2, 2.0])
+    _step_grid(top, main, names)
+    n_seeds = int(main.groupby("objective").seed.nunique().min()) if len(main) else 0
+    top.suptitle(f"Staleness k = 0, per step. {_seeds_text(n_seeds)}\n(log axes: geometric mean, CI of the log); "
+                 "grey: the other objectives' means", fontsize=7)
+    axes = bottom.subplots(1, 3, squeeze=False)[0]
     ks = sorted(summary.staleness.unique())
     stale = [(name, g) for name, g in summary.groupby("objective", sort=False) if g.staleness.nunique() >= 2]
     for j, (name, g) in enumerate(stale):
         # The same seeds at every k, so that the points compare like with like.
         common = set.intersection(*(set(x.seed) for _, x in g.groupby("staleness")))
         g = g[g.seed.isin(common)]
-        for ax, key in zip(axes[1], ("final_reward", "spikes", "weight_var")):
-            _stale_points(ax, g, key, name, j, len(stale), log=key == "weight_var")
-    for ax in axes[1]:
+        for ax, key in zip(axes, ("final_reward", "spikes", "weight_var")):
+            _stale_points(ax, g, key, name, j, len(stale))
+    for ax in axes:
         ax.set_xticks(ks)
         ax.set_xlabel("staleness k (policy lag, updates)")
-    axes[1, 0].set(ylabel="final reward", title="final reward vs staleness")
-    axes[1, 1].set(ylabel=f"spikes (grad norm > {SPIKE_FACTOR:g}x median)", title="grad-norm spikes vs staleness")
-    axes[1, 2].set(ylabel="mean Var of sequence weight", yscale="log", title="weight variance vs staleness")
+    axes[0].set(ylabel="final reward", title="final reward vs staleness k")
+    axes[1].set(ylabel=f"spikes per run (grad norm\n> {SPIKE_FACTOR:g}x median)", title="grad-norm spikes vs k")
+    axes[1].set_ylim(bottom=0)
+    axes[2].set(ylabel="mean Var of sequence weight", yscale="log", title="weight variance vs k")
+    bottom.suptitle(f"{_STALE_TEXT}\nFinal reward: {verdict_text(tests)}", fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        bottom.legend(handles, labels, loc="outside lower center", ncols=len(labels))
     return fig
 
 
@@ -157,28 +264,39 @@ def figure_6(out_dir: Path, ctx: Context) -> list[Path]:
 
     metrics, runs = training_data(ctx)
     summary = summarise_runs(metrics, runs)
+    tests = staleness_tests(summary)
     base = stem(out_dir, 6)
     cols = ["objective", "seed", "staleness", "step", "reward_mean", "seq_weight_var", "grad_norm"]
     ctx.advance(0, 1, "plotting")
-    paths = save(plot_stability(metrics, summary), base, metrics[cols])
+    paths = save(plot_stability(metrics, summary, tests=tests), base, metrics[cols])
     paths.append(write_frame(summary, base.with_name(base.name + "_runs.csv")))
+    paths.append(write_frame(tests, base.with_name(base.name + "_tests.csv")))
     return paths
 
 
-_STALE_TEXT = ("mean over the seeds run at every k; bars: 95% t CI of the mean (no bar with one seed); "
-               "points shifted sideways so that equal values stay visible")
+_STALE_TEXT = ("Against staleness k: mean over the seeds run at every k; bars: 95% t CI of the mean (weight variance: "
+               "geometric mean;\nspikes: exact Poisson interval of the mean count); no bar with one seed; points "
+               "shifted sideways so that equal values stay visible")
+
+COUNT_KEYS = ("spikes",)
+"""Figure 6: the per-run summaries that are counts (exact Poisson intervals, never below zero)."""
 
 
-def _stale_points(ax, g, key: str, name: str, j: int, n: int, log: bool = False) -> None:
+def _stale_points(ax, g, key: str, name: str, j: int, n: int) -> None:
     """One objective's seed mean (and CI) against staleness k, shifted sideways by its index ``j`` of ``n``."""
-    from sspo_analysis.plotting.bands import mean_ci
+    from sspo_analysis.plotting.bands import mean_ci, poisson_mean_ci
 
     piv = g.pivot_table(index="staleness", columns="seed", values=key, aggfunc="mean")
-    mean, lo, hi = mean_ci(piv.to_numpy(dtype=float), log=log)
+    values = piv.to_numpy(dtype=float)
+    if key in COUNT_KEYS:
+        mean, lo, hi = poisson_mean_ci(values)
+    else:
+        mean, lo, hi = mean_ci(values, log=key == "weight_var")
     x = piv.index.to_numpy(dtype=float) + (j - (n - 1) / 2) * 0.15
     kw = line_style(name, marker=True)
     ax.plot(x, mean, lw=1.0, label=name, **kw)
-    ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor=kw["color"], lw=0.8, capsize=0)
+    if piv.shape[1] > 1:
+        ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor=kw["color"], lw=0.8, capsize=0)
 
 
 # --------------------------------------------------------------------------- figure 7
@@ -320,43 +438,74 @@ def figure_7(out_dir: Path, ctx: Context) -> list[Path]:
 # --------------------------------------------------------------------------- figure 8
 
 
+DEAD_LINTHRESH = 1e-3
+"""Figure 8: the dead-fraction axes are linear below this, logarithmic above (exact zeros stay on the axes)."""
+
+
+def _theory_panel(ax, df, key: str, meas: str, log: bool) -> list[str]:
+    """One panel of figure 8: predicted against measured per objective; returns the objectives exactly 0 throughout."""
+    from matplotlib.transforms import offset_copy
+
+    from sspo_analysis.plotting import style
+
+    cols = [f"empirical_{key}", f"lognormal_{key}", meas]
+    zero = [] if log else [n for n, g in df.groupby("objective", sort=False) if (g[cols] == 0).all().all()]
+    for name, g in df.groupby("objective", sort=False):
+        mk = style.marker(name)
+        if name in zero:  # every point at (0, 0): one marker each, side by side there (an offset in points)
+            shift = offset_copy(ax.transData, fig=ax.figure, x=7 * (zero.index(name) - (len(zero) - 1) / 2),
+                                units="points")
+            ax.scatter([0.0], [0.0], s=16, color=color(name), label=name, lw=0, marker=mk, transform=shift,
+                       zorder=3)
+            continue
+        ax.scatter(g[f"empirical_{key}"], g[meas], s=12, color=color(name), label=name, alpha=0.8, lw=0, marker=mk)
+        ax.scatter(g[f"lognormal_{key}"], g[meas], s=16, marker=mk, facecolor="none", edgecolor=color(name), lw=0.7,
+                   alpha=0.8)
+    finite = df[cols].to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if log:
+        pos = finite[finite > 0]
+        lo, hi = (pos.min() / 1.5, pos.max() * 1.5) if len(pos) else (1e-4, 1.0)
+        ax.set(xscale="log", yscale="log")
+    else:
+        lo, hi = -DEAD_LINTHRESH / 5, max(float(finite.max()) * 1.5 if len(finite) else 0.0, 0.02)
+        ax.set_xscale("symlog", linthresh=DEAD_LINTHRESH, linscale=0.6)
+        ax.set_yscale("symlog", linthresh=DEAD_LINTHRESH, linscale=0.6)
+    ax.plot([lo, hi], [lo, hi], color="#bbbbbb", lw=0.7, zorder=0)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi))
+    return zero
+
+
 def plot_theory_vs_measured(df):
     """Figure 8: predicted against measured coefficient variance and dead fraction, per objective.
 
-    Filled circles: theory on the logged sequences (``EmpiricalRatios``), which
+    Filled markers: theory on the logged sequences (``EmpiricalRatios``), which
     agree by construction (the same ratios the trainer used: a consistency check,
-    not evidence, and said so on the figure); open triangles: the log-normal model
-    with the same mean, std and length.
+    not evidence, and said so on the figure); open markers: the log-normal model
+    with the same mean, std and length. Each objective has its own marker; the
+    dead-fraction axes are symmetric-log, and the objectives whose dead fraction is
+    exactly 0 throughout (soft gates) are named on the panel.
     """
-    fig, axes = new_figure(1, 2, 3.0)
+    fig, axes = new_figure(1, 2, 3.2)
     for ax, (key, meas, label, log) in zip(axes[0], (
             ("var_coefficient", "coef_norm_var", "variance of normalised coefficient", True),
             ("dead_fraction", "dead_frac", "dead-gradient fraction", False))):
-        cols = [f"empirical_{key}", f"lognormal_{key}", meas]
-        vals = df[cols].to_numpy(dtype=float)
-        for name, g in df.groupby("objective", sort=False):
-            ax.scatter(g[f"empirical_{key}"], g[meas], s=10, color=color(name), label=name, alpha=0.8, lw=0)
-            ax.scatter(g[f"lognormal_{key}"], g[meas], s=14, marker="^", facecolor="none",
-                       edgecolor=color(name), lw=0.7, alpha=0.8)
-        finite = vals[np.isfinite(vals)]
-        if log:
-            pos = finite[finite > 0]
-            lo, hi = (pos.min() / 1.5, pos.max() * 1.5) if len(pos) else (1e-4, 1.0)
-            ax.set(xscale="log", yscale="log")
-        else:
-            lo, hi = -0.002, max(float(finite.max()) * 1.1 if len(finite) else 0.0, 0.02)
-        ax.plot([lo, hi], [lo, hi], color="#bbbbbb", lw=0.7, zorder=0)
-        ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"predicted {label}", ylabel=f"measured {label}",
-               title=label)
+        zero = _theory_panel(ax, df, key, meas, log)
+        scale = "" if log else f" (linear below {DEAD_LINTHRESH:g})"
+        ax.set(xlabel=f"predicted{scale}", ylabel=f"measured{scale}", title=label)
+        if zero:
+            note(ax, f"{', '.join(zero)}: exactly 0 in every logged step,\npredicted and measured (a soft gate "
+                     "zeroes no\ngradient); drawn side by side at (0, 0)", loc="upper left")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     from matplotlib.lines import Line2D
 
     handles += [Line2D([], [], ls="", marker="o", color="#555555", ms=4),
-                Line2D([], [], ls="", marker="^", mfc="none", color="#555555", ms=4)]
-    labels += ["theory on logged sequences (agrees by construction)", "log-normal model (same mean, std, length)"]
+                Line2D([], [], ls="", marker="o", mfc="none", color="#555555", ms=4)]
+    labels += ["filled: theory on logged sequences (agrees by construction)",
+               "open: log-normal model (same mean, std, length)"]
     fig.legend(handles, labels, loc="outside lower center", ncols=4)
-    fig.suptitle("Filled circles agree by construction: the prediction is computed from the same logged ratios the "
-                 "trainer used,\nso their agreement checks the code, not the theory. The open triangles (two moments "
+    fig.suptitle("Filled markers agree by construction: the prediction is computed from the same logged ratios the "
+                 "trainer used,\nso their agreement checks the code, not the theory. The open markers (two moments "
                  "only) are the test.", fontsize=7)
     return fig
 

@@ -63,6 +63,15 @@ def test_results_table_covers_every_trained_objective_over_all_seeds(quick_out):
     assert (runs.steps == paper_figures.QUICK.train_steps).all()
 
 
+def test_finished_runs_keep_what_the_figures_read_and_no_checkpoint(quick_out):
+    runs = quick_out / "runs" / "quick"
+    done = sorted(runs.glob("k*/*/DONE"))
+    assert len(done) == len(paper_figures.QUICK.seeds) * len(paper_figures.TRAINED_OBJECTIVES) + 4
+    assert not list(runs.glob("k*/*/checkpoint")) and not list(runs.glob("k*/*/final"))
+    assert all((d.parent / "metrics.jsonl").is_file() for d in done)
+    assert list(runs.glob("k0/*/log_ratios/*.npz")) and not list(runs.glob("k[1-9]*/*/log_ratios"))
+
+
 def test_a_second_call_only_replots(quick_out):
     metrics = sorted((quick_out / "runs").rglob("metrics.jsonl"))
     before = {p: p.stat().st_mtime_ns for p in metrics}

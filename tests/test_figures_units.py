@@ -203,3 +203,145 @@ def test_the_training_progress_line_names_the_runs_in_progress():
 def test_figure_9_is_registered_cheaply_for_quick_mode():
     assert paper_figures.QUICK.gradient_batches <= 1000 and paper_figures.SMOKE.gradient_batches <= 200
     assert paper_figures.FIGURES[9].name == "staleness_gradient" and not paper_figures.FIGURES[9].needs_training
+
+
+# --------------------------------------------------------------------------- issue 23: figures that cannot be misread
+
+
+def test_figure_3_draws_what_each_objective_applies_not_its_unclipped_weight():
+    from paper_figures import theory_figs
+
+    df = theory_figs.data_sequence_weights(stds=(0.3,), lengths=(1, 8, 64), objectives=("gspo", "sspo"))
+    fig = theory_figs.plot_sequence_weights(df)
+    mean_ax, _, dead_ax = fig.axes[:3]
+    gspo = df[(df.objective == "gspo") & (df.advantage_sign == 1)].sort_values("length")
+    line = next(ln for ln in mean_ax.get_lines() if ln.get_label() == "gspo")
+    assert np.allclose(line.get_ydata(), gspo.mean_coefficient)  # the clipped coefficient, not mean_weight
+    assert not np.allclose(gspo.mean_coefficient, gspo.mean_weight)
+    assert dead_ax.get_yscale() == "symlog"
+    texts = " ".join(t.get_text() for t in dead_ax.texts)
+    assert "exactly 0 at every L (no clip): sspo" in texts
+    assert "gspo (up to" in fig._suptitle.get_text() and "nearly coincide" not in fig._suptitle.get_text()
+
+
+def test_figure_4_draws_stars_on_one_point_side_by_side_and_names_them():
+    from paper_figures import theory_figs
+    from sspo_analysis.analysis import lowest_mse
+
+    rows = []
+    for name, mse in (("gspo", 1e-3), ("gmpo", 1.001e-3), ("grpo", 5e-2)):
+        for value, extra in ((0.1, 0.5), (0.2, 0.0), (np.nan, 0.2)):
+            rows.append({"objective": name, "param": "eps", "value": value, "mse": mse + extra,
+                         "var_coefficient": mse + extra, "bias_pos": 0.0, "bias_neg": 0.0, "log_ratio_std": 0.3,
+                         "length": 16, "is_default": np.isnan(value), "params": "{}"})
+    df = pd.DataFrame(rows)
+    best = lowest_mse(df)
+    assert theory_figs.star_groups(best) == [["gspo", "gmpo"], ["grpo"]]
+    fig = theory_figs.plot_frontier({0.3: df})
+    ax = fig.axes[0]
+    stars = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+    xs = sorted(float(ln.get_xdata()[0]) for ln in stars[:2])
+    assert len(stars) == 3 and xs[1] / xs[0] > 1.2  # drawn apart, around the common point
+    assert all(ln.get_markerfacecolor() == "white" for ln in stars)  # every best is at its grid's edge (0.2)
+    assert "gspo = gmpo (tie)" in " ".join(t.get_text() for t in ax.texts)
+    assert "at the edge of its swept range: gspo, gmpo" in ax.get_title()
+
+
+def test_figure_5_shows_a_with_its_standard_error_per_objective_and_fits_per_window():
+    from test_analysis import synthetic_metrics
+
+    metrics, _ = synthetic_metrics(steps=30)
+    metrics = metrics.assign(reward_mean=metrics.reward_mean + 0.01 * np.sin(metrics.index.to_numpy()))
+    windows = tf.fit_windows(metrics, ["grpo", "sspo"])
+    assert sorted(set(zip(windows.step_lo, windows.step_hi))) == [(0, 9), (10, 19), (20, 29)]
+    fig = tf.plot_entropy(metrics, ("grpo", "sspo"))
+    titles = [ax.get_title() for ax in fig.axes[:4]]
+    assert titles[:2] == ["grpo", "sspo"]  # one column per objective
+    assert all("±" in t and "per window" in t for t in titles[2:])
+    assert "training time pooled" in fig._suptitle.get_text()
+
+
+def test_figure_6_says_its_staleness_counts_never_go_below_zero_and_no_ranking_is_implied():
+    from test_analysis import synthetic_metrics
+
+    metrics, runs = synthetic_metrics(staleness=(0, 2, 8), seeds=(0, 1, 2))
+    metrics.loc[(metrics.run == "grpo_k2_s0") & (metrics.step == 11), "grad_norm"] = 50.0  # one spike
+    summary = summarise_runs(metrics, runs)
+    tests = tf.staleness_tests(summary)
+    assert len(tests) == 3 and (tests.verdict == "no significant difference").all()  # 3 seeds: p >= 0.25
+    assert "no significant difference between any two objectives" in tf.verdict_text(tests)
+    fig = tf.plot_stability(metrics, summary, ("grpo", "sspo"))
+    top = fig.axes[:6]
+    assert [ax.get_title() for ax in top[:2]] == ["grpo, k = 0", "sspo, k = 0"]
+    spikes = next(ax for ax in fig.axes if ax.get_title() == "grad-norm spikes vs k")
+    low = min(seg[:, 1].min() for coll in spikes.collections for seg in coll.get_segments())
+    assert low >= 0
+    assert any(seg[:, 1].max() > 1 for coll in spikes.collections for seg in coll.get_segments())  # 0 of 3: wide
+
+
+def test_figure_8_names_the_exact_zeros_of_the_dead_fraction():
+    rows = []
+    for name, dead in (("grpo", 0.05), ("sspo", 0.0)):
+        for step in range(4):
+            rows.append({"objective": name, "seed": 0, "step": step, "coef_norm_var": 0.01 * (step + 1),
+                         "dead_frac": dead, "log_ratio_std": 0.1, "empirical_var_coefficient": 0.01 * (step + 1),
+                         "lognormal_var_coefficient": 0.012 * (step + 1), "empirical_dead_fraction": dead,
+                         "lognormal_dead_fraction": dead * 1.1})
+    fig = tf.plot_theory_vs_measured(pd.DataFrame(rows))
+    dead_ax = fig.axes[1]
+    assert dead_ax.get_xscale() == "symlog" and dead_ax.get_yscale() == "symlog"
+    assert "sspo: exactly 0 in every logged step" in " ".join(t.get_text() for t in dead_ax.texts)
+    markers = {c.get_label(): c.get_paths()[0].vertices.shape for c in dead_ax.collections if c.get_label() in
+               ("grpo", "sspo")}
+    assert markers["grpo"] != markers["sspo"]  # each objective its own marker
+
+
+def test_finished_runs_lose_their_checkpoints_and_nothing_else(tmp_path):
+    from paper_figures.experiments import drop_checkpoints
+
+    def run(name: str, finished: bool, extra: str | None = None):
+        d = tmp_path / name
+        for rel in ("config.toml", "metrics.jsonl", "log_ratios/step_000005.npz", "checkpoint/state.pt",
+                    "final/model.safetensors", "final/config.json"):
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(b"x" * 100)
+        if finished:
+            (d / "DONE").write_text("finished\n")
+        if extra:
+            (d / extra).write_text("mine")
+        return d
+
+    done, busy, mixed = run("done", True), run("busy", False), run("mixed", True, "final/notes.txt")
+    assert drop_checkpoints(done) == 300
+    assert sorted(str(p.relative_to(done)) for p in done.rglob("*") if p.is_file()) == [
+        "DONE", "config.toml", "log_ratios/step_000005.npz", "metrics.jsonl"]
+    assert drop_checkpoints(busy) == 0 and (busy / "checkpoint" / "state.pt").exists()  # it resumes from it
+    assert drop_checkpoints(mixed) == 300 and (mixed / "final" / "notes.txt").read_text() == "mine"
+
+
+def test_only_the_main_grid_dumps_log_ratios(tmp_path):
+    from paper_figures import FULL
+    from paper_figures.experiments import overrides
+
+    assert "log.log_ratios_every=5" in overrides(FULL, 0, tmp_path)  # figure 8 reads these
+    assert "log.log_ratios_every=0" in overrides(FULL, 2, tmp_path)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_reused_runs_lose_their_checkpoints_unless_asked_to_keep_them(tmp_path, keep):
+    from paper_figures import QUICK, Context
+    from paper_figures.experiments import ensure_runs, plan
+
+    ctx = Context(quick=True, runs_dir=tmp_path, keep_checkpoints=keep)
+    for spec in plan(ctx):  # every planned run finished, as a call before this one left it
+        (spec.run_dir / "checkpoint").mkdir(parents=True)
+        (spec.run_dir / "checkpoint" / "state.pt").write_bytes(b"x")
+        (spec.run_dir / "DONE").write_text("")
+        (spec.run_dir / "config.toml").write_text(
+            f'seed = {spec.seed}\nsteps = {QUICK.train_steps}\n[model]\npreset = "{QUICK.preset}"\n'
+            f'[task]\ndigits = {QUICK.task_digits}\n[objective]\nname = "{spec.objective}"\n[algo]\n'
+            f"staleness = {spec.staleness}\n")
+    runs = ensure_runs(ctx)
+    assert len(runs) == len(plan(ctx)) and all(r["done"] for r in runs)
+    kept = [(r["run_dir"] / "checkpoint" / "state.pt").exists() for r in runs]
+    assert kept == [keep] * len(runs)

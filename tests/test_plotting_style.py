@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sspo_analysis.plotting import style
-from sspo_analysis.plotting.bands import band_label, mean_ci
+from sspo_analysis.plotting.bands import band_label, mean_ci, poisson_mean_ci
 
 TRAINED = ("grpo", "dapo", "gspo", "gmpo", "sapo", "sspo")
 STALENESS = ("grpo", "dapo", "cispo", "gspo", "gmpo", "sapo", "sspo", "sspo-sigmoid", "vespo")
@@ -89,3 +89,29 @@ def test_staleness_on_policy_is_unbiased_and_the_figure_draws_every_objective():
     assert len(fig.axes) >= 4
     assert all(len(ax.get_lines()) >= 4 for ax in fig.axes[:4])
     assert "Exact" in fig.legends[0].get_title().get_text()
+
+
+def test_staleness_figure_shows_the_divisor_of_its_relative_panels_and_the_variance_not_divided():
+    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+
+    df = staleness_data(("grpo", "sspo"), lags=(0, 2, 8), n_batches=100)
+    norm = df.groupby("staleness").target_norm2.agg(["min", "max"])
+    assert (norm["min"] == norm["max"]).all() and (norm["min"] > 0).all()  # exact: one |g*|^2 per lag
+    fig = plot_staleness(df)
+    labels = [ax.get_ylabel() for ax in fig.axes[:6]]
+    assert any(label.startswith("|g*|²") for label in labels) and any("not divided" in label for label in labels)
+    divisor = fig.axes[labels.index(next(x for x in labels if x.startswith("|g*|²")))].get_lines()[0].get_ydata()
+    assert np.allclose(divisor, df.groupby("staleness").target_norm2.first().to_numpy())
+    raw = fig.axes[labels.index(next(x for x in labels if "not divided" in x))]
+    grpo = df[df.objective == "grpo"]
+    assert np.allclose(raw.get_lines()[0].get_ydata(), grpo.variance * grpo.target_norm2)
+    assert "divided by the same lag's |g*|²" in fig.legends[0].get_title().get_text()
+
+
+def test_poisson_interval_of_a_mean_count_is_exact_and_never_negative():
+    # Garwood's exact 95% interval: 0 events in 3 runs allow up to -log(0.025) / 3 per run; 1 event in 1 run
+    mean, lo, hi = poisson_mean_ci([[0, 0, 0], [1, np.nan, np.nan], [0, 1, 0]])
+    assert mean[0] == 0 and lo[0] == 0 and hi[0] == pytest.approx(-np.log(0.025) / 3, rel=1e-9)
+    assert lo[1] == pytest.approx(0.0253, abs=1e-4) and hi[1] == pytest.approx(5.5716, abs=1e-4)
+    assert mean[2] == pytest.approx(1 / 3) and (lo >= 0).all() and (lo <= mean).all() and (mean <= hi).all()
+    assert np.isnan(poisson_mean_ci([[np.nan, np.nan]])[0]).all()

@@ -37,6 +37,29 @@ def mean_ci(values: Any, level: float = CI_LEVEL, log: bool = False) -> tuple[np
     return mean, lo, hi
 
 
+def poisson_mean_ci(counts: Any, level: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean count per run and its exact (Garwood) Poisson interval, over the last axis (the seeds), ignoring NaN.
+
+    For a total of ``S`` events in ``n`` runs the interval of the rate is
+    ``[chi2(a/2; 2S) / 2, chi2(1 - a/2; 2S + 2) / 2] / n``: never below zero, and
+    not zero-width at ``S = 0`` (three runs without a spike allow up to 1.23 per run).
+    Returns ``(mean, low, high)``, each ``(n_points,)``; NaN where no run has a count.
+    """
+    from scipy.stats import chi2
+
+    vals = np.asarray(counts, dtype=float)
+    finite = np.isfinite(vals)
+    n = finite.sum(axis=-1)
+    total = np.where(finite, vals, 0.0).sum(axis=-1)
+    alpha = 1.0 - level
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(total > 0, chi2.ppf(alpha / 2, 2 * total) / 2, 0.0) / n
+        hi = chi2.ppf(1 - alpha / 2, 2 * total + 2) / 2 / n
+        mean = total / n
+    none = n == 0
+    return (np.where(none, np.nan, mean), np.where(none, np.nan, lo), np.where(none, np.nan, hi))
+
+
 def band_label(n_seeds: int, level: float = CI_LEVEL, log: bool = False) -> str:
     """What a band means, in words for the figure: ``"band: 95 % t CI of the mean over 3 seeds"``."""
     what = "geometric mean" if log else "mean"

@@ -66,12 +66,14 @@ def staleness_data(
 
 
 PANELS = (
-    ("bias", "relative bias |E ĝ − g*| / |g*|", "linear"),
-    ("variance", "relative variance E|ĝ − E ĝ|² / |g*|²", "log"),
-    ("mse", "relative MSE (bias² + variance)", "log"),
+    ("bias", "relative bias\n|E ĝ − g*| / |g*|", "linear"),
+    ("variance", "relative variance\nE|ĝ − E ĝ|² / |g*|²", "log"),
+    ("mse", "relative MSE\n(bias² + variance)", "log"),
     ("cosine", "cosine(E ĝ, g*)", "linear"),
+    ("target_norm2", "|g*|² (exact, same for all;\nthe divisor of the relative panels)", "log"),
+    ("variance_abs", "variance, not divided\nE|ĝ − E ĝ|²", "log"),
 )
-"""The panels: column of the study, y label, y scale."""
+"""The panels: column of the study (``variance_abs`` = ``variance`` x ``target_norm2``), y label, y scale."""
 
 
 def _draw(ax, df, key: str, lags: list[int], names: list[str]) -> None:
@@ -96,6 +98,12 @@ def _notes(df, names: list[str]) -> str:
             "gradient steps old (ĝ = −∇ loss, autograd). Bias: sampling noise of the mean removed; bars: ± 2 "
             "standard errors of the mean.\nk = 0: all ratios are 1, so every objective gives the same estimate "
             "(coinciding points are shifted sideways to show them)")
+    if "target_norm2" in df:
+        norm = df.groupby("staleness").target_norm2.first().sort_index()
+        text = ("Relative variance and MSE are divided by the same lag's |g*|² (bottom middle; the bias by |g*|), "
+                f"which changes {norm.iloc[-1] / norm.iloc[0]:.3g}x from k = {norm.index[0]} to k = {norm.index[-1]}:"
+                "\na relative error falls with k wherever |g*|² grows faster than the error itself. "
+                "Bottom right: the variance not divided.\n") + text
     if "sspo-sigmoid" in names:
         text += ",\nexcept sspo-sigmoid, whose on-policy scale is tau/2 (bias 1 − tau/2 by construction)"
     return text + "."
@@ -114,20 +122,28 @@ def plot_staleness(df):
     style.apply()
     lags = sorted(int(k) for k in df.staleness.unique())
     names = list(dict.fromkeys(df.objective))
-    fig, axes = plt.subplots(2, 2, figsize=(style.FULL_WIDTH, 5.4), layout="constrained", sharex=True)
+    panels = PANELS if "target_norm2" in df else PANELS[:4]  # a table from before the column existed
+    if "target_norm2" in df:
+        df = df.assign(variance_abs=df.variance * df.target_norm2)
+    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(style.FULL_WIDTH, 5.4), layout="constrained",
+                             sharex=True)
     kl = df.groupby("staleness").kl.first().reindex(lags)
-    for ax, (key, ylabel, scale) in zip(axes.flat, PANELS):
-        _draw(ax, df, key, lags, names)
+    for ax, (key, ylabel, scale) in zip(axes.flat, panels):
+        if key == "target_norm2":  # exact, one value per lag: one line
+            g = df.groupby("staleness").target_norm2.first().reindex(lags)
+            ax.plot(range(len(lags)), g, color="black", lw=1.0, marker="o", ms=3)
+        else:
+            _draw(ax, df, key, lags, names)
         ax.set(ylabel=ylabel, yscale=scale, xticks=range(len(lags)), xticklabels=[str(k) for k in lags])
     for ax in axes[0]:
         top = ax.secondary_xaxis("top")
         top.set_xticks(range(len(lags)), [f"{v:.2g}" for v in kl])
-        top.tick_params(labelsize=6)
+        top.tick_params(labelsize=5.5, labelrotation=30)
         top.set_xlabel("exact KL(π_old ‖ π), nats", fontsize=6)
-    axes[0, 0].axhline(0, color="#bbbbbb", lw=0.6, zorder=0)
-    axes[1, 1].axhline(1, color="#bbbbbb", lw=0.6, zorder=0)
+    axes.flat[0].axhline(0, color="#bbbbbb", lw=0.6, zorder=0)
+    axes.flat[3].axhline(1, color="#bbbbbb", lw=0.6, zorder=0)
     for ax in axes[1]:
-        ax.set_xlabel("policy lag k (exact ascent steps, behaviour to current policy)")
+        ax.set_xlabel("policy lag k (exact ascent steps,\nbehaviour to current policy)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     # The notes ride as the legend's title, so that the layout keeps them clear of the panels and the entries.
     leg = fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 9), fontsize=6.5,

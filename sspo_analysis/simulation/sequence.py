@@ -131,7 +131,8 @@ def staleness_study(  # noqa: PLR0913 - keyword knobs of one experiment, each a 
         the mean removed), ``bias_raw`` (without that correction), ``variance``
         (``E |g_hat - E g_hat|^2 / |g*|^2``), ``mse`` (``bias^2 + variance``),
         ``cosine`` and ``scale`` (of ``E g_hat`` against ``g*``), ``mean_stderr``
-        (``sqrt(variance / n_batches)``, the noise of the mean), the objective's
+        (``sqrt(variance / n_batches)``, the noise of the mean), ``target_norm2``
+        (``|g*|^2``, the divisor of the relative columns), the objective's
         ``dead_frac``, ``coef_norm_mean``, ``ess_frac``, and the settings.
     """
     import pandas as pd
@@ -214,6 +215,7 @@ def _lag_row(obj: Objective, study: _Study, theta: torch.Tensor, gen: torch.Gene
         "cosine": float(mean @ target) / math.sqrt(float(mean.pow(2).sum()) * norm2),
         "scale": float(mean @ target) / norm2,
         "mean_stderr": math.sqrt(var / n_batches / norm2),
+        "target_norm2": norm2,  # |g*|^2: what the relative columns are divided by
         "dead_frac": metrics["dead_frac"],
         "coef_norm_mean": metrics["coef_norm_mean"],
         "ess_frac": metrics["ess_frac"],
