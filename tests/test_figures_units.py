@@ -319,12 +319,12 @@ def test_finished_runs_lose_their_checkpoints_and_nothing_else(tmp_path):
     assert drop_checkpoints(mixed) == 300 and (mixed / "final" / "notes.txt").read_text() == "mine"
 
 
-def test_only_the_main_grid_dumps_log_ratios(tmp_path):
+def test_only_the_main_grid_dumps_log_ratios():
     from paper_figures import FULL
     from paper_figures.experiments import overrides
 
-    assert "log.log_ratios_every=5" in overrides(FULL, 0, tmp_path)  # figure 8 reads these
-    assert "log.log_ratios_every=0" in overrides(FULL, 2, tmp_path)
+    assert "log.log_ratios_every=5" in overrides(FULL, 0)  # figure 8 reads these
+    assert "log.log_ratios_every=0" in overrides(FULL, 2)
 
 
 @pytest.mark.parametrize("keep", [False, True])
