@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -71,6 +72,17 @@ def test_a_checkpoint_without_a_tokenizer_is_refused_naming_the_files(tmp_path):
     with pytest.raises(ValueError, match=message):
         train(None, tmp_path / "run", overrides=[f'model.path="{path}"'] + FAST)
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_an_incomplete_tokenizer_is_one_line_naming_model_path(tmp_path):
+    from sspo_analysis.training.models import char_tokenizer
+
+    path = _weights_only(tmp_path / "weights")
+    char_tokenizer().save_pretrained(tmp_path / "tok")
+    shutil.copy(tmp_path / "tok" / "tokenizer_config.json", path)  # the config without the vocabulary
+    with pytest.raises(ValueError, match=r"^model.path: the tokenizer in '.*weights' cannot be loaded \(") as err:
+        load_model(path=path)
+    assert "\n" not in str(err.value)
 
 
 def test_model_tokenizer_chars_opts_in_to_the_character_tokenizer(tmp_path):

@@ -283,3 +283,31 @@ def test_ctrl_c_is_one_line_with_the_step_and_how_to_resume(tmp_path):
     assert not (run / ".lock").exists() and not (run / "DONE").exists()
     train(None, run, overrides=[f"steps={steps + 2}"], resume=True)  # a constant schedule: fewer steps honoured
     assert (run / "DONE").exists()
+
+
+def test_a_sweep_keeps_a_users_files_in_a_folder_it_reuses(tmp_path, capsys):
+    """A folder with a run's name that is not a run (or a stale run with a user's notes in it): the sweep writes
+    the run beside the user's files and deletes only what the trainer itself writes there, by name."""
+    run = tmp_path / "S" / "grpo_seed0"
+    (run / "sub").mkdir(parents=True)
+    (run / "notes.txt").write_text("keep")
+    (run / "sub" / "paper.tex").write_text("keep2")
+    assert main(["sweep", "--objectives", "grpo", "--seeds", "0", "--out", str(tmp_path / "S"), "--no-progress",
+                 *_sets(FAST + ["steps=2"])]) == 0
+    assert (run / "notes.txt").read_text() == "keep" and (run / "sub" / "paper.tex").read_text() == "keep2"
+    assert (run / "DONE").exists()
+    # a rerun with other settings starts the run afresh and still keeps them
+    assert main(["sweep", "--objectives", "grpo", "--seeds", "0", "--out", str(tmp_path / "S"), "--no-progress",
+                 "--rerun", *_sets(FAST + ["steps=2", "seed=0", "optim.lr=2e-4"])]) == 0
+    assert (run / "notes.txt").read_text() == "keep" and (run / "sub" / "paper.tex").read_text() == "keep2"
+    assert 'lr = 0.0002' in (run / "config.toml").read_text()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_folder_is_made(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = str(tmp_path / "runs" / "r")
+    assert main(["train", "--no-progress", "--out", out, *_sets(FAST + ['device="cuda"'])]) == 2
+    assert "device: 'cuda' requested" in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()

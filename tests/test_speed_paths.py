@@ -90,7 +90,7 @@ def _relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_bf16_matches_fp32_and_accumulation_matches_one_batch(checkpoint, tmp_path):
     model_dir, task = checkpoint
     cfg = load_config(None, _overrides(model_dir, task, "fp32", 0))
-    state = _setup(cfg, tmp_path / "run", show=False, write_config=False)
+    state = _setup(cfg, tmp_path / "run", show=False)
     state.policy.train()  # gradient checkpointing is active in training mode only
     roll = rollout(state)
     # a random model earns no reward, so every advantage is 0 and so is the gradient: give it advantages

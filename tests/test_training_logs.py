@@ -119,4 +119,8 @@ def test_wandb_that_cannot_start_is_one_error_before_any_step(tmp_path, monkeypa
     monkeypatch.setattr(wandb, "init", refuse)
     with pytest.raises(ValueError, match=r"^log.report_to: 'wandb' could not start a run \(No API key configured"):
         train(None, tmp_path / "run", overrides=FAST + ['log.report_to=["wandb"]'])
-    assert not (tmp_path / "run" / "metrics.jsonl").read_text() and not (tmp_path / "run" / "checkpoint").exists()
+    assert not (tmp_path / "run").exists()  # refused before its first step: no half-made run to refuse later
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(None, tmp_path / "run", overrides=FAST + ['log.report_to=["wandb"]'])  # the same --out then works
+    assert (tmp_path / "run" / "DONE").exists()

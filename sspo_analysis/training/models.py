@@ -148,9 +148,14 @@ def load_tokenizer(path: str | Path, field: str = "tokenizer path"):
     check_has_tokenizer(path, field)
     config = path / "tokenizer_config.json"
     saved_class = json.loads(config.read_text()).get("tokenizer_class", "") if config.exists() else ""
-    if saved_class not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    saved = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    try:
+        if saved_class not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        saved = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:  # files present but incomplete or of an unknown kind
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{field}: the tokenizer in {str(path)!r} cannot be loaded ({reason}); save it whole "
+                         "there (tokenizer.save_pretrained), or set model.tokenizer = \"chars\"") from None
     legacy = _legacy_chars(path)
     if legacy is None:
         return saved

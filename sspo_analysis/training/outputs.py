@@ -124,6 +124,10 @@ def _keep_samples(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+class TrackerStartError(ValueError):
+    """A tracker (W&B) could not start: one line for the CLI; a new run refused so leaves no files behind."""
+
+
 class Reporters:
     """The run's standard loggers: ``log(line, step, samples)`` after each step, ``close()`` at the end.
 
@@ -204,7 +208,7 @@ def _wandb_run(run: Path, cfg: Any):
                                dir=str(run), config=flat_config(cfg), resume="allow", id=run_id)
     except (wandb.errors.Error, OSError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"log.report_to: 'wandb' could not start a run ({message}); log in with `wandb login` "
+        raise TrackerStartError(f"log.report_to: 'wandb' could not start a run ({message}); log in with `wandb login` "
                          "or WANDB_API_KEY, or run without a network with WANDB_MODE=offline") from None
     id_path.write_text(run_id + "\n")
     return wandb_run

@@ -37,6 +37,8 @@ TEMP_SUFFIX = ".sspo.tmp"
 RUN_FILES = ("config.toml", "metrics.jsonl", "DONE", "DIVERGED", "final", "checkpoint/state.pt", "warm_start.json")
 """The files (and the ``final`` directory) the trainer writes in a run directory through :func:`temp_path`,
 besides ``log_ratios/step_NNNNNN.npz``."""
+_LOG_RATIO_FILE = re.compile(r"step_\d{6,}\.npz")
+_EVENTS_FILE = re.compile(r"events\.out\.tfevents\..+")
 _LOG_RATIO_TEMP = re.compile(r"\.step_\d{6,}\.npz" + re.escape(TEMP_SUFFIX))
 HONOURED_FIELDS = frozenset({"threads", "warm_start.dir", "optim.token_budget", "optim.logprob_chunk", "model.lean"})
 """Fields a resume or a reused run may change without changing the run's meaning (speed and memory only),
@@ -173,6 +175,29 @@ def remove_leftovers(run: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def clear_run(run: Path) -> None:
+    """Remove what the trainer wrote in ``run`` (so that it can start afresh), each by its exact name:
+    :data:`RUN_FILES`, ``FAILED``, ``samples.jsonl``, ``log_ratios/step_NNNNNN.npz``, TensorBoard's event files and
+    their temporary files; folders only when that leaves them empty. Anything else under ``run`` is kept."""
+    remove_leftovers(run)
+    names = [*RUN_FILES, "FAILED", "samples.jsonl"]
+    paths = [run / name for name in names]
+    paths += _matching(run / "log_ratios", _LOG_RATIO_FILE) + _matching(run / "tensorboard", _EVENTS_FILE)
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # RUN/final: written whole by save_pretrained, replaced whole by the trainer
+        else:
+            path.unlink(missing_ok=True)
+    for folder in ("checkpoint", "log_ratios", "tensorboard", "wandb"):
+        with contextlib.suppress(OSError):
+            (run / folder).rmdir()  # only when empty
+
+
+def _matching(folder: Path, pattern: re.Pattern) -> list[Path]:
+    """The entries of ``folder`` whose whole name matches ``pattern`` (none when it is not a folder)."""
+    return [folder / name for name in os.listdir(folder) if pattern.fullmatch(name)] if folder.is_dir() else []
 
 
 def checkpointed_rows(path: Path, n_lines: int) -> list[dict[str, Any]]:

@@ -48,14 +48,14 @@ from sspo_analysis.training.measure import (
     update_metrics,
 )
 from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model, quiet_transformers_bars
-from sspo_analysis.training.outputs import Reporters, sample_rows, save_final
+from sspo_analysis.training.outputs import Reporters, TrackerStartError, sample_rows, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
-    LOCK_NAME,
     RunBusyError,
     RunInterrupted,
     check_output_dir,
     checkpointed_rows,
+    clear_run,
     config_changes,
     damaged_checkpoint,
     is_file_error,
@@ -177,7 +177,11 @@ def build_policy(cfg: TrainConfig, device: torch.device, progress: bool | None =
         model, tok = load_model(cfg.model.preset, seed=cfg.seed)
     model.to(device)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed it (the old name warns from 5.2x on); the floor, 5.0, has only the old one
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tok
 
@@ -424,7 +428,12 @@ def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | No
         _warn_no_signal(watch, row)
     if cfg.algo.staleness and not state.snapshots:
         state.snapshot()
-    verdict = _loop(state, run, counters, monitor, show, watch)
+    try:
+        verdict = _loop(state, run, counters, monitor, show, watch)
+    except TrackerStartError:
+        if not resume:  # a new run refused before its first step leaves no trace
+            clear_run(run)
+        raise
     if verdict.diverged:
         write_json(run / "DIVERGED", verdict.to_dict(), temp_path(run / "DIVERGED"))
     else:
@@ -491,9 +500,11 @@ def _open_run(config, out_dir, overrides, resume: bool) -> tuple[TrainConfig | N
         run = Path(out_dir)
         # the honoured overrides apply to the record too: a run made with threads = 16 resumes here with threads = 2
         honoured = [o for o in overrides or () if is_honoured(o.split("=", 1)[0].strip())]
-        recorded = recorded_config(run, honoured)
-        return recorded, recorded_config(run, list(overrides or ())), run
+        recorded, cfg = recorded_config(run, honoured), recorded_config(run, list(overrides or ()))
+        _device(cfg)  # a device this machine lacks is refused here, before any file changes
+        return recorded, cfg, run
     cfg = _resolve(config, overrides)
+    _device(cfg)  # ... and before any folder is made
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Path(out_dir) if out_dir else Path("runs") / f"{cfg.objective.name}_seed{cfg.seed}_{stamp}"
     check_output_dir(run, "out")
@@ -762,9 +773,7 @@ def _finish_run(cfg: TrainConfig, run: Path, progress: bool | None, restart: boo
     else:
         if run.is_dir():
             with run_lock(run):  # never delete a run another process is writing
-                for child in run.iterdir():
-                    if child.name != LOCK_NAME:
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                clear_run(run)  # the trainer's own files, by name: a user's files in the folder stay
         train(cfg, run, progress=progress)
     (run / "FAILED").unlink(missing_ok=True)
 
