@@ -10,6 +10,7 @@ computed before stepping, so the measurements need no second forward pass.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,7 +123,9 @@ def update(state: RunState, roll: Rollout) -> list[MinibatchUpdate]:
     updates = []
     for rows in order.chunk(state.cfg.algo.updates_per_batch):
         updates.append(minibatch_update(state, roll, rows))
-        state.sched.step()
+        with warnings.catch_warnings():  # a skipped update (non-finite loss) still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            state.sched.step()
         if state.cfg.algo.staleness:
             state.snapshot()
     return updates
