@@ -32,11 +32,9 @@ def test_notebook_is_committed_without_outputs(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_on_smoke_settings(path, monkeypatch):
-    from nbclient import NotebookClient
+    from nbrun import run
 
     monkeypatch.setenv("SSPO_QUICK", "1")  # the kernel inherits the environment
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    nb = run(path, timeout=300)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors

@@ -39,14 +39,13 @@ def images(outputs: list) -> list[str]:
 
 @pytest.mark.slow
 def test_notebook_01_widget_redraws_after_run_all(monkeypatch):
-    from nbclient import NotebookClient
+    from nbrun import SlicedPollClient
 
     monkeypatch.setenv("SSPO_QUICK", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    # 120 s a cell (each takes under 20 s): nbclient sometimes picks up the widget cell's reply only when the
-    # limit runs out (see .ci/notebooks.sh), so a larger limit would only make that wait longer.
-    client = NotebookClient(nb, timeout=120, kernel_name="python3",
+    # 120 s a cell (each takes under 20 s); SlicedPollClient: see tests/nbrun.py
+    client = SlicedPollClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     with client.setup_kernel():
         for index, cell in enumerate(list(nb.cells)):
