@@ -166,15 +166,7 @@ def temp_path(target: Path) -> Path:
 def remove_leftovers(run: Path) -> None:
     """Remove the temporary files a killed writer of ``run`` can leave, each by its exact name (the
     :func:`temp_path` of :data:`RUN_FILES` and of the log-ratio files); nothing else under ``run`` is touched."""
-    leftovers = [temp_path(run / name) for name in RUN_FILES]
-    logs = run / "log_ratios"
-    if logs.is_dir():
-        leftovers += [logs / name for name in os.listdir(logs) if _LOG_RATIO_TEMP.fullmatch(name)]
-    for path in leftovers:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    _remove([temp_path(run / name) for name in RUN_FILES] + _matching(run / "log_ratios", _LOG_RATIO_TEMP))
 
 
 def clear_run(run: Path) -> None:
@@ -185,14 +177,20 @@ def clear_run(run: Path) -> None:
     names = [*RUN_FILES, "FAILED", "samples.jsonl"]
     paths = [run / name for name in names]
     paths += _matching(run / "log_ratios", _LOG_RATIO_FILE) + _matching(run / "tensorboard", _EVENTS_FILE)
-    for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)  # RUN/final: written whole by save_pretrained, replaced whole by the trainer
-        else:
-            path.unlink(missing_ok=True)
+    _remove(paths)
     for folder in ("checkpoint", "log_ratios", "tensorboard", "wandb"):
         with contextlib.suppress(OSError):
             (run / folder).rmdir()  # only when empty
+
+
+def _remove(paths: list[Path]) -> None:
+    """Delete each of ``paths`` that exists: a file, or a folder the trainer writes whole (``RUN/final`` and its
+    temporary twin, written by ``save_pretrained`` and replaced whole)."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _matching(folder: Path, pattern: re.Pattern) -> list[Path]:

@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -447,8 +448,6 @@ def _warn_no_signal(watch: SignalWatch, row: dict[str, Any]) -> None:
     """Warn once when the run's first steps give no learning signal (:func:`~.health.no_signal`)."""
     message = watch.update(row)
     if message:
-        import warnings
-
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -805,8 +804,6 @@ def read_metrics(run_dir: str | Path):
 
 def _metrics_rows(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of ``path``, one per line (see :func:`read_metrics`)."""
-    import warnings
-
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
