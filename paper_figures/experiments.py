@@ -111,7 +111,7 @@ def _train_one(objective: str, seed: int, group: str, over: list[str]) -> tuple[
 def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
     """Train whatever the plan lacks; returns one dict per run (``name, objective, seed, staleness, run_dir, done``)."""
     from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import warm_start_dir
+    from sspo_analysis.training.trainer import ready_warm_start, warm_start_dir
 
     specs = plan(ctx)
     root = runs_root(ctx)
@@ -124,10 +124,11 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
         import multiprocessing
 
         over = overrides(ctx.settings, 0)
-        where = warm_start_dir(load_config(None, over))  # validates every setting before any work
+        cfg = load_config(None, over)  # validates every setting before any work
+        ready = ready_warm_start(cfg)
         ctx.report(f"{len(specs) - len(todo)} of {len(specs)} runs reused; training {len(todo)} under {root}")
-        ctx.advance(0, len(todo), "training runs: warm start (supervised, made once, then cached)")
-        ctx.report(f"warm start: {where} " + ("(cached)" if (where / "warm_start.json").exists() else "(training it)"))
+        ctx.advance(0, len(todo), "training runs: warm start (shipped, cached, or made once)")
+        ctx.report(f"warm start: {ready} (ready)" if ready else f"warm start: {warm_start_dir(cfg)} (training it)")
         with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=quiet_worker) as pool:
             t0 = time.perf_counter()

@@ -65,6 +65,11 @@ def _seeds_text(n: int, log: bool = False) -> str:
     return band_label(n, log=log)
 
 
+SHARED_SETTINGS_NOTE = ("Every objective at one shared learning rate from one warm start: the dynamics at equal "
+                        "settings, not a comparison at each objective's own tuned rate (docs/results/tuned).")
+"""Said on figures 5 and 6 and in the results table: they do not follow the tuned study's protocol."""
+
+
 # --------------------------------------------------------------------------- figure 5
 
 
@@ -133,7 +138,7 @@ def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=N
                  "grey: the other "
                  "objectives' means.\nBottom: every seed's every step; black: R = -a exp(H) + b fitted on all of "
                  f"them (training time pooled), a ± its standard error;\nper window: the range of a fitted per "
-                 f"{FIT_WINDOW} steps (fig5_entropy_fit.csv)",
+                 f"{FIT_WINDOW} steps (fig5_entropy_fit.csv)\n{SHARED_SETTINGS_NOTE}",
                  fontsize=7)
     return fig
 
@@ -234,7 +239,7 @@ def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTI
     _step_grid(top, main, names)
     n_seeds = int(main.groupby("objective").seed.nunique().min()) if len(main) else 0
     top.suptitle(f"Staleness k = 0, per step. {_seeds_text(n_seeds)}\n(log axes: geometric mean, CI of the log); "
-                 "grey: the other objectives' means", fontsize=7)
+                 f"grey: the other objectives' means\n{SHARED_SETTINGS_NOTE}", fontsize=7)
     axes = bottom.subplots(1, 3, squeeze=False)[0]
     ks = sorted(summary.staleness.unique())
     stale = [(name, g) for name, g in summary.groupby("objective", sort=False) if g.staleness.nunique() >= 2]
@@ -543,7 +548,8 @@ TABLE_COLUMNS = (("final_reward", "final reward"), ("end_entropy", "entropy at e
 def results_markdown(table, notes: dict | None = None, settings_line: str = "") -> str:
     """The results table as Markdown (mean ± std over seeds) with the figures' notes below it."""
     head = "| objective | runs | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | diverged |"
-    lines = ["# Results", "", settings_line, "", head, "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
+    lines = ["# Results", "", settings_line, "", SHARED_SETTINGS_NOTE, "", head,
+             "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
     fmt = {"weight_var": "{:.3g}", "spikes": "{:.1f}"}
     for row in table.itertuples():
         cells = []

@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("study", help="studies built from many training runs (stability)")
+    p = sub.add_parser("study", help="studies built from many training runs (tuned, stability)")
     studies = p.add_subparsers(dest="study", metavar="STUDY", required=True)
     s = studies.add_parser(
         "stability", help="where and how each objective becomes unstable: a map, a paired headline comparison, "
@@ -25,6 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rerun", action="store_true", help="train again the runs that exist (made with other settings)")
     s.add_argument("--no-progress", action="store_true", help="no live display (one line per finished run)")
     s.set_defaults(func=run_stability)
+    t = studies.add_parser(
+        "tuned", help="every objective at its own learning rate: tuning ladders, paired evaluation on held-out "
+        "accuracy over independent warm starts",
+        description="Tune each objective's learning rate on tuning (warm start, seed) pairs, evaluate it at the "
+        "chosen rate and twice it on disjoint pairs over every warm start, and compare the objectives paired, "
+        "on held-out accuracy, stability, movement and entropy. Every finished run is recorded in "
+        "OUT/runs.jsonl.gz; a call re-derives every table, figure and results.md from it and trains only what "
+        "the plan still needs.")
+    t.add_argument("--quick", action="store_true", help="the CI smoke plan (about a minute; no conclusions)")
+    t.add_argument("--out", default=None, help="output directory (default: study_tuned[_quick]/)")
+    t.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default 2)")
+    t.add_argument("--analyse-only", action="store_true",
+                   help="train nothing: re-derive the outputs from OUT/runs.jsonl.gz as it is")
+    t.add_argument("--no-progress", action="store_true", help="no live display (one line per finished run)")
+    t.set_defaults(func=run_tuned)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -58,4 +73,26 @@ def run_stability(args: argparse.Namespace) -> int:
         return 130
     print(f"study: wrote {len(paths)} files under {out}/: results.md, timing.json, stability.csv, summary.csv, "
           "comparisons.csv, theory.csv, theory_correlations.csv, figures/")
+    return 0
+
+
+def run_tuned(args: argparse.Namespace) -> int:
+    """Entry point of ``sspo study tuned``."""
+    import os
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from sspo_analysis.study.tuned import TUNED_PLANS
+    from sspo_analysis.study.tuned_study import tuned
+
+    plan = TUNED_PLANS["quick" if args.quick else "full"]
+    out = args.out or f"study_tuned{'_quick' if args.quick else ''}"
+    command = "sspo study tuned " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "tuned"] else ""
+    try:
+        paths = tuned(plan, out, jobs=args.jobs, progress=not args.no_progress, train=not args.analyse_only,
+                      command=command.strip())
+    except KeyboardInterrupt:
+        print(f"study: interrupted; recorded runs are kept and the same command resumes ({out}/)", file=sys.stderr)
+        return 130
+    print(f"study: wrote {len(paths)} files under {out}/: results.md, sweep.csv, best.csv, comparisons.csv, "
+          "figures/")
     return 0

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 from sspo_analysis.study.design import Plan, RunSpec
 
@@ -124,6 +125,11 @@ class Display:
         self.counts = {"done": 0, "diverged": 0, "failed": 0}
         self.t0 = time.perf_counter()
 
+    def grow(self, more: int) -> None:
+        """``more`` runs to train were added (a stage whose runs depend on the ones before)."""
+        total = self.progress.tasks[self.overall].total or 0
+        self.progress.update(self.overall, total=total + more)
+
     def start(self, total: int, reused: int) -> None:
         # The bar counts only the runs to train: reused runs would make the time-left estimate far too short.
         self.progress.update(self.overall, total=max(total - reused, 1), completed=0)
@@ -137,15 +143,20 @@ class Display:
     def note(self, text: str) -> None:
         self.console.print(f"study: {text} ({time.perf_counter() - self.t0:.0f} s)")
 
-    def running(self, spec: RunSpec) -> None:
-        self.active[spec.name] = self.progress.add_task(f"  {spec.arm.label} | {spec.regime.label} | "
-                                                        f"seed {spec.seed}", total=None)
+    def running(self, spec: Any) -> None:
+        """A run started (a :class:`RunSpec` or any run with ``name`` and ``text()``)."""
+        self.active[spec.name] = self.progress.add_task(f"  {_describe(spec)}", total=None)
 
-    def finished(self, spec: RunSpec, state: str, seconds: float, messages: str) -> None:
+    def finished(self, spec: Any, state: str, seconds: float, messages: str) -> None:
         self.progress.remove_task(self.active.pop(spec.name))
         self.progress.advance(self.overall)
         if state in self.counts:
             self.counts[state] += 1
         note = f" ({messages.splitlines()[-1]})" if state == "failed" and messages else ""
-        self.console.print(f"{state:>8} {spec.arm.label} | {spec.regime.label} | seed {spec.seed} "
-                           f"in {seconds:.0f} s{note}")
+        self.console.print(f"{state:>8} {_describe(spec)} in {seconds:.0f} s{note}")
+
+
+def _describe(spec: Any) -> str:
+    if isinstance(spec, RunSpec):
+        return f"{spec.arm.label} | {spec.regime.label} | seed {spec.seed}"
+    return spec.text()

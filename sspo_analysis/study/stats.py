@@ -61,7 +61,7 @@ def sign_flip_p(differences: Sequence[float]) -> float:
     d = _clean(differences)
     if d.size == 0:
         return float("nan")
-    if not np.any(d):
+    if not np.any(d) or d.size < 2:  # one pair: its two sign patterns are equally extreme, p = 1
         return 1.0
     res = permutation_test((d,), np.mean, permutation_type="samples", alternative="two-sided",
                            n_resamples=np.inf if d.size <= 16 else N_RESAMPLES, rng=np.random.default_rng(0))

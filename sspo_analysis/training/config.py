@@ -130,6 +130,9 @@ class LogConfig:
     report_to: list[str] = field(default_factory=lambda: ["none"])  # ["tensorboard"], ["wandb"]: RUN/tensorboard/ ...
     samples_every: int = 10  # RUN/samples.jsonl: a few completions with their rewards every N steps (0: never)
     samples_per_step: int = 4  # completions written each time, from different prompts
+    eval_every: int = 0  # RUN/heldout.jsonl: held-out accuracy every N steps and before the first (0: never)
+    eval_prompts: int = 256  # the fixed held-out prompts (never drawn for training while eval_every > 0)
+    eval_samples: int = 4  # samples per held-out prompt: mean sampled reward and pass@k with k = eval_samples
 
 
 @dataclass
@@ -367,6 +370,9 @@ def _check_log(cfg: TrainConfig) -> None:
     _number("log.checkpoint_every", cfg.log.checkpoint_every, 1, integer=True)
     _number("log.samples_every", cfg.log.samples_every, 0, integer=True)
     _number("log.samples_per_step", cfg.log.samples_per_step, 1, integer=True)
+    _number("log.eval_every", cfg.log.eval_every, 0, integer=True)
+    _number("log.eval_prompts", cfg.log.eval_prompts, 1, 100_000, integer=True)
+    _number("log.eval_samples", cfg.log.eval_samples, 1, 1024, integer=True)
     from sspo_analysis.training.outputs import check_report_to
 
     check_report_to(cfg.log.report_to)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sspo_analysis.primitives import group_advantages
+from sspo_analysis.training.heldout import training_prompts
 from sspo_analysis.training.models import Sampling, generate, sequence_logprobs
 from sspo_analysis.training.state import RunState
 
@@ -87,7 +88,8 @@ def rollout(state: RunState) -> Rollout:
     cfg, tok, device = state.cfg, state.tok, state.device
     r = cfg.rollout
     t0 = time.time()
-    prompts, answers = state.task.sample(state.np_rng, r.prompts)
+    excluded = state.heldout.excluded if state.heldout is not None else frozenset()
+    prompts, answers = training_prompts(state.task, state.np_rng, r.prompts, excluded)
     enc = tok(format_prompts(tok, prompts, cfg.task.chat_template), padding=True, add_special_tokens=False,
               return_tensors="pt")
     prompt_ids = enc.input_ids.repeat_interleave(r.group_size, 0).to(device)

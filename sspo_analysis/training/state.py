@@ -55,6 +55,8 @@ class RunState:
     np_rng: np.random.Generator
     device: torch.device
     eos_ids: list[int]
+    heldout: Any = None
+    """The held-out evaluation set (:class:`~sspo_analysis.training.heldout.HeldOut`) when ``log.eval_every``."""
 
     def autocast(self):
         return autocast(self.cfg, self.device)

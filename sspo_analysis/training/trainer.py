@@ -38,6 +38,7 @@ import torch
 from sspo_analysis.io import atomic_path, json_safe, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, load_config
 from sspo_analysis.training.health import Monitor, NonFiniteError, SignalWatch, Verdict, nonfinite_parameters
+from sspo_analysis.training.heldout import HeldOut, evaluate_heldout, heldout_set, score
 from sspo_analysis.training.inputs import check_alphabet, check_chat, check_prompt_lengths
 from sspo_analysis.training.measure import (
     dump_log_ratios,
@@ -48,7 +49,7 @@ from sspo_analysis.training.measure import (
     rollout_metrics,
     update_metrics,
 )
-from sspo_analysis.training.models import Sampling, checkpoint_dtype, generate, load_model, quiet_transformers_bars
+from sspo_analysis.training.models import checkpoint_dtype, load_model, quiet_transformers_bars
 from sspo_analysis.training.outputs import Reporters, TrackerStartError, sample_rows, save_final
 from sspo_analysis.training.rollout import eos_ids, format_prompts, rollout
 from sspo_analysis.training.runs import (
@@ -150,11 +151,33 @@ def warm_start_dir(cfg: TrainConfig) -> Path:
     return cache_root(cfg) / "warm_start" / f"{cfg.model.preset}-{cfg.task.name}-{warm_start_key(cfg)}"
 
 
+SHIPPED_WARM_STARTS = Path(__file__).resolve().parent.parent / "warm_starts"
+"""The warm starts that ship with the package (``sspo_analysis/warm_starts/<name>``, named as in the cache): the
+figures' and the tuned study's, so that every machine starts from the same weights and trains no supervised phase."""
+
+
+def shipped_warm_start(cfg: TrainConfig) -> Path | None:
+    """The shipped warm start of ``cfg``, or None (none ships for it, or ``warm_start.dir`` names a cache of the
+    user's own, which then holds the only warm starts used)."""
+    if cfg.warm_start.dir:
+        return None
+    path = SHIPPED_WARM_STARTS / warm_start_dir(cfg).name
+    return path if (path / "warm_start.json").is_file() else None
+
+
+def ready_warm_start(cfg: TrainConfig) -> Path | None:
+    """The warm start ``cfg`` would start from without training one (shipped first, then cached), or None."""
+    cached = warm_start_dir(cfg)
+    return shipped_warm_start(cfg) or (cached if (cached / "warm_start.json").exists() else None)
+
+
 def ensure_warm_start(cfg: TrainConfig, progress: bool | None = None) -> Path:
-    """The cached warm start for ``cfg`` (preset + task + warm_start settings), made now if missing."""
+    """The warm start for ``cfg`` (preset + task + warm_start settings): the shipped one, else the cached one, else
+    one made now into the cache (``sspo pretrain --out DIR`` remakes any of them elsewhere)."""
+    ready = ready_warm_start(cfg)
+    if ready is not None:
+        return ready
     target = warm_start_dir(cfg)
-    if (target / "warm_start.json").exists():
-        return target
     for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed process
         pid = stale.name.split(".")[-2]
         if pid.isdigit() and not pid_alive(int(pid)):
@@ -331,24 +354,12 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
                temp_path(out / "warm_start.json"))
 
 
-@torch.no_grad()
 def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: int = 0,
              generator: torch.Generator | None = None) -> float:
     """Mean reward of one completion sampled at the rollout settings on ``n`` fresh prompts."""
-    device, r = next(model.parameters()).device, cfg.rollout
     prompts, answers = task.sample(np.random.default_rng(seed), n)
-    enc = tok(format_prompts(tok, prompts, cfg.task.chat_template), padding=True, add_special_tokens=False,
-              return_tensors="pt")
-    was_training = model.training
-    model.eval()
-    with autocast(cfg, device):
-        sampling = Sampling(r.max_new_tokens, r.temperature, r.top_p)
-        tokens, *_ = generate(model, enc.input_ids.to(device), enc.attention_mask.to(device), sampling,
-                              eos_id=eos_ids(model, tok), pad_id=tok.pad_token_id, generator=generator,
-                              forward=cfg.model.forward)
-    model.train(was_training)
-    completions = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
-    return float(np.mean([task.reward(c, a) for c, a in zip(completions, answers)]))
+    return float(score(model, tok, task, cfg, HeldOut(tuple(prompts), tuple(answers)),
+                       temperature=cfg.rollout.temperature, samples=1, generator=generator).mean())
 
 
 # --------------------------------------------------------------------------- the RL loop
@@ -429,6 +440,10 @@ def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | No
         _warn_no_signal(watch, row)
     if cfg.algo.staleness and not state.snapshots:
         state.snapshot()
+    if state.heldout is not None:
+        _keep_heldout(run / "heldout.jsonl", counters["step"])
+        if counters["step"] == 0:  # the starting policy's score: every run's gain is measured from it
+            _log_heldout(state, run, 0)
     try:
         verdict = _loop(state, run, counters, monitor, show, watch)
     except TrackerStartError:
@@ -436,6 +451,8 @@ def _train_locked(cfg: TrainConfig, run: Path, resume: bool, progress: bool | No
             clear_run(run)
         raise
     if verdict.diverged:
+        if state.heldout is not None:  # the policy as it broke, so a stopped run's final score is not its best
+            _log_heldout(state, run, verdict.step)
         write_json(run / "DIVERGED", verdict.to_dict(), temp_path(run / "DIVERGED"))
     else:
         # RUN/final: a transformers checkpoint of the trained policy, in the dtype of the one it started from
@@ -480,6 +497,8 @@ def _loop(state: RunState, run: Path, counters: dict[str, Any], monitor: Monitor
             verdict = monitor.update(line)
             if verdict.diverged:
                 return verdict
+            if state.heldout is not None and (step % cfg.log.eval_every == 0 or step == cfg.steps):
+                _log_heldout(state, run, step)
             if step % cfg.log.checkpoint_every == 0 or step == cfg.steps:
                 bad = nonfinite_parameters(state.policy)
                 if bad:
@@ -552,6 +571,27 @@ def _diverged_reason(run: Path) -> str:
         return "no reason recorded"
 
 
+def _log_heldout(state: RunState, run: Path, step: int) -> None:
+    """Append the policy's held-out scores at ``step`` to ``RUN/heldout.jsonl`` (zeros when it cannot sample)."""
+    try:
+        row = evaluate_heldout(state.policy, state.tok, state.task, state.cfg, state.heldout, step)
+    except NonFiniteError:  # non-finite logits: a broken policy answers nothing right
+        k = state.cfg.log.eval_samples
+        row = {"step": step, "sampled": 0.0, "greedy": 0.0, f"pass@{k}": 0.0, "prompts": len(state.heldout.prompts)}
+    with (run / "heldout.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _keep_heldout(path: Path, last_step: int) -> None:
+    """Drop the held-out rows after ``last_step`` (written after the checkpoint a resume goes back to)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        write_text(path, "".join(line + "\n" for line in kept), temp_path(path))
+
+
 def _count_lines(path: Path) -> int:
     """The complete lines of ``path`` (0 when it is missing): the steps a metrics file records."""
     return path.read_bytes().count(b"\n") if path.is_file() else 0
@@ -599,7 +639,8 @@ def _setup(cfg: TrainConfig, run: Path, show: bool) -> RunState:
                     snapshots=collections.deque(maxlen=a.staleness + 1), opt=opt,
                     sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)), tok=tok, task=task,
                     gen=torch.Generator(device=device).manual_seed(cfg.seed),  # sampling and minibatch order
-                    np_rng=np.random.default_rng(cfg.seed), device=device, eos_ids=eos_ids(policy, tok))
+                    np_rng=np.random.default_rng(cfg.seed), device=device, eos_ids=eos_ids(policy, tok),
+                    heldout=heldout_set(task, cfg.log.eval_prompts) if cfg.log.eval_every else None)
 
 
 def _save_checkpoint(state: RunState, path: Path, counters: dict[str, Any]) -> None:
