@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from sspo_analysis.plotting import style
 from sspo_analysis.study.stats import mean_ci
@@ -27,6 +28,14 @@ def _grid(arms: Sequence[str], height_per_row: float = 1.7):
     for ax in axes.ravel()[len(arms):]:
         ax.set_visible(False)
     return fig, axes.ravel()
+
+
+def _bottom_labels(axes, n: int, label: str) -> None:
+    """``label`` under the lowest drawn panel of each column."""
+    for i in range(n):
+        if i + 3 >= n:
+            axes[i].set_xlabel(label)
+            axes[i].xaxis.set_tick_params(labelbottom=True)
 
 
 def plot_ladders(sweep: Any, arms: Sequence[str], chosen: dict, task: str) -> tuple[Any, Any]:
@@ -46,10 +55,10 @@ def plot_ladders(sweep: Any, arms: Sequence[str], chosen: dict, task: str) -> tu
             if lr is not None:
                 ax.plot([lr], g.loc[np.isclose(g.lr, lr), "heldout_auc"], "*", color=style.color(arm), ms=9)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap
         ax.set_title(arm)
     axes[0].legend(loc="lower left", fontsize=6)
-    for ax in axes[-3:]:
-        ax.set_xlabel("learning rate")
+    _bottom_labels(axes, len(arms), "learning rate")
     fig.supylabel("held-out accuracy, mean over the run (tuning pair)")
     fig.suptitle(f"{task}: each objective's learning-rate ladder on the tuning pair (x: unstable run, "
                  "star: chosen rate)")
@@ -84,8 +93,7 @@ def plot_curves(records: dict, picks: dict[str, list[tuple]], arms: Sequence[str
             ax.fill_between(grid, lo, hi, color=style.color(arm), alpha=0.2, lw=0)
         ax.set_title(arm)
         ax.legend(loc="best", fontsize=6)
-    for ax in axes[-3:]:
-        ax.set_xlabel("RL step")
+    _bottom_labels(axes, len(arms), "RL step")
     fig.supylabel(ylabel)
     fig.suptitle(f"{title}\n{BAND}")
     data = pd.DataFrame([{"arm": arm, "step": s, "mean": c[0][i], "ci_low": c[1][i], "ci_high": c[2][i]}
