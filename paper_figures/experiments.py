@@ -22,13 +22,13 @@ checkpoint and ``final/`` model are deleted (:func:`drop_checkpoints`) unless
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from paper_figures import TRAINED_OBJECTIVES, Context, Settings
-from sspo_analysis.study.execute import quiet_worker, warm_start
+from sspo_analysis.study.execute import warm_start
+from sspo_analysis.study.pools import open_pool
 
 WORKERS = 2
 """Runs trained at once (each with one torch thread)."""
@@ -121,16 +121,13 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
             continue
         _check_reusable(s, ctx.settings)
     if todo:
-        import multiprocessing
-
         over = overrides(ctx.settings, 0)
         cfg = load_config(None, over)  # validates every setting before any work
         ready = ready_warm_start(cfg)
         ctx.report(f"{len(specs) - len(todo)} of {len(specs)} runs reused; training {len(todo)} under {root}")
         ctx.advance(0, len(todo), "training runs: warm start (shipped, cached, or made once)")
         ctx.report(f"warm start: {ready} (ready)" if ready else f"warm start: {warm_start_dir(cfg)} (training it)")
-        with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=quiet_worker) as pool:
+        with open_pool("local", WORKERS) as pool:
             t0 = time.perf_counter()
             warm = pool.submit(warm_start, over).result()
             ctx.report(f"warm start {Path(warm).name} ready ({time.perf_counter() - t0:.0f} s)")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+EXECUTORS = ("local", "ray")  # sspo_analysis.study.pools.EXECUTORS (not imported here: the CLI starts fast)
+EXECUTOR_HELP = ("where runs train: local (a process pool on this machine, the default) or ray (pip install -e "
+                 "'.[ray]'; a local Ray instance with --jobs CPUs, or the cluster RAY_ADDRESS names)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="studies built from many training runs (tuned, stability)")
@@ -22,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="headline seeds, comma-separated (the map uses the first few, as many as the plan has "
                    "map seeds); default: the plan's")
     s.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default 2)")
+    s.add_argument("--executor", default="local", choices=EXECUTORS, help=EXECUTOR_HELP)
     s.add_argument("--rerun", action="store_true", help="train again the runs that exist (made with other settings)")
     s.add_argument("--no-progress", action="store_true", help="no live display (one line per finished run)")
     s.set_defaults(func=run_stability)
@@ -36,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quick", action="store_true", help="the CI smoke plan (about a minute; no conclusions)")
     t.add_argument("--out", default=None, help="output directory (default: study_tuned[_quick]/)")
     t.add_argument("--jobs", type=int, default=2, help="runs trained at once, one torch thread each (default 2)")
+    t.add_argument("--executor", default="local", choices=EXECUTORS, help=EXECUTOR_HELP)
     t.add_argument("--analyse-only", action="store_true",
                    help="train nothing: re-derive the outputs from OUT/runs.jsonl.gz as it is")
     t.add_argument("--no-progress", action="store_true", help="no live display (one line per finished run)")
@@ -67,7 +73,7 @@ def run_stability(args: argparse.Namespace) -> int:
     command = "sspo study stability " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "stability"] else ""
     try:
         paths = stability(plan, out, jobs=args.jobs, progress=not args.no_progress, rerun=args.rerun,
-                          command=command.strip())
+                          command=command.strip(), executor=args.executor)
     except KeyboardInterrupt:
         print(f"study: interrupted; finished runs are kept and the same command resumes ({out}/)", file=sys.stderr)
         return 130
@@ -89,7 +95,7 @@ def run_tuned(args: argparse.Namespace) -> int:
     command = "sspo study tuned " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "tuned"] else ""
     try:
         paths = tuned(plan, out, jobs=args.jobs, progress=not args.no_progress, train=not args.analyse_only,
-                      command=command.strip())
+                      command=command.strip(), executor=args.executor)
     except KeyboardInterrupt:
         print(f"study: interrupted; recorded runs are kept and the same command resumes ({out}/)", file=sys.stderr)
         return 130

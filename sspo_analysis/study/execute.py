@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
 from sspo_analysis.study.design import Plan, RunSpec
+from sspo_analysis.study.pools import open_pool
 
 Report = Callable[[str], None]
-
-
-def quiet_worker() -> None:
-    """Initialiser of a job process: no transformers chatter or progress bars (the parent reports)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def warm_start(overrides: list[str]) -> str:
@@ -72,16 +62,17 @@ def validate(plan: Plan, root: Path) -> None:
         check_sweep([spec.arm.objective], [spec.seed], None, run.parent, spec.overrides(plan), tag=spec.arm.tag)
 
 
-def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = False) -> None:
-    """Train every run of ``plan`` under ``root/runs`` that is not finished, ``jobs`` at a time."""
+def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = False,
+            executor: str = "local") -> None:
+    """Train every run of ``plan`` under ``root/runs`` that is not finished, ``jobs`` at a time, on the
+    ``executor``'s pool (:mod:`~sspo_analysis.study.pools`)."""
     specs = plan.runs()
     todo = [s for s in specs if run_state(s.run_dir(root / "runs")) in ("missing", "failed") or rerun]
     display.start(len(specs), len(specs) - len(todo))
     if not todo:
         display.phase("all runs reused")
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=quiet_worker) as pool:
+    with open_pool(executor, jobs) as pool:
         lengths = {s.regime.length: s for s in todo}
         display.phase(f"warm starts for answer lengths {', '.join(map(str, sorted(lengths)))} (made once, cached)")
         for fut in [pool.submit(warm_start, s.overrides(plan)) for s in lengths.values()]:

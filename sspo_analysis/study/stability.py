@@ -80,9 +80,10 @@ def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, ti
     return paths
 
 
-def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None, progress: bool = True,
-              rerun: bool = False, command: str = "") -> list[Path]:
-    """Train (or reuse) every run of ``plan`` under ``out`` with ``jobs`` processes, then write the outputs.
+def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None, progress: bool = True,  # noqa: PLR0913
+              rerun: bool = False, command: str = "", executor: str = "local") -> list[Path]:
+    """Train (or reuse) every run of ``plan`` under ``out`` with ``jobs`` processes (or Ray tasks, with
+    ``executor = "ray"``: :mod:`~sspo_analysis.study.pools`), then write the outputs.
 
     Returns the written paths. A ValueError before any work if a setting is invalid,
     ``out`` cannot be written, or an existing run was made with other settings (unless ``rerun``).
@@ -103,7 +104,7 @@ def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None
         display = Display(console, progress)
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         with display.progress:
-            execute(plan, root, jobs, display, rerun)
+            execute(plan, root, jobs, display, rerun, executor)
         trained = sum(display.counts.values())
         timing = _add_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
         console.print("study: analysing the runs and drawing the figures")

@@ -8,12 +8,12 @@ arm's evaluation once its tuning is over). A recorded run is never trained again
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
-from sspo_analysis.study.execute import Display, _train, quiet_worker, run_state, warm_start
+from sspo_analysis.study.execute import Display, _train, run_state, warm_start
+from sspo_analysis.study.pools import open_pool
 from sspo_analysis.study.tuned import (
     TunedPlan,
     TunedRun,
@@ -65,8 +65,9 @@ def _arm_runs(plan: TunedPlan, records, arm, task: str, updates: int, role: str)
     return [TunedRun(arm, task, lr, updates, w, s, "eval") for lr in rates for w, s in plan.eval_pairs]
 
 
-def execute_tuned(plan: TunedPlan, root: Path, jobs: int, display: Display) -> int:
-    """Train what the study needs under ``root/runs`` until nothing more is wanted; returns the runs trained."""
+def execute_tuned(plan: TunedPlan, root: Path, jobs: int, display: Display, executor: str = "local") -> int:
+    """Train what the study needs under ``root/runs`` until nothing more is wanted, on the ``executor``'s pool;
+    returns the runs trained."""
     archive = root / "runs.jsonl.gz"
     records = read_records(archive)
     todo = wanted_runs(plan, records)
@@ -75,8 +76,7 @@ def execute_tuned(plan: TunedPlan, root: Path, jobs: int, display: Display) -> i
         display.phase("every run the plan needs is recorded")
         return 0
     trained, failed, pending = 0, set(), {}
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=quiet_worker) as pool:
+    with open_pool(executor, jobs) as pool:
         display.phase("warm starts (shipped with the package, or made once and cached)")
         firsts = {(r.task, w): TunedRun(r.arm, r.task, r.lr, r.updates, w, 0, "eval") for r in todo
                   for w in plan.warm_starts}
@@ -117,6 +117,6 @@ def run_dir(root: Path, run: TunedRun) -> Path:
     return root / "runs" / run.name / f"{run.arm.objective}_seed{run.seed}"
 
 
-def _submit(pool: ProcessPoolExecutor, plan: TunedPlan, root: Path, run: TunedRun) -> Future:
+def _submit(pool: Any, plan: TunedPlan, root: Path, run: TunedRun) -> Future:
     return pool.submit(_train, run.arm.objective, run.seed, str(run_dir(root, run).parent), plan.overrides(run),
                        "", False)

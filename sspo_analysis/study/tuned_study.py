@@ -14,9 +14,10 @@ from sspo_analysis.study.tuned import TunedPlan
 from sspo_analysis.study.tuned_execute import execute_tuned
 
 
-def tuned(plan: TunedPlan, out: str | Path, *, jobs: int = 2, console: Any = None, progress: bool = True,
-          train: bool = True, command: str = "") -> list[Path]:
-    """Train (unless ``train`` is false) what ``plan`` still needs under ``out``, then write every output.
+def tuned(plan: TunedPlan, out: str | Path, *, jobs: int = 2, console: Any = None, progress: bool = True,  # noqa: PLR0913
+          train: bool = True, command: str = "", executor: str = "local") -> list[Path]:
+    """Train (unless ``train`` is false) what ``plan`` still needs under ``out`` on ``jobs`` processes (or Ray
+    tasks: ``executor``), then write every output.
 
     Returns the written paths. A ValueError before any work for an invalid plan, an
     unwritable ``out`` or a damaged ``runs.jsonl.gz``.
@@ -41,7 +42,7 @@ def tuned(plan: TunedPlan, out: str | Path, *, jobs: int = 2, console: Any = Non
         if train:
             display = Display(console, progress)
             with display.progress:
-                trained = execute_tuned(plan, root, jobs, display)
+                trained = execute_tuned(plan, root, jobs, display, executor)
         timing = _add_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
         console.print("study: analysing the recorded runs and drawing the figures")
         return tuned_report.write_outputs(plan, root, command or f"sspo study tuned --out {out}", timing)
