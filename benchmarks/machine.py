@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,14 +60,14 @@ def header() -> str:
 
 
 def product_shapes(hidden: int, intermediate: int, kv_width: int, rows: int) -> list[tuple[int, int, int]]:
-    """``(m, k, n)`` of a decoder layer's float32 products over ``rows`` tokens, forward and backward.
+    """``(m, k, n)`` of a decoder layer's products over ``rows`` tokens, forward and backward, one entry a product.
 
     Forward: ``(rows, hidden) x (hidden, n)`` for q and o (n = hidden), k and v (n = ``kv_width``), gate and
     up (n = ``intermediate``), and ``(rows, intermediate) x (intermediate, hidden)`` for down. Backward: the
     input gradient of each (m = rows, k and n swapped) and the weight gradient ``(k, rows) x (rows, n)``.
     """
-    forward = [(rows, hidden, hidden), (rows, hidden, kv_width), (rows, hidden, intermediate),
-               (rows, intermediate, hidden)]
+    forward = [(rows, hidden, hidden), (rows, hidden, kv_width), (rows, hidden, kv_width), (rows, hidden, hidden),
+               (rows, hidden, intermediate), (rows, hidden, intermediate), (rows, intermediate, hidden)]
     return forward + [(m, n, k) for m, k, n in forward] + [(k, m, n) for m, k, n in forward]
 
 
@@ -98,7 +99,8 @@ def _seconds_per_call(fn, seconds: float, sync) -> float:
 def gflops(kernel: str, shapes: list[tuple[int, int, int]], seconds: float = 0.05, device: str = "cpu",
            dtype: torch.dtype = torch.float32) -> float | None:
     """GFLOP/s of ``kernel`` ("matmul": ``torch.matmul``; "onednn": the lean path's kernel, float32 CPU only)
-    over ``shapes``: their total FLOPs (``2 m k n`` each) over their total time; None when the kernel is absent."""
+    over ``shapes``: their total FLOPs (``2 m k n`` each) over their total time (so the mix of a layer's products
+    weighs each shape by how often it runs); None when the kernel is absent."""
     if kernel == "onednn" and (device != "cpu" or dtype != torch.float32):
         return None
     linear = _onednn_linear() if kernel == "onednn" else lambda a, w: torch.matmul(a, w.t())
@@ -108,10 +110,10 @@ def gflops(kernel: str, shapes: list[tuple[int, int, int]], seconds: float = 0.0
     g = torch.Generator().manual_seed(0)
     flops = total = 0.0
     with torch.no_grad():
-        for m, k, n in shapes:
+        for (m, k, n), count in Counter(shapes).items():  # a repeated shape is timed once
             a, w = (torch.randn(r, k, generator=g).to(device, dtype) for r in (m, n))
-            total += _seconds_per_call(partial(linear, a, w), seconds, sync)
-            flops += 2.0 * m * k * n
+            total += count * _seconds_per_call(partial(linear, a, w), seconds, sync)
+            flops += count * 2.0 * m * k * n
     return flops / total / 1e9
 
 

@@ -92,10 +92,11 @@ def test_shape_of_the_tiny_preset_matches_its_weights():
 
 def test_product_shapes_forward_and_backward():
     shapes = machine.product_shapes(hidden=4, intermediate=8, kv_width=2, rows=3)
-    forward = [(3, 4, 4), (3, 4, 2), (3, 4, 8), (3, 8, 4)]
-    input_grads = [(3, 4, 4), (3, 2, 4), (3, 8, 4), (3, 4, 8)]
-    weight_grads = [(4, 3, 4), (4, 3, 2), (4, 3, 8), (8, 3, 4)]
+    forward = [(3, 4, 4), (3, 4, 2), (3, 4, 2), (3, 4, 4), (3, 4, 8), (3, 4, 8), (3, 8, 4)]  # q k v o gate up down
+    input_grads = [(3, 4, 4), (3, 2, 4), (3, 2, 4), (3, 4, 4), (3, 8, 4), (3, 8, 4), (3, 4, 8)]
+    weight_grads = [(4, 3, 4), (4, 3, 2), (4, 3, 2), (4, 3, 4), (4, 3, 8), (4, 3, 8), (8, 3, 4)]
     assert shapes == forward + input_grads + weight_grads
+    assert sum(2 * m * k * n for m, k, n in shapes) == 3 * 2 * 3 * ONE_LAYER.layer_params  # 3 rows, fwd + bwd
 
 
 def test_roofline_measures_both_kernels():
