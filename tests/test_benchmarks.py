@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -135,3 +138,20 @@ def test_mean_prompt_tokens_of_the_character_tokenizer():
     """'<bos>' then 'ab+cd=' (2-digit operands): 7 tokens, one a character."""
     _, tok = load_model("micro", seed=0)
     assert machine.mean_prompt_tokens(tok, n=64) == 7
+
+
+@pytest.mark.slow
+def test_trainer_benchmark_prints_the_machine_and_each_trainers_utilisation():
+    """The smallest run of ``trainer_vs_trl.py``: the machine line, the roofline, then a row naming the CPU with a
+    utilisation (whole step, sampling, training) for each trainer."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trainer_vs_trl.py"), "--steps", "2", "--runs",
+                          "1", "--long", "", "--no-memory"], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("machine:", "roofline:", "["))]
+    assert lines[0].startswith(f"machine: {machine.cpu_model()}, ") and "(torch threads 1)" in lines[0]  # --threads 1
+    assert lines[1].startswith("roofline: float32") and "oneDNN" in lines[1]
+    row = lines[2]
+    assert row.startswith("[ 16 new tokens, run 1] ratio ") and row.endswith(f"| {machine.cpu_model()}")
+    pattern = r"utilisation \d+% \(sampling \d+%, training \d+%\)"
+    assert [name for name in ("TRL", "sspo") if re.search(rf"\| {name} .*?{pattern}", row)] == ["TRL", "sspo"]
