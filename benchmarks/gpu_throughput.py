@@ -40,10 +40,6 @@ QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
 TINY = dict(QWEN25_05B, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, vocab_size=512, max_position_embeddings=512)
 UPDATES = 2
-PASSES = {"sspo": machine.Passes(sampling_shared=True, training_shared=False, logprob=0),
-          "trl": machine.Passes(sampling_shared=False, training_shared=False, logprob=1)}
-"""Per step (see :class:`machine.Passes`): this trainer prefills each prompt once per group and keeps the
-sampling log-probs; TRL runs one old log-prob forward (generation and optimiser steps are misaligned)."""
 
 
 def build_checkpoint(arch: dict, out: Path) -> Path:
@@ -146,6 +142,16 @@ def run_trl(model_dir: Path, args, tmp: Path) -> dict:
             "completion_tokens_per_s": float(np.mean(tokens[1:])) / step, "peak_gpu_gib": _peak_memory_gib(args.device)}
 
 
+def passes(trainer: str, group: int) -> machine.Passes:
+    """A step's forward passes (see :class:`machine.Passes`): this trainer prefills each prompt once per group,
+    trains every row in full (gradient checkpointing turns prompt sharing off) and keeps the sampling
+    log-probs; TRL runs every row in full and one old log-prob forward (generation and optimiser steps are
+    misaligned)."""
+    if trainer == "sspo":
+        return machine.Passes(sampling_prompt_runs=1, training_prompt_runs=group, logprob=0)
+    return machine.Passes(sampling_prompt_runs=group, training_prompt_runs=group, logprob=1)
+
+
 def utilisation_lines(model_dir: Path, arch: dict, args, results: dict) -> list[str]:
     """The roofline at the run's precision on the model's shapes, then each trainer's utilisation against it."""
     from types import SimpleNamespace
@@ -159,7 +165,7 @@ def utilisation_lines(model_dir: Path, arch: dict, args, results: dict) -> list[
     lines = [roof.line()]
     for name, r in results.items():
         batch = machine.Batch(args.prompts, args.group, prompt_len, r["completion_tokens_per_s"] * r["step_s"] / n)
-        flops = machine.step_flops(shape, batch, PASSES[name])
+        flops = machine.step_flops(shape, batch, passes(name, args.group))
         lines.append(f"{name:5s} {machine.utilisation_line(flops, r['step_s'], r['generation_s'], roof.peak)}")
     return lines
 

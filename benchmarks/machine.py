@@ -207,35 +207,35 @@ class Batch:
     completion_len: float
 
 
-def forward_flops(shape: Shape, batch: Batch, shared_prompt: bool) -> float:
-    """FLOPs of one forward pass over ``batch`` (a multiply-add is 2 FLOPs).
+def forward_flops(shape: Shape, batch: Batch, prompt_runs: float) -> float:
+    """FLOPs of one forward pass over ``batch`` (a multiply-add is 2 FLOPs), each prompt run ``prompt_runs``
+    times (1: once per group, a shared prefill; ``batch.group_size``: once per completion).
 
     Counted: each layer's products, ``2 * layer_params`` per token processed; attention's two products
     (scores and the weighted values), ``4 * heads * head_dim`` per (query, visible key) pair, causal; the
-    output projection ``2 * head_params`` per completion token (the logits read). A prompt is processed once
-    per group when ``shared_prompt`` (one prefill per group), else once per completion. Not counted: norms,
+    output projection ``2 * head_params`` per completion token (the logits read). Not counted: norms,
     rotary, activations, softmax, the loss (element-wise work, a few percent here). The same count serves a
-    sampling pass (the key/value cache makes it one forward over the sequence) and a log-prob pass.
+    sampling pass (the key/value cache makes it one forward over each sequence) and a log-prob pass.
     """
     p, c, L = batch.prompt_len, batch.completion_len, shape.layers
     attn = 4 * shape.heads * shape.head_dim * L  # per (query, key) pair, all layers
     prompt = 2 * shape.layer_params * L * p + attn * p * (p + 1) / 2
     completion = 2 * shape.layer_params * L * c + attn * (c * p + c * (c + 1) / 2) + 2 * shape.head_params * c
-    rows = batch.prompts * batch.group_size
-    return (batch.prompts if shared_prompt else rows) * prompt + rows * completion
+    return batch.prompts * prompt_runs * prompt + batch.prompts * batch.group_size * completion
 
 
 @dataclass(frozen=True)
 class Passes:
-    """The forward passes a trainer runs per RL step, and whether each processes a group's prompt once.
+    """The forward passes a trainer runs per RL step, and how often each runs a group's prompt.
 
-    ``sampling_shared``: one prefill per group (else one per completion); ``training_shared``: the same in
-    the training forward; ``logprob``: forwards without gradient over the batch (e.g. TRL's old log-probs),
-    each prompt once per completion.
+    ``sampling_prompt_runs``: 1 for one prefill per group, the group size for one per completion;
+    ``training_prompt_runs``: the same over the training forwards of all the step's updates (a prompt shared
+    within each minibatch that holds its rows runs once per such minibatch); ``logprob``: forwards without
+    gradient over the batch (e.g. TRL's old log-probs), each prompt once per completion.
     """
 
-    sampling_shared: bool
-    training_shared: bool
+    sampling_prompt_runs: float
+    training_prompt_runs: float
     logprob: int
 
 
@@ -244,9 +244,9 @@ def step_flops(shape: Shape, batch: Batch, passes: Passes) -> dict[str, float]:
     (``passes.logprob`` forwards) and ``training`` (one forward and backward over the batch, each sequence
     in one update, the backward counted as twice the forward: the input and the weight gradient of each
     product). Recomputation (gradient checkpointing) is not counted: these are model FLOPs."""
-    return {"sampling": forward_flops(shape, batch, passes.sampling_shared),
-            "logprob": passes.logprob * forward_flops(shape, batch, False),
-            "training": 3 * forward_flops(shape, batch, passes.training_shared)}
+    return {"sampling": forward_flops(shape, batch, passes.sampling_prompt_runs),
+            "logprob": passes.logprob * forward_flops(shape, batch, batch.group_size),
+            "training": 3 * forward_flops(shape, batch, passes.training_prompt_runs)}
 
 
 def utilisation(flops: float, seconds: float, peak_gflops: float) -> float:

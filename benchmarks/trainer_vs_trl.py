@@ -30,7 +30,8 @@ dispatches to) and the float32 matrix-product rate measured in this process on t
 own shapes (:func:`machine.roofline`, the larger of MKL's and oneDNN's). Each row then gives each
 trainer's model-FLOPs utilisation against that rate: FLOPs per step (:func:`machine.step_flops`:
 one sampling forward, the log-prob forwards it runs, one forward and backward over the batch; this
-trainer prefills and trains each prompt once per group and reads the old log-probs from sampling,
+trainer prefills each prompt once per group, trains it once per update (:data:`PASSES`) and reads
+the old log-probs from sampling,
 TRL processes each prompt once per completion and runs one old log-prob forward, since its
 generation and optimiser steps are misaligned) divided by step time, over the whole step
 (``utilisation``), the generation stage (``sampling``: this trainer's ``generation_time``; TRL's
@@ -61,10 +62,12 @@ ROOFLINE_ROWS = 640
 """Rows of the products the roofline is measured on: about the tokens of one update's minibatch."""
 
 
-PASSES = {"sspo": machine.Passes(sampling_shared=True, training_shared=True, logprob=0),
-          "TRL": machine.Passes(sampling_shared=False, training_shared=False, logprob=1)}
-"""Per step: this trainer prefills and trains each prompt once per group and keeps the sampling log-probs;
-TRL runs every row in full and one old log-prob forward (its generation and optimiser steps are misaligned)."""
+PASSES = {"sspo": machine.Passes(sampling_prompt_runs=1, training_prompt_runs=UPDATES, logprob=0),
+          "TRL": machine.Passes(sampling_prompt_runs=G, training_prompt_runs=G, logprob=1)}
+"""Per step: this trainer prefills each prompt once per group, runs it once in each update's minibatch (rows
+are shuffled, so each of the two minibatches of 32 holds nearly all 8 prompts) and keeps the sampling
+log-probs; TRL runs every row in full and one old log-prob forward (its generation and optimiser steps are
+misaligned)."""
 
 
 @dataclass

@@ -51,17 +51,17 @@ def test_forward_flops_of_one_layer_by_hand():
     The prompt once: 7 tokens (2,016), 6 + 2 x 9 pairs (384), 4 logit rows (160): 2,560.
     """
     batch = machine.Batch(prompts=1, group_size=2, prompt_len=3, completion_len=2)
-    assert machine.forward_flops(ONE_LAYER, batch, shared_prompt=False) == 3520
-    assert machine.forward_flops(ONE_LAYER, batch, shared_prompt=True) == 2560
+    assert machine.forward_flops(ONE_LAYER, batch, prompt_runs=2) == 3520
+    assert machine.forward_flops(ONE_LAYER, batch, prompt_runs=1) == 2560
 
 
 def test_step_flops_count_each_pass():
     batch = machine.Batch(prompts=1, group_size=2, prompt_len=3, completion_len=2)
-    trl = machine.step_flops(ONE_LAYER, batch, machine.Passes(False, False, logprob=1))
+    trl = machine.step_flops(ONE_LAYER, batch, machine.Passes(2, 2, logprob=1))
     assert trl == {"sampling": 3520, "logprob": 3520, "training": 3 * 3520}
-    ours = machine.step_flops(ONE_LAYER, batch, machine.Passes(True, True, logprob=0))
+    ours = machine.step_flops(ONE_LAYER, batch, machine.Passes(1, 1, logprob=0))
     assert ours == {"sampling": 2560, "logprob": 0, "training": 3 * 2560}
-    mixed = machine.step_flops(ONE_LAYER, batch, machine.Passes(True, False, logprob=2))
+    mixed = machine.step_flops(ONE_LAYER, batch, machine.Passes(1, 2, logprob=2))
     assert mixed == {"sampling": 2560, "logprob": 2 * 3520, "training": 3 * 3520}
 
 
@@ -72,7 +72,7 @@ def test_forward_flops_agree_with_torch_flop_counter(length):
     model = AutoModelForCausalLM.from_config(_config())
     shape = machine.Shape.of(model.config)
     ids = torch.arange(length)[None]
-    counted = machine.forward_flops(shape, machine.Batch(1, 1, prompt_len=0, completion_len=length), False)
+    counted = machine.forward_flops(shape, machine.Batch(1, 1, prompt_len=0, completion_len=length), 1)
     masked = 4 * shape.heads * shape.head_dim * shape.layers * length * (length - 1) / 2
     with FlopCounterMode(display=False) as forward, torch.no_grad():
         model(ids)
