@@ -74,7 +74,7 @@ misaligned)."""
 class Result:
     sequences_per_s: float
     tokens_per_s: float
-    step_s: float  # mean over the steps after the first
+    step_s: float  # wall-clock seconds per step after the first, the time sequences/s is measured over
     generation_s: float  # the generation stage's share of it
     completion_len: float  # mean completion tokens per sequence, up to and including <eos>
 
@@ -114,7 +114,7 @@ def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tup
     later = df.iloc[1:]  # the first step is warm-up
     seconds = float(later.wall_time.iloc[-1] - df.wall_time.iloc[0])
     tokens = float(later.response_length.sum()) * P * G
-    return Result(len(later) * P * G / seconds, tokens / seconds, float(later.step_time.mean()),
+    return Result(len(later) * P * G / seconds, tokens / seconds, seconds / len(later),  # as sequences/s is
                   float(later.generation_time.mean()), float(later.response_length.mean()))
 
 
