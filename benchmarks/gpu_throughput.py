@@ -12,6 +12,11 @@ gradient checkpointing, bf16 autocast, objective ``sapo``, no KL, AdamW.
 Per trainer, over the rollout steps after the first (warm-up): completion
 tokens/s, step time split into generation (TRL: generating, grading and scoring
 the batch) and training, and peak GPU memory (``torch.cuda.max_memory_allocated``).
+The output starts with the machine (:func:`machine.header`) and the matrix-product rate
+measured in this process at the run's precision on the model's own shapes
+(:func:`machine.roofline`); each trainer's line gives its model-FLOPs utilisation against it
+(:func:`machine.step_flops`; gradient checkpointing's recomputation is not counted, and under it
+this trainer's training forward runs each prompt once per completion, like TRL's).
 
     python benchmarks/gpu_throughput.py                 # GPU: 32 x 8, 512 new tokens, bf16
     python benchmarks/gpu_throughput.py --tiny          # CPU, tiny model, seconds (CI runs this)
@@ -25,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import machine
 import torch
 
 # Qwen2.5-0.5B's config.json, the fields that shape compute and memory.
@@ -116,7 +122,6 @@ def run_trl(model_dir: Path, args, tmp: Path) -> dict:
     data = Dataset.from_dict({"prompt": [tok.bos_token + p for p in prompts], "answer": answers})
     tokens: list[int] = []
     ends: list[float] = []
-    generation: list[float] = []
 
     def reward(prompts, completions, answer, completion_ids=(), **kwargs):
         tokens.append(sum(len(c) for c in completion_ids))
@@ -128,21 +133,41 @@ def run_trl(model_dir: Path, args, tmp: Path) -> dict:
 
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=_trl_args(args, tmp), train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
-    inner = trainer._generate_and_score_completions
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = inner(*a, **k)
-        generation.append(time.perf_counter() - t0)
-        return out
-
-    trainer._generate_and_score_completions = timed
+    generation = machine.time_calls(trainer, "_generate_and_score_completions")
     _reset_memory(args.device)
     trainer.train()
     step = (ends[-1] - ends[UPDATES - 1]) / (args.steps - 1)  # rollout batches after the first
     gen = float(np.mean(generation[1:]))
     return {"step_s": step, "generation_s": gen, "training_s": step - gen,
             "completion_tokens_per_s": float(np.mean(tokens[1:])) / step, "peak_gpu_gib": _peak_memory_gib(args.device)}
+
+
+def passes(trainer: str, group: int) -> machine.Passes:
+    """A step's forward passes (see :class:`machine.Passes`): this trainer prefills each prompt once per group,
+    trains every row in full (gradient checkpointing turns prompt sharing off) and keeps the sampling
+    log-probs; TRL runs every row in full and one old log-prob forward (generation and optimiser steps are
+    misaligned)."""
+    if trainer == "sspo":
+        return machine.Passes(sampling_prompt_runs=1, training_prompt_runs=group, logprob=0)
+    return machine.Passes(sampling_prompt_runs=group, training_prompt_runs=group, logprob=1)
+
+
+def utilisation_lines(model_dir: Path, arch: dict, args, results: dict) -> list[str]:
+    """The roofline at the run's precision on the model's shapes, then each trainer's utilisation against it."""
+    from types import SimpleNamespace
+
+    from sspo_analysis.training.models import load_tokenizer
+
+    shape = machine.Shape.of(SimpleNamespace(**arch))
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    roof = machine.roofline(shape.product_shapes(args.micro * (args.new_tokens + 16)), device=args.device, dtype=dtype)
+    prompt_len, n = machine.mean_prompt_tokens(load_tokenizer(model_dir)), args.prompts * args.group
+    lines = [roof.line()]
+    for name, r in results.items():
+        batch = machine.Batch(args.prompts, args.group, prompt_len, r["completion_tokens_per_s"] * r["step_s"] / n)
+        flops = machine.step_flops(shape, batch, passes(name, args.group))
+        lines.append(f"{name:5s} {machine.utilisation_line(flops, r['step_s'], r['generation_s'], roof.peak)}")
+    return lines
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -166,10 +191,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
+    print(machine.header(), flush=True)
+    arch = TINY if args.tiny else QWEN25_05B
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model_dir = build_checkpoint(TINY if args.tiny else QWEN25_05B, tmp / "model")
+        model_dir = build_checkpoint(arch, tmp / "model")
         results = {"sspo": run_sspo(model_dir, args, tmp / "sspo"), "trl": run_trl(model_dir, args, tmp)}
+        limit = utilisation_lines(model_dir, arch, args, results)
     print(f"{args.prompts} x {args.group} samples, {args.new_tokens} new tokens, {args.precision} on {args.device}")
     for name, r in results.items():
         mem = "n/a" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f} GiB"
@@ -177,6 +205,7 @@ def main(argv=None) -> None:
               f"(generation {r['generation_s']:6.2f} s, training {r['training_s']:6.2f} s)  peak GPU {mem}")
     s, t = results["sspo"], results["trl"]
     print(f"ratio sspo/TRL: {s['completion_tokens_per_s'] / t['completion_tokens_per_s']:.2f}x tokens/s")
+    print("\n".join(limit))
     if args.json:
         args.json.write_text(json.dumps({**results, "device": args.device, "precision": args.precision}, indent=1))
 

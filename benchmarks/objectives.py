@@ -11,6 +11,7 @@ import statistics
 import time
 import warnings
 
+import machine
 import torch
 
 from sspo_analysis.objectives import get_objective, objective_names
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine.header(), flush=True)
     gen = torch.Generator().manual_seed(0)
     b, t = args.batch, args.length
     log_prob = -torch.rand(b, t, generator=gen) * 3

@@ -15,6 +15,8 @@ import os
 import time
 import warnings
 
+import machine
+
 from sspo_analysis.training.sandbox import grade_many, run_python
 
 TESTS = "assert f(1) == 3\nassert f(2) == 5\nassert f(4) == 9\n"
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
+    print(machine.header(), flush=True)
     batch = programs(args.n)
     warnings.filterwarnings("ignore", "sandbox 'unsafe-process'")
     measured = {sandbox: throughput(batch, args.workers, sandbox) for sandbox in ("bwrap", "unsafe-process")}

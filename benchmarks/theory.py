@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 
+import machine
 import numpy as np
 import torch
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--mc-samples", type=int, default=8192, help="Monte Carlo sequences per point")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine.header(), flush=True)
 
     frame = full_grid()  # warm-up (imports, caches)
     times = []

@@ -25,6 +25,18 @@ forking parent's peak across ``exec``).
 The random-init model rarely emits ``<eos>``, so the 64- and 128-token rows are
 decode-dominated, long-response work.
 
+The output starts with the machine (:func:`machine.header`: CPU model, cores, the kernels torch
+dispatches to) and the float32 matrix-product rate measured in this process on the tiny model's
+own shapes (:func:`machine.roofline`, the larger of MKL's and oneDNN's). Each row then gives each
+trainer's model-FLOPs utilisation against that rate: FLOPs per step (:func:`machine.step_flops`:
+one sampling forward, the log-prob forwards it runs, one forward and backward over the batch; this
+trainer prefills each prompt once per group, trains it once per update (:data:`PASSES`) and reads
+the old log-probs from sampling,
+TRL processes each prompt once per completion and runs one old log-prob forward, since its
+generation and optimiser steps are misaligned) divided by step time, over the whole step
+(``utilisation``), the generation stage (``sampling``: this trainer's ``generation_time``; TRL's
+generate-grade-score stage, its old log-prob forward included) and the rest (``training``).
+
     python benchmarks/trainer_vs_trl.py [--steps 8] [--threads 1] [--runs 3] [--long 64,128] [--price]
                                         [--no-memory] [--kernels fast|exact]
 """
@@ -39,16 +51,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import machine
 import torch
 
 P, G, UPDATES = 8, 8, 2
 MEASUREMENTS = ("algo.track_kl_ref", "log.entropy_taylor", "log.entropy_change")
 
 
+ROOFLINE_ROWS = 640
+"""Rows of the products the roofline is measured on: about the tokens of one update's minibatch."""
+
+
+PASSES = {"sspo": machine.Passes(sampling_prompt_runs=1, training_prompt_runs=UPDATES, logprob=0),
+          "TRL": machine.Passes(sampling_prompt_runs=G, training_prompt_runs=G, logprob=1)}
+"""Per step: this trainer prefills each prompt once per group, runs it once in each update's minibatch (rows
+are shuffled, so each of the two minibatches of 32 holds nearly all 8 prompts) and keeps the sampling
+log-probs; TRL runs every row in full and one old log-prob forward (its generation and optimiser steps are
+misaligned)."""
+
+
 @dataclass
 class Result:
     sequences_per_s: float
     tokens_per_s: float
+    step_s: float  # wall-clock seconds per step after the first, the time sequences/s is measured over
+    generation_s: float  # the generation stage's share of it
+    completion_len: float  # mean completion tokens per sequence, up to and including <eos>
 
 
 def child_peak_rss_mib(trainer: str, args, new_tokens: int) -> float:
@@ -86,7 +114,8 @@ def run_ours(steps: int, threads: int, new_tokens: int, out: Path, measures: tup
     later = df.iloc[1:]  # the first step is warm-up
     seconds = float(later.wall_time.iloc[-1] - df.wall_time.iloc[0])
     tokens = float(later.response_length.sum()) * P * G
-    return Result(len(later) * P * G / seconds, tokens / seconds)
+    return Result(len(later) * P * G / seconds, tokens / seconds, seconds / len(later),  # as sequences/s is
+                  float(later.generation_time.mean()), float(later.response_length.mean()))
 
 
 def _trl_setup(steps: int, new_tokens: int, tmp: Path):
@@ -134,17 +163,47 @@ def run_trl(steps: int, threads: int, new_tokens: int, tmp: Path) -> Result:
     )
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok, callbacks=[Clock()])
+    generation = machine.time_calls(trainer, "_generate_and_score_completions")  # old log-probs included
     trainer.train()
     # one entry per optimiser step; a rollout batch every UPDATES steps, the first one is warm-up
     seconds = times[-1] - times[UPDATES - 1]
-    return Result((steps - 1) * P * G / seconds, sum(counts[1:steps]) / seconds)
+    tokens = sum(counts[1:steps])
+    return Result((steps - 1) * P * G / seconds, tokens / seconds, seconds / (steps - 1),
+                  sum(generation[1:steps]) / (steps - 1), tokens / ((steps - 1) * P * G))
 
 
-def _line(name: str, r: Result) -> str:
-    return f"{name:<5}{r.sequences_per_s:7.1f} seq/s {r.tokens_per_s:7.0f} tok/s"
+@dataclass(frozen=True)
+class Limit:
+    """What utilisation is measured against: the tiny model's shape, its mean prompt length, the roofline, the CPU."""
+
+    shape: machine.Shape
+    prompt_len: float
+    roofline: machine.Roofline
+    cpu: str
 
 
-def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
+def measure_limit() -> Limit:
+    """The tiny preset's :class:`machine.Shape`, the task's mean prompt length and the roofline on its shapes."""
+    from sspo_analysis.training.models import load_model
+
+    model, tok = load_model("tiny", seed=0)
+    shape = machine.Shape.of(model.config)
+    return Limit(shape, machine.mean_prompt_tokens(tok), machine.roofline(shape.product_shapes(ROOFLINE_ROWS)),
+                 machine.cpu_model())
+
+
+def utilisation_text(r: Result, limit: Limit, trainer: str) -> str:
+    """``utilisation NN% (sampling NN%, training NN%)`` of a trainer's step (see the module docstring)."""
+    f = machine.step_flops(limit.shape, machine.Batch(P, G, limit.prompt_len, r.completion_len), PASSES[trainer])
+    return machine.utilisation_line(f, r.step_s, r.generation_s, limit.roofline.peak)
+
+
+def _line(name: str, r: Result, limit: Limit) -> str:
+    return (f"{name:<5}{r.sequences_per_s:7.1f} seq/s {r.tokens_per_s:7.0f} tok/s "
+            f"{utilisation_text(r, limit, name)}")
+
+
+def compare(args, new_tokens: int, runs: int, tmp: Path, limit: Limit) -> None:
     """``runs`` interleaved TRL / sspo runs at ``new_tokens``, one line each with the ratio."""
     for i in range(runs):
         d = tmp / f"n{new_tokens}_r{i}"
@@ -155,8 +214,8 @@ def compare(args, new_tokens: int, runs: int, tmp: Path) -> None:
             ours = run_ours(args.steps, args.threads, new_tokens, d / "ours", kernels=args.kernels)
             trl = run_trl(args.steps, args.threads, new_tokens, d)
         print(f"[{new_tokens:3d} new tokens, run {i + 1}] ratio {ours.sequences_per_s / trl.sequences_per_s:.2f}x "
-              f"seq/s, {ours.tokens_per_s / trl.tokens_per_s:.2f}x tok/s | {_line('TRL', trl)} | "
-              f"{_line('sspo', ours)}", flush=True)
+              f"seq/s, {ours.tokens_per_s / trl.tokens_per_s:.2f}x tok/s | {_line('TRL', trl, limit)} | "
+              f"{_line('sspo', ours, limit)} | {limit.cpu}", flush=True)
     if args.memory:
         trl_mib, ours_mib = child_peak_rss_mib("trl", args, new_tokens), child_peak_rss_mib("ours", args, new_tokens)
         print(f"[{new_tokens:3d} new tokens, memory] peak RSS of a process running only one trainer: "
@@ -189,11 +248,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         return _child(args)
+    print(machine.header(), flush=True)
+    limit = measure_limit()
+    print(limit.roofline.line(), flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        compare(args, 16, args.runs, tmp)
+        compare(args, 16, args.runs, tmp, limit)
         for n in [int(x) for x in args.long.split(",") if x]:
-            compare(args, n, 1, tmp)
+            compare(args, n, 1, tmp, limit)
         if args.price:
             price(args, tmp)
 

@@ -120,6 +120,8 @@ def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("machine: ") and "roofline: float32" in out.stdout
+    assert all(f"{name:5s} utilisation " in out.stdout for name in ("sspo", "trl"))
     result = json.loads((tmp_path / "r.json").read_text())
     for trainer in ("sspo", "trl"):
         r = result[trainer]
