@@ -373,7 +373,7 @@ def claim_run(recorded: Any | None, cfg: Any, run: Path) -> bool:
             raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
         return True
     if (run / "DIVERGED").exists():
-        raise ValueError(f"--resume: run {str(run)!r} diverged ({diverged_reason(run)}); start a new run")
+        raise ValueError(f"--resume: run {str(run)!r} diverged ({divergence_reason(run)}); start a new run")
     done = recorded.steps if (run / "DONE").exists() else count_lines(run / "metrics.jsonl")
     refused = refused_changes(recorded, cfg, done)
     if refused:
@@ -399,7 +399,7 @@ def check_checkpoint_present(run: Path, done: int) -> None:
                          f"is written every {every}); the run cannot continue exactly; start a new run")
 
 
-def diverged_reason(run: Path) -> str:
+def divergence_reason(run: Path) -> str:
     """The reason recorded in ``RUN/DIVERGED``."""
     try:
         return str(json.loads((run / "DIVERGED").read_text()).get("reason", "no reason recorded"))

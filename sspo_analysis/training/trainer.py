@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sspo_analysis.failure import Monitor, NonFiniteError, Verdict, nonfinite_parameters
 from sspo_analysis.io import atomic_path, json_safe, write_json, write_text
 from sspo_analysis.training.config import TrainConfig, resolve_config
-from sspo_analysis.training.health import Monitor, NonFiniteError, SignalWatch, Verdict, nonfinite_parameters
+from sspo_analysis.training.health import SignalWatch
 from sspo_analysis.training.heldout import evaluate_heldout, heldout_set, keep_heldout
 from sspo_analysis.training.inputs import check_before_loading, check_chat, check_prompt_lengths
 from sspo_analysis.training.measure import (
@@ -100,7 +101,7 @@ def train(config: TrainConfig | str | Path | None = None, out_dir: str | Path | 
     The run directory is owned by this process while it trains (``RUN/.lock``; a second
     writer gets :class:`~sspo_analysis.training.runs.RunBusyError`). A run ends with
     ``DONE``, or with ``DIVERGED`` (JSON: step, kind, reason; see
-    :mod:`sspo_analysis.training.health`) when it diverges, which stops it.
+    :mod:`sspo_analysis.failure`) when it diverges, which stops it.
 
     Args:
         config: a :class:`TrainConfig`, a TOML path, or None for the defaults.
