@@ -111,7 +111,7 @@ def _train_one(objective: str, seed: int, group: str, over: list[str]) -> tuple[
 def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
     """Train whatever the plan lacks; returns one dict per run (``name, objective, seed, staleness, run_dir, done``)."""
     from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import ready_warm_start, warm_start_dir
+    from sspo_analysis.training.warm_start import ready_warm_start, warm_start_dir
 
     specs = plan(ctx)
     root = runs_root(ctx)

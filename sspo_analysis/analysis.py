@@ -15,26 +15,37 @@ entropy-reward law fit (:func:`fit_entropy_reward`), the entropy-mechanism
 agreement (:func:`entropy_agreement`), the bias-variance frontier's error
 (:func:`frontier_errors`, :func:`lowest_mse`, :func:`frontier_summary`) and the
 theory on logged log-ratios (:func:`predict_from_log_ratios`) live here, below
-``paper_figures`` and the notebooks, which only draw them.
+``paper_figures`` and the notebooks, which only draw them. Whether a run failed (the
+summaries' ``diverged``, the stability study's :func:`instability`) is decided by
+:mod:`sspo_analysis.failure`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# What failed is defined once, in sspo_analysis.failure: the run summaries use its "diverged" and final reward, and
+# the stability study reads its verdict (instability) and the constants it states through this module.
+from sspo_analysis.failure import (  # noqa: F401
+    ENTROPY_COLLAPSE_FRACTION,
+    ENTROPY_COLLAPSE_STEPS,
+    REWARD_COLLAPSE_FRACTION,
+    REWARD_SMOOTHING,
+    SOLVED_REWARD,
+    diverged,
+    final_mean,
+    instability,
+    smoothed_reward,
+)
 
 SPIKE_FACTOR = 3.0
 """A grad-norm spike exceeds this many times the median of the previous :data:`SPIKE_WINDOW` steps."""
 SPIKE_WINDOW = 10
 SPIKE_WARMUP = 3
 """The first steps have too little history to judge a spike."""
-FINAL_FRACTION = 0.2
-"""Final reward and end entropy are means over the last 20 % of steps (at least one step)."""
-COLLAPSE_FRACTION = 0.5
-"""A run whose final reward falls below this fraction of its initial reward collapsed."""
 PREDICTION_KINDS = ("empirical", "lognormal")
 """How :func:`predict_from_log_ratios` models the logged log-ratios: as they are, or by two moments."""
 
@@ -60,41 +71,12 @@ def spike_count(grad_norm: Sequence[float], factor: float = SPIKE_FACTOR, window
     return count
 
 
-def final_mean(values: Sequence[float], fraction: float = FINAL_FRACTION) -> float:
-    """Mean over the last ``fraction`` of the values (at least one); NaN for no values."""
-    v = np.asarray(values, dtype=float)
-    k = max(1, int(round(len(v) * fraction)))
-    return float(np.nanmean(v[-k:])) if len(v) else float("nan")
-
-
 def mean_height(values: Sequence[float]) -> float:
     """Area under the curve over unit steps (trapezoid rule) divided by its span: runs of any length compare."""
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return float(v[0]) if len(v) else float("nan")
     return float((v[:-1] + v[1:]).sum() / 2 / (len(v) - 1))
-
-
-def diverged(run: Mapping[str, Any], steps: Any) -> bool:
-    """Whether a run diverged, from its record and its per-step metrics ``steps`` (a DataFrame, sorted by step).
-
-    It diverged if the trainer marked it so (``RUN/DIVERGED``, when the record has a
-    ``run_dir``; see :mod:`sspo_analysis.training.health`), did not finish, logged a
-    non-finite reward, entropy or loss, skipped updates for non-finite values, or its final
-    reward fell below :data:`COLLAPSE_FRACTION` of its initial reward (the mean of its first three steps).
-    """
-    run_dir = run.get("run_dir")
-    if run_dir is not None and (Path(run_dir) / "DIVERGED").exists():
-        return True
-    if not run.get("done", False) or steps.empty:
-        return True
-    for key in ("reward_mean", "entropy", "loss"):
-        if key in steps and not np.isfinite(steps[key].to_numpy(dtype=float)).all():
-            return True
-    if "skipped_updates" in steps and steps.skipped_updates.fillna(0).sum() > 0:
-        return True
-    start = float(np.mean(steps.reward_mean.to_numpy(dtype=float)[:3]))
-    return bool(start > 0 and final_mean(steps.reward_mean) < COLLAPSE_FRACTION * start)
 
 
 def summarise_run(run: Mapping[str, Any], steps: Any) -> dict[str, Any]:
@@ -360,88 +342,3 @@ def predict_from_log_ratios(objective: str, params: Mapping[str, Any],
         out[f"{kind}_var_coefficient"] = float(np.mean([v[0] for v in vals])) if vals else float("nan")
         out[f"{kind}_dead_fraction"] = float(np.mean([v[1] for v in vals])) if vals else float("nan")
     return out
-
-
-# --------------------------------------------------------------------------- instability (the stability study)
-
-REWARD_SMOOTHING = 3
-"""Instability is judged on the reward's rolling mean over this many steps (one noisy batch is not a collapse)."""
-REWARD_COLLAPSE_FRACTION = 0.5
-"""Reward collapse: the smoothed reward ends below this fraction of its running peak and never climbs back."""
-ENTROPY_COLLAPSE_FRACTION = 0.1
-"""Entropy collapse: the token entropy falls below this fraction of its first step's value ..."""
-ENTROPY_COLLAPSE_STEPS = 3
-"""... for this many consecutive steps, while the reward is below :data:`SOLVED_REWARD`."""
-SOLVED_REWARD = 0.9
-"""A policy this good may be deterministic: its low entropy is not a collapse."""
-INSTABILITY_KINDS = ("trainer", "reward_collapse", "entropy_collapse")
-"""Criteria of :func:`instability`, in the order they are reported when two trip at the same step."""
-
-
-def instability(steps: Any, trainer_verdict: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """When, and how, a run became unstable: the one definition of the stability study.
-
-    ``steps`` is the run's per-step metrics (``step``, ``reward_mean``, ``entropy``; a
-    DataFrame sorted by step) and ``trainer_verdict`` the trainer's ``RUN/DIVERGED``
-    record (``{"step", "kind", "reason"}``) or ``None``. A run is unstable at the
-    first step where one of these holds:
-
-    - ``trainer``: the trainer stopped it (a non-finite reward, entropy or parameter,
-      most updates skipped for a non-finite loss, or entropy below 1e-3 nats; see
-      :mod:`sspo_analysis.training.health`);
-    - ``reward_collapse``: the reward's rolling mean over :data:`REWARD_SMOOTHING` steps
-      falls below :data:`REWARD_COLLAPSE_FRACTION` of its running peak and stays below it
-      to the end of the run (the step reported is where it fell for the last time);
-    - ``entropy_collapse``: the token entropy stays below :data:`ENTROPY_COLLAPSE_FRACTION`
-      of its first step's value for :data:`ENTROPY_COLLAPSE_STEPS` consecutive steps while
-      the reward is below :data:`SOLVED_REWARD` (deterministic before the task is solved).
-
-    Grad-norm spikes are counted (:func:`spike_count`) but are not instability: a clipped
-    spike that the run survives is not a failure. Returns ``unstable``, ``step_unstable``
-    (``None`` when stable), ``kind`` (one of :data:`INSTABILITY_KINDS`, or ``""``).
-    """
-    found: list[tuple[int, int]] = []  # (step, criterion index)
-    if trainer_verdict is not None:
-        found.append((int(trainer_verdict.get("step") or 0), 0))
-    if len(steps):
-        step = steps.step.to_numpy(dtype=int)
-        reward = steps.reward_mean.to_numpy(dtype=float)
-        for index, at in ((1, _reward_collapse(reward)),
-                          (2, _entropy_collapse(steps.entropy.to_numpy(dtype=float), reward))):
-            if at is not None:
-                found.append((int(step[at]), index))
-    if not found:
-        return {"unstable": False, "step_unstable": None, "kind": ""}
-    at, index = min(found)
-    return {"unstable": True, "step_unstable": at, "kind": INSTABILITY_KINDS[index]}
-
-
-def smoothed_reward(reward: Sequence[float]) -> np.ndarray:
-    """The reward's rolling mean over :data:`REWARD_SMOOTHING` steps (fewer at the start; NaN steps skipped)."""
-    import pandas as pd
-
-    return pd.Series(np.asarray(reward, dtype=float)).rolling(REWARD_SMOOTHING, min_periods=1).mean().to_numpy()
-
-
-def _reward_collapse(reward: np.ndarray) -> int | None:
-    """Index of the step from which the smoothed reward stays below the collapse line of its running peak."""
-    smooth = smoothed_reward(reward)
-    peak = np.fmax.accumulate(np.where(np.isfinite(smooth), smooth, -np.inf))
-    below = ~(smooth >= REWARD_COLLAPSE_FRACTION * peak)  # NaN counts as below
-    if len(below) == 0 or not below[-1] or peak[-1] <= 0:
-        return None
-    above = np.flatnonzero(~below)
-    return int(above[-1] + 1) if above.size else 0
-
-
-def _entropy_collapse(entropy: np.ndarray, reward: np.ndarray) -> int | None:
-    """Index of the first step of :data:`ENTROPY_COLLAPSE_STEPS` low-entropy unsolved steps in a row."""
-    if len(entropy) == 0 or not np.isfinite(entropy[0]) or entropy[0] <= 0:
-        return None
-    low = (entropy < ENTROPY_COLLAPSE_FRACTION * entropy[0]) & (reward < SOLVED_REWARD)
-    run = 0
-    for i, flag in enumerate(low):
-        run = run + 1 if flag else 0
-        if run == ENTROPY_COLLAPSE_STEPS:
-            return i - ENTROPY_COLLAPSE_STEPS + 1
-    return None

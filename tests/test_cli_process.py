@@ -154,7 +154,7 @@ def test_every_entry_point_finds_the_warm_start_in_one_cache(tmp_path, monkeypat
     from paper_figures.experiments import overrides
     from sspo_analysis.study import PLANS
     from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import warm_start_dir
+    from sspo_analysis.training.warm_start import warm_start_dir
 
     monkeypatch.setenv("SSPO_CACHE", str(tmp_path))
     figures = warm_start_dir(load_config(None, overrides(Context(quick=False).settings, 0)))
@@ -169,7 +169,7 @@ def test_every_entry_point_finds_the_warm_start_in_one_cache(tmp_path, monkeypat
 
 
 def test_warm_start_progress_is_plain_lines_in_a_log(capsys, monkeypatch):
-    from sspo_analysis.training.trainer import WarmStartProgress
+    from sspo_analysis.training.warm_start import WarmStartProgress
 
     monkeypatch.setattr(WarmStartProgress, "LOG_SECONDS", 0.0)
     with WarmStartProgress(True, 50) as bar:  # pytest's captured output is not a terminal: a log
@@ -183,7 +183,7 @@ def test_warm_start_progress_is_plain_lines_in_a_log(capsys, monkeypatch):
 
 
 def test_the_last_evaluation_is_logged_even_inside_the_interval(capsys):
-    from sspo_analysis.training.trainer import WarmStartProgress
+    from sspo_analysis.training.warm_start import WarmStartProgress
 
     with WarmStartProgress(True, 100) as bar:
         bar.update(25, "success 0.10")

@@ -26,7 +26,8 @@ from sspo_analysis.training.models import (
     load_tokenizer,
 )
 from sspo_analysis.training.rollout import format_prompts
-from sspo_analysis.training.trainer import build_policy, make_task_from, train
+from sspo_analysis.training.tasks import make_task_from
+from sspo_analysis.training.trainer import build_policy, train
 
 FAST = ["model.warm_start=false", "rollout.prompts=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
         "log.log_ratios_every=0", "log.progress=false", "log.entropy_taylor=false", "steps=1", "threads=1"]

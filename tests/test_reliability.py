@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from sspo_analysis.cli import main
+from sspo_analysis.failure import ENTROPY_COLLAPSE_NATS, ENTROPY_COLLAPSE_STEPS, assess
 from sspo_analysis.training import load_config, read_metrics, sweep, train
-from sspo_analysis.training.health import ENTROPY_COLLAPSE_NATS, ENTROPY_COLLAPSE_STEPS, assess
 from sspo_analysis.training.runs import LOCK_NAME, RunBusyError, run_lock
 from sspo_analysis.training.trainer import TIMING_KEYS
 
@@ -251,7 +251,7 @@ def test_a_run_whose_updates_are_all_skipped_is_marked_diverged(tmp_path, monkey
         train(None, out, resume=True)
     import pandas as pd
 
-    from sspo_analysis.analysis import diverged
+    from sspo_analysis.failure import diverged
 
     healthy = pd.DataFrame({"step": [1, 2, 3, 4], "reward_mean": [0.5] * 4, "entropy": [1.0] * 4,
                             "loss": [0.1] * 4, "skipped_updates": [0] * 4})

@@ -414,7 +414,7 @@ def test_trainer_keeps_going_when_rewards_raise(tmp_path, monkeypatch, one_threa
 
 def test_config_fields_of_the_new_tasks(tmp_path):
     from sspo_analysis.training.config import load_config
-    from sspo_analysis.training.trainer import make_task_from
+    from sspo_analysis.training.tasks import make_task_from
 
     cfg = load_config(None, ['task.name="synthesis"'])
     assert isinstance(make_task_from(cfg), Synthesis) and make_task_from(cfg).grader == "tests-all"
@@ -522,7 +522,7 @@ def test_trl_code_reward_in_a_three_step_grpo_run(tmp_path):
 def test_a_missing_bubblewrap_is_said_once_and_refused_without_opt_in(monkeypatch, tmp_path):
     from sspo_analysis.integrations.rewards import compute_score, make_code_reward
     from sspo_analysis.training.config import load_config
-    from sspo_analysis.training.trainer import make_task_from
+    from sspo_analysis.training.tasks import make_task_from
 
     monkeypatch.setenv("PATH", str(tmp_path))  # the real probe, on a PATH without bwrap
     assert sandbox.bwrap_problem.__wrapped__() == "the bwrap command is not on PATH"

@@ -128,7 +128,7 @@ def test_datasets_is_imported_only_when_a_parquet_or_saved_task_is_loaded(format
     code = ("import sys, contextlib, io\n"
             "from sspo_analysis.cli import main\n"
             "from sspo_analysis.training.config import load_config\n"
-            "from sspo_analysis.training.trainer import make_task_from\n"
+            "from sspo_analysis.training.tasks import make_task_from\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    main(['config', 'show'])\n"
             "make_task_from(load_config(None, []))\n" + load(GSM8K) +

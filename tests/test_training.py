@@ -303,17 +303,17 @@ def test_sweep_skips_finished_and_survives_a_crash(tmp_path, monkeypatch):
     runs = sweep(["grpo", "sapo"], [0], None, tmp_path, over)
     assert [r.name for r in runs] == ["grpo_seed0", "sapo_seed0"]
     mtime = (runs[0] / "metrics.jsonl").stat().st_mtime_ns
-    import sspo_analysis.training.trainer as trainer
+    import sspo_analysis.training.sweeps as sweeps
 
-    original = trainer.train
+    original = sweeps.train
 
     def crash_on_gspo(cfg, out_dir, **kw):
         if "gspo" in str(out_dir):
             raise RuntimeError("boom")
         return original(cfg, out_dir, **kw)
 
-    monkeypatch.setattr(trainer, "train", crash_on_gspo)
-    runs = trainer.sweep(["grpo", "gspo", "sapo", "gmpo"], [0], None, tmp_path, over)
+    monkeypatch.setattr(sweeps, "train", crash_on_gspo)
+    runs = sweeps.sweep(["grpo", "gspo", "sapo", "gmpo"], [0], None, tmp_path, over)
     assert [r.name for r in runs] == ["grpo_seed0", "sapo_seed0", "gmpo_seed0"]
     assert (tmp_path / "gspo_seed0" / "FAILED").read_text().count("boom")
     assert (runs[0] / "metrics.jsonl").stat().st_mtime_ns == mtime  # skipped, not re-run
@@ -334,7 +334,7 @@ def warm_1digit(tmp_path_factory) -> list[str]:
 
 def test_warm_started_grpo_improves_reward(tmp_path, warm_1digit):
     from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import ensure_warm_start
+    from sspo_analysis.training.warm_start import ensure_warm_start
 
     cfg = load_config(None, warm_1digit)
     info = json.loads((ensure_warm_start(cfg) / "warm_start.json").read_text())

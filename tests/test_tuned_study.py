@@ -154,7 +154,7 @@ def test_accuracy_at_equal_movement_interpolates_along_cumulative_kl():
 
 def test_each_shipped_warm_start_is_the_one_its_recorded_config_asks_for():
     from sspo_analysis.training.config import _from_dict
-    from sspo_analysis.training.trainer import SHIPPED_WARM_STARTS, ensure_warm_start, warm_start_dir
+    from sspo_analysis.training.warm_start import SHIPPED_WARM_STARTS, ensure_warm_start, warm_start_dir
 
     shipped = sorted(p for p in SHIPPED_WARM_STARTS.iterdir() if p.is_dir())
     assert len(shipped) >= 3
@@ -166,7 +166,7 @@ def test_each_shipped_warm_start_is_the_one_its_recorded_config_asks_for():
 
 def test_the_study_and_the_figures_start_from_shipped_warm_starts():
     from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import shipped_warm_start
+    from sspo_analysis.training.warm_start import shipped_warm_start
 
     for ws in FULL_TUNED.warm_starts:
         run = TunedRun(FULL_TUNED.arms[0], "addition", 1e-4, 2, ws, 0, "eval")

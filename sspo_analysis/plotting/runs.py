@@ -23,7 +23,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> list[Path]:
     from matplotlib.figure import Figure  # not pyplot: no figure manager, and the caller's backend is left alone
 
     from sspo_analysis.plotting import style
-    from sspo_analysis.training.trainer import read_metrics
+    from sspo_analysis.training.readers import read_metrics
 
     for run in runs:
         if not (Path(run) / "metrics.jsonl").exists():

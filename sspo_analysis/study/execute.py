@@ -28,7 +28,7 @@ Report = Callable[[str], None]
 def warm_start(overrides: list[str]) -> str:
     """Job: the cached warm start of the config ``overrides`` describe (made if missing); returns its path."""
     from sspo_analysis.training import load_config
-    from sspo_analysis.training.trainer import ensure_warm_start
+    from sspo_analysis.training.warm_start import ensure_warm_start
 
     # On a terminal the parent's display shows this phase; in a log, the warm start's own lines do.
     return str(ensure_warm_start(load_config(None, overrides), progress=not sys.stderr.isatty()))
@@ -55,7 +55,7 @@ def run_state(run: Path) -> str:
 
 def validate(plan: Plan, root: Path) -> None:
     """Every run's settings are valid and every existing run can be reused, before any work starts."""
-    from sspo_analysis.training.trainer import check_sweep
+    from sspo_analysis.training.sweeps import check_sweep
 
     for spec in plan.runs():
         run = spec.run_dir(root / "runs")

@@ -9,7 +9,10 @@ from sspo_analysis.lazy import lazy_exports
 
 _MODULES = {
     "sspo_analysis.training.config": ("TrainConfig", "load_config"),
-    "sspo_analysis.training.trainer": ("pretrain", "read_log_ratios", "read_metrics", "sweep", "train"),
+    "sspo_analysis.training.readers": ("read_log_ratios", "read_metrics"),
+    "sspo_analysis.training.sweeps": ("sweep",),
+    "sspo_analysis.training.trainer": ("train",),
+    "sspo_analysis.training.warm_start": ("pretrain",),
 }
 __all__ = sorted(n for names in _MODULES.values() for n in names)
 __getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})

@@ -60,7 +60,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     import json
 
     from sspo_analysis.training.config import load_config
-    from sspo_analysis.training.trainer import ensure_warm_start, pretrain
+    from sspo_analysis.training.warm_start import ensure_warm_start, pretrain
 
     cfg = load_config(args.config, args.overrides)
     progress = False if args.no_progress else None
@@ -72,8 +72,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from sspo_analysis.training.health import no_signal
+    from sspo_analysis.training.readers import read_metrics
     from sspo_analysis.training.runs import RunInterrupted
-    from sspo_analysis.training.trainer import read_metrics, train
+    from sspo_analysis.training.trainer import train
 
     progress = False if args.no_progress else None
     if args.resume and args.config:
@@ -104,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from sspo_analysis.training.trainer import sweep
+    from sspo_analysis.training.sweeps import sweep
 
     runs = sweep(args.objectives, args.seeds, args.config, args.out, args.overrides, tag=args.tag,
                  progress=False if args.no_progress else None, rerun=args.rerun)

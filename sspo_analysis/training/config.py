@@ -468,3 +468,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for key, value in fields.items():
         _set(cfg, key.replace("__", "."), value, "")
     return cfg.validate()
+
+
+def resolve_config(config: TrainConfig | str | Path | None, overrides) -> TrainConfig:
+    """A validated config from a TrainConfig, a TOML path or None (defaults), with overrides on top."""
+    if isinstance(config, TrainConfig):
+        if overrides:
+            return load_config(None, flatten_overrides(config) + list(overrides))
+        return config.validate()
+    return load_config(config, list(overrides or ()))
+
+
+def flatten_overrides(cfg: TrainConfig) -> list[str]:
+    """A config as ``section.field=value`` strings (to re-apply overrides on top of a TrainConfig)."""
+    import tomli_w
+
+    out = []
+    for section, value in cfg.to_dict().items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for k, v in items:
+            key = f"{section}.{k}" if k is not None else section
+            out.append(f"{key}={tomli_w.dumps({'v': v})[4:].strip()}")
+    return out

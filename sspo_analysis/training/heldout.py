@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sspo_analysis.io import write_text
+from sspo_analysis.training.runs import temp_path
 from sspo_analysis.training.tasks import Task
 
 HELDOUT_SEED = 20_260_219
@@ -126,3 +128,13 @@ def read_heldout(run_dir: str | Path):
             raise ValueError(f"{path}, line {number}: not a JSON object ({err}); the run's held-out record is "
                              "damaged") from err
     return pd.DataFrame(rows)
+
+
+def keep_heldout(path: Path, last_step: int) -> None:
+    """Drop the held-out rows after ``last_step`` (written after the checkpoint a resume goes back to)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        write_text(path, "".join(line + "\n" for line in kept), temp_path(path))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sspo_analysis.training.config import TrainConfig
+    from sspo_analysis.training.tasks import Task
 
 
 def _records(task: Any) -> tuple[list[str], list[str]]:
@@ -70,3 +76,32 @@ def check_prompt_lengths(task: Any, tokenizer: Any, context: int, max_new_tokens
         raise ValueError(f"task.path: {len(too_long)} of {len(prompts)} prompts are longer than {limit} tokens "
                          f"(the model's context {context} minus rollout.max_new_tokens {max_new_tokens}); "
                          f"the longest has {max(too_long)}; shorten or drop them")
+
+
+def check_room(cfg: TrainConfig, task: Task, tokenizer) -> None:
+    """Fail early when a built-in task's answers (plus ``<eos>``) cannot fit in ``rollout.max_new_tokens``."""
+    if cfg.task.name == "code" and cfg.model.warm_start:
+        raise ValueError("model.warm_start: task 'code' has no reference solutions to warm-start from; "
+                         "set model.path (a checkpoint that writes code) or model.warm_start = false")
+    if cfg.task.name in ("jsonl", "code"):
+        return
+    _, answers = task.sample(np.random.default_rng(12345), 256)
+    need = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 1
+    if need > cfg.rollout.max_new_tokens:
+        raise ValueError(f"rollout.max_new_tokens: {cfg.rollout.max_new_tokens} is too small for task "
+                         f"{cfg.task.name!r} (answers need up to {need} tokens with <eos>); allowed: >= {need}")
+
+
+def check_before_loading(cfg: TrainConfig, task: Task) -> None:
+    """The checks made before any model loads (a warm start included): with the presets' character tokenizer, the
+    task's chat format, characters, answer room and prompt lengths; with a checkpoint told to use it, the characters."""
+    from sspo_analysis.training.models import CHARS, PRESETS, char_tokenizer
+
+    if cfg.model.path and cfg.model.tokenizer == "chars":
+        check_alphabet(task, CHARS, "task.path")
+    if not cfg.model.path:  # the character tokenizer: check before the warm start is made
+        check_chat(task, char_tokenizer(), cfg.task.chat_template)
+        check_alphabet(task, CHARS, "task.path")
+        check_room(cfg, task, char_tokenizer())
+        check_prompt_lengths(task, char_tokenizer(), PRESETS[cfg.model.preset]["max_position_embeddings"],
+                             cfg.rollout.max_new_tokens)

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sspo_analysis.failure import NonFiniteError
 from sspo_analysis.primitives import entropy_from_logits
 from sspo_analysis.training import lean
-from sspo_analysis.training.health import NonFiniteError
 
 Tensor = torch.Tensor
 

@@ -261,3 +261,12 @@ def export_run(run: str | Path) -> Path:
         except (RuntimeError, KeyError) as err:  # weights of another model
             raise damaged_checkpoint(ckpt_path, err) from err
         return save_final(run, policy, tok, checkpoint_dtype(cfg.model.path))
+
+
+def progress_bar(enabled: bool):
+    """The console's progress bar (rich) of the warm start and the RL loop: one line per task, with an ``info`` field;
+    hidden when not ``enabled``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)

@@ -9,7 +9,8 @@ by exactly one of any number of takers. The trainer's temporary files have fixed
 
 Resumes and reuse. :func:`config_changes` lists the fields in which two configs differ;
 :func:`refused_changes` the ones that would change what the run *means* (everything but
-:data:`HONOURED_FIELDS`, the log settings and ``steps`` under a constant schedule).
+:data:`HONOURED_FIELDS`, the log settings and ``steps`` under a constant schedule); :func:`claim_run` decides,
+under the lock, whether a new run or a resume may go on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from sspo_analysis.io import atomic_path
 
 MIN_FREE_BYTES = 256 * 2**20
 """Below this free space an output directory gets a warning (a tiny-preset checkpoint is a few MB, a 0.5B model's
@@ -360,3 +363,57 @@ def is_file_error(err: BaseException) -> bool:
     """Whether ``err`` is a file-system error a user can fix (disk full, read-only, permissions, missing path)."""
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
                                                      errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT)
+
+
+def claim_run(recorded: Any | None, cfg: Any, run: Path) -> bool:
+    """Under the lock: whether there is work to do in ``run`` (ValueError if the request cannot be honoured)."""
+    remove_leftovers(run)  # our own temporary files, left by a process killed mid-write; we own the run now
+    if recorded is None:
+        if (run / "metrics.jsonl").exists() or (run / "checkpoint").exists():
+            raise ValueError(f"out: {str(run)!r} already holds a run; use --resume or another directory")
+        return True
+    if (run / "DIVERGED").exists():
+        raise ValueError(f"--resume: run {str(run)!r} diverged ({divergence_reason(run)}); start a new run")
+    done = recorded.steps if (run / "DONE").exists() else count_lines(run / "metrics.jsonl")
+    refused = refused_changes(recorded, cfg, done)
+    if refused:
+        raise ValueError(f"--resume: run {str(run)!r} cannot change {'; '.join(refused)} (it would change what "
+                         "the run means); start a new run in another directory")
+    if (run / "DONE").exists():
+        if cfg.steps <= recorded.steps:
+            return False
+        if not (run / "checkpoint" / "state.pt").is_file():
+            raise ValueError(f"--resume: run {str(run)!r} has no checkpoint to extend from; start a new run")
+    check_checkpoint_present(run, done)
+    return True
+
+
+def check_checkpoint_present(run: Path, done: int) -> None:
+    """ValueError when ``run`` has recorded more steps than its first checkpoint comes after but has no
+    checkpoint: restarting would silently replace its metrics (a run killed before its first checkpoint
+    has none to lose and restarts exactly)."""
+    every = recorded_config(run).log.checkpoint_every  # as written, before this resume's overrides
+    ckpt = run / "checkpoint" / "state.pt"
+    if done >= every and not ckpt.exists():
+        raise ValueError(f"--resume: {str(ckpt)!r} is missing, but metrics.jsonl records {done} steps (a checkpoint "
+                         f"is written every {every}); the run cannot continue exactly; start a new run")
+
+
+def divergence_reason(run: Path) -> str:
+    """The reason recorded in ``RUN/DIVERGED``."""
+    try:
+        return str(json.loads((run / "DIVERGED").read_text()).get("reason", "no reason recorded"))
+    except (OSError, ValueError, AttributeError):
+        return "no reason recorded"
+
+
+def count_lines(path: Path) -> int:
+    """The complete lines of ``path`` (0 when it is missing): the steps a metrics file records."""
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def keep_lines(path: Path, n_lines: int) -> None:
+    """Keep the first ``n_lines`` lines of ``path`` (creating it empty if missing)."""
+    lines = path.read_bytes().splitlines(keepends=True)[:n_lines] if path.exists() else []
+    with atomic_path(path, temp_path(path)) as tmp:
+        tmp.write_bytes(b"".join(lines))

@@ -32,6 +32,15 @@ def params_of(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def run_device(cfg: TrainConfig) -> torch.device:
+    """The device ``cfg.device`` names (``auto``: CUDA when available, else the CPU); ValueError when it is absent."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but no CUDA device is available; allowed here: cpu, auto")
+    return torch.device(cfg.device)
+
+
 @dataclass
 class RunState:
     """The models, optimiser and random streams of a run: everything a step reads or advances.

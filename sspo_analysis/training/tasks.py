@@ -26,9 +26,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sspo_analysis.training.config import TrainConfig
 
 GRADERS = ("exact", "number", "math")
 """Graders of the ``jsonl`` task."""
@@ -751,3 +754,16 @@ def make_task(name: str, **params) -> Task:
     if params.get("grader") == "":
         params.pop("grader")
     return classes[name](**params)
+
+
+def make_task_from(cfg: TrainConfig) -> Task:
+    """The task ``cfg.task`` configures (:func:`make_task` with the fields its task reads)."""
+    t = cfg.task
+    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb, sandbox=t.sandbox)
+    params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length, grader=t.grader),
+              "countdown": dict(numbers=t.numbers, max_value=t.max_value),
+              "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key),
+              "code": dict(path=t.path, prompt_key=t.prompt_key, tests_key=t.tests_key,
+                           entry_point_key=t.entry_point_key, **sandbox),
+              "synthesis": sandbox}
+    return make_task(t.name, **params[t.name])
