@@ -193,3 +193,10 @@ def test_the_committed_study_is_re_derived_from_its_archive_alone(tmp_path):
     tune = set(zip(sweep[sweep.role == "tune"].warm_start, sweep[sweep.role == "tune"].seed))
     evaluation = set(zip(sweep[sweep.role == "eval"].warm_start, sweep[sweep.role == "eval"].seed))
     assert not tune & evaluation
+
+
+def test_an_update_count_can_be_tuned_for_some_arms_only():
+    plan = replace(QUICK_TUNED, tune_updates=(2, 8), start={2: (1e-4, 1e-3), 8: (1e-4, 1e-3)},
+                   tuned_arms={8: ("sspo",)})
+    wanted = wanted_runs(plan, {})
+    assert {(r.arm.label, r.updates) for r in wanted} == {("grpo", 2), ("sspo", 2), ("sspo", 8)}
