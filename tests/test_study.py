@@ -347,3 +347,23 @@ def test_spearman_permutation_p_is_small_only_for_a_real_association():
     rho, p = spearman_permutation(x, np.r_[np.zeros(10), 1.0])
     assert rho > 0 and p == pytest.approx(2 / 11, abs=0.02)  # the lone 1 at an end of x
     assert np.isnan(spearman_permutation(x, np.zeros(11))[0])
+
+
+@pytest.mark.slow
+def test_the_study_on_ray_gives_what_the_local_pool_gives(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from sspo_analysis.study.stability import stability
+
+    monkeypatch.setenv("SSPO_CACHE", str(tmp_path / "cache"))  # both executors' workers inherit it
+    stability(TINY, tmp_path / "local", jobs=2, progress=False)
+    stability(TINY, tmp_path / "ray", jobs=2, progress=False, executor="ray")
+    local = pd.read_csv(tmp_path / "local" / "stability.csv")[list(STABILITY_COLUMNS)]
+    on_ray = pd.read_csv(tmp_path / "ray" / "stability.csv")[list(STABILITY_COLUMNS)]
+    pd.testing.assert_frame_equal(local, on_ray)
+
+
+def test_an_unknown_executor_is_refused_before_any_work(tmp_path):
+    from sspo_analysis.study.pools import open_pool
+
+    with pytest.raises(ValueError, match="--executor: unknown value 'slurm'; allowed: local, ray"):
+        open_pool("slurm", 2)
