@@ -9,16 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from sspo_analysis.training import load_config, read_metrics, train
-from sspo_analysis.training.tasks import (
-    TASKS,
-    Reversal,
-    Synthesis,
-    Task,
-    make_task_from,
-    register_task,
-    unregister_task,
-)
+from sspo_analysis.training import Task, load_config, read_metrics, register_task, train
+from sspo_analysis.training.tasks import TASKS, Reversal, Synthesis, make_task_from, unregister_task
 
 FAST = ["model.preset=\"micro\"", "model.warm_start=false", "rollout.prompts=4", "rollout.group_size=4",
         "rollout.max_new_tokens=4", "log.progress=false", "threads=1", "optim.lr=1e-3", "steps=2"]

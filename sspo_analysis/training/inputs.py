@@ -86,7 +86,7 @@ def check_room(cfg: TrainConfig, task: Task, tokenizer) -> None:
     spec = task_spec(cfg.task.name)
     if not spec.references and cfg.model.warm_start:
         raise ValueError(f"model.warm_start: task {spec.name!r} has no reference solutions to warm-start from; "
-                         "set model.path (a checkpoint that writes code) or model.warm_start = false")
+                         "set model.path (a checkpoint that can already attempt it) or model.warm_start = false")
     if spec.reads_file:
         return
     _, answers = task.sample(np.random.default_rng(12345), 256)

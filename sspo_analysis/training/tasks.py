@@ -860,7 +860,7 @@ def load_records(path: str, fields: str, parse) -> tuple[list, list[str]]:
     return [p for p, _ in pairs], [a for _, a in pairs]
 
 
-_BUILTIN.update(TASKS)
+_BUILTIN.update(TASKS)  # the tasks registered above are the built-in ones: a user's cannot replace them
 
 
 def make_task(name: str, **params) -> Task:
