@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "addition"  # addition | countdown | reversal | jsonl | code | synthesis
+    name: str = "addition"  # a registered task: addition | countdown | reversal | jsonl | code | synthesis | ...
     digits: int = 2  # addition
     length: int = 5  # reversal
     numbers: int = 3  # countdown
@@ -258,23 +258,19 @@ def _check_model(cfg: TrainConfig) -> None:
 
 
 def _check_task(cfg: TrainConfig) -> None:
-    from sspo_analysis.training.sandbox import SANDBOXES
-    from sspo_analysis.training.tasks import GRADERS, TASK_GRADERS, TASKS
+    """The name, every registered task's field checks (every config holds every task's fields), then the chosen
+    task's grader and file."""
+    from sspo_analysis.training.tasks import GRADERS, TASKS, task_spec
 
     t = cfg.task
-    _choice("task.name", t.name, TASKS)
-    _number("task.digits", t.digits, 1, 9, integer=True)
-    _number("task.length", t.length, 1, 64, integer=True)
-    _number("task.numbers", t.numbers, 2, 6, integer=True)
-    _number("task.max_value", t.max_value, 1, 9999, integer=True)
-    if t.grader:
-        _choice("task.grader", t.grader, TASK_GRADERS.get(t.name, GRADERS))
-    if t.name in ("jsonl", "code") and not (t.path and (Path(t.path).is_file() or Path(t.path).is_dir())):
+    spec = task_spec(t.name)
+    for check in dict.fromkeys(s.check for s in TASKS.values() if s.check):  # code and synthesis share one
+        check(t)
+    if t.grader:  # a task without graders of its own accepts the jsonl ones, and ignores them, as before
+        _choice("task.grader", t.grader, spec.graders or GRADERS)
+    if spec.reads_file and not (t.path and (Path(t.path).is_file() or Path(t.path).is_dir())):
         raise ValueError(f"task.path: {t.path!r} is not a file or a directory; task.name = {t.name!r} needs a local "
                          "JSONL, JSON or parquet file, or a datasets save_to_disk directory")
-    _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
-    _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
-    _choice("task.sandbox", t.sandbox, SANDBOXES)
 
 
 def _check_warm_start(cfg: TrainConfig) -> None:

@@ -79,11 +79,15 @@ def check_prompt_lengths(task: Any, tokenizer: Any, context: int, max_new_tokens
 
 
 def check_room(cfg: TrainConfig, task: Task, tokenizer) -> None:
-    """Fail early when a built-in task's answers (plus ``<eos>``) cannot fit in ``rollout.max_new_tokens``."""
-    if cfg.task.name == "code" and cfg.model.warm_start:
-        raise ValueError("model.warm_start: task 'code' has no reference solutions to warm-start from; "
-                         "set model.path (a checkpoint that writes code) or model.warm_start = false")
-    if cfg.task.name in ("jsonl", "code"):
+    """Fail early when a generated task's answers (plus ``<eos>``) cannot fit in ``rollout.max_new_tokens``, or
+    a warm start is asked of a task without reference solutions."""
+    from sspo_analysis.training.tasks import task_spec
+
+    spec = task_spec(cfg.task.name)
+    if not spec.references and cfg.model.warm_start:
+        raise ValueError(f"model.warm_start: task {spec.name!r} has no reference solutions to warm-start from; "
+                         "set model.path (a checkpoint that can already attempt it) or model.warm_start = false")
+    if spec.reads_file:
         return
     _, answers = task.sample(np.random.default_rng(12345), 256)
     need = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 1

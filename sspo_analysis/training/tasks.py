@@ -12,6 +12,22 @@ entry_point?}`` records graded by running the completion's code against the
 tests in :mod:`sspo_analysis.training.sandbox`; ``synthesis``: write an
 expression in ``x`` for a hidden function shown by input/output pairs, graded in
 the sandbox on held-out inputs.
+
+Every task, built in or not, is a :class:`Task` subclass registered with
+:func:`register_task`, which says which ``task.*`` config fields it reads, how
+they are checked, which graders it allows and whether it reads ``task.path``;
+:func:`make_task_from` and the config's validation go through :data:`TASKS`.
+Adding a task is one class and one decorator, in any file imported before the
+config is loaded::
+
+    @register_task("copy", fields=("length",))
+    @dataclass
+    class Copy(Task):
+        length: int = 3
+
+        def sample(self, rng, n):
+            words = ["".join(rng.choice(list("abc"), size=self.length)) for _ in range(n)]
+            return [f"{w}=" for w in words], words
 """
 
 from __future__ import annotations
@@ -23,12 +39,14 @@ import re
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from sspo_analysis.training.config import TaskConfig, _choice, _number
 
 if TYPE_CHECKING:
     from sspo_analysis.training.config import TrainConfig
@@ -39,8 +57,6 @@ TEST_GRADERS = ("tests-fraction", "tests-all")
 """Graders of the ``code`` and ``synthesis`` tasks: the fraction of tests passed, or 1 only when all pass."""
 REVERSAL_GRADERS = ("exact", "chars")
 """Graders of the ``reversal`` task: the whole string, or the fraction of characters in place."""
-TASK_GRADERS = {"jsonl": GRADERS, "code": TEST_GRADERS, "synthesis": TEST_GRADERS, "reversal": REVERSAL_GRADERS}
-"""Allowed ``task.grader`` values per task (an empty ``task.grader`` means the task's default, listed first)."""
 
 
 class Task:
@@ -68,6 +84,104 @@ class Task:
         return answer
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registry entry: how the ``task.*`` config fields make a task (see :func:`register_task`)."""
+
+    name: str
+    build: Callable[..., Task]
+    fields: dict[str, str]
+    check: Callable[[TaskConfig], None] | None = None
+    graders: tuple[str, ...] = ()
+    reads_file: bool = False
+    references: bool = True
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The fields it reads with their defaults (``TaskConfig``'s, the one place they are set)."""
+        return {f: getattr(TaskConfig(), f) for f in self.fields}
+
+
+TASKS: dict[str, TaskSpec] = {}
+"""The registered tasks by name, in the order of registration (the built-in ones first)."""
+_BUILTIN: set[str] = set()
+
+
+def register_task(name: str, *, fields: Iterable[str] | Mapping[str, str] = (),
+                  check: Callable[[TaskConfig], None] | None = None, graders: tuple[str, ...] = (),
+                  reads_file: bool = False, references: bool = True) -> Callable[[type], type]:
+    """A class decorator registering a :class:`Task` subclass (or any ``build(**params) -> Task``) as ``name``.
+
+    Args:
+        name: the ``task.name`` value that selects it.
+        fields: the ``task.*`` fields it reads (``TaskConfig``'s), passed to the class as keywords of the same
+            name; a mapping ``{field: keyword}`` renames (``{"sandbox_timeout_s": "timeout_s"}``).
+        check: ``check(cfg.task)`` raising ``ValueError`` naming the field and its allowed values. Every config
+            holds every task's fields, so every registered check runs on every config: check only the ranges
+            of the fields; checks that hold only when the task is chosen belong in the class's constructor.
+        graders: the ``task.grader`` values it allows (an empty ``task.grader`` is not passed, so the class's
+            default applies); give ``"grader"`` in ``fields`` too.
+        reads_file: its records come from ``task.path``, which must then be a file or a directory; its
+            answers are not sampled to size ``rollout.max_new_tokens``.
+        references: its answers are what a completion should write, so a supervised warm start can learn them
+            (``code``'s answers are tests: false).
+
+    A built-in name cannot be replaced; a user's is (a notebook cell run twice).
+    """
+    if name in _BUILTIN:
+        raise ValueError(f"task name: {name!r} is a built-in task; choose another name")
+    unknown = [f for f in fields if f not in TaskConfig.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"task {name!r}: unknown field(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(TaskConfig.__dataclass_fields__)}")
+    keywords = dict(fields) if isinstance(fields, Mapping) else {f: f for f in fields}
+
+    def decorator(build: type) -> type:
+        TASKS[name] = TaskSpec(name, build, keywords, check, tuple(graders), reads_file, references)
+        return build
+
+    return decorator
+
+
+def unregister_task(name: str) -> None:
+    """Remove a user task from the registry (built-ins stay)."""
+    if name in _BUILTIN:
+        raise ValueError(f"task name: {name!r} is a built-in task and cannot be removed")
+    TASKS.pop(name, None)
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The registry entry of ``name``; a ValueError listing the registered names when there is none."""
+    _choice("task.name", name, TASKS)
+    return TASKS[name]
+
+
+def _check_addition(t: TaskConfig) -> None:
+    _number("task.digits", t.digits, 1, 9, integer=True)
+
+
+def _check_countdown(t: TaskConfig) -> None:
+    _number("task.numbers", t.numbers, 2, 6, integer=True)
+    _number("task.max_value", t.max_value, 1, 9999, integer=True)
+
+
+def _check_reversal(t: TaskConfig) -> None:
+    _number("task.length", t.length, 1, 64, integer=True)
+
+
+def _check_sandbox(t: TaskConfig) -> None:
+    from sspo_analysis.training.sandbox import SANDBOXES
+
+    _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
+    _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
+    _choice("task.sandbox", t.sandbox, SANDBOXES)
+
+
+_SANDBOX_FIELDS = {"grader": "grader", "sandbox_timeout_s": "timeout_s", "sandbox_memory_mb": "memory_mb",
+                   "sandbox": "sandbox"}
+
+
+@register_task("addition", fields=("digits",), check=_check_addition)
 @dataclass
 class Addition(Task):
     """``"12+34="`` -> ``"46"``: sum of two uniformly drawn ``digits``-digit numbers."""
@@ -79,37 +193,6 @@ class Addition(Task):
         lo, hi = 10 ** (self.digits - 1) if self.digits > 1 else 0, 10**self.digits
         a, b = rng.integers(lo, hi, size=n), rng.integers(lo, hi, size=n)
         return [f"{x}+{y}=" for x, y in zip(a, b)], [str(x + y) for x, y in zip(a, b)]
-
-
-@dataclass
-class Reversal(Task):
-    """``"abcd>"`` -> ``"dcba"``: reverse a random lowercase string of ``length`` letters.
-
-    ``grader``: ``exact`` (1 for the whole string, else 0) or ``chars`` (partial credit: the
-    characters in their place, over the longer of answer and completion, so padding a
-    completion out or cutting it short both cost). ``chars`` gives a long answer a reward
-    that moves with every token, which sparse exact match does not.
-    """
-
-    length: int = 5
-    grader: str = "exact"
-    name = "reversal"
-
-    def __post_init__(self) -> None:
-        if self.grader not in REVERSAL_GRADERS:
-            raise ValueError(f"task.grader: unknown value {self.grader!r} for task 'reversal'; "
-                             f"allowed values: {', '.join(REVERSAL_GRADERS)}")
-
-    def reward(self, completion: str, answer: str) -> float:
-        got, want = completion.strip(), answer.strip()
-        if self.grader == "exact":
-            return float(got == want)
-        return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want), 1)
-
-    def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
-        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-        words = ["".join(rng.choice(letters, size=self.length)) for _ in range(n)]
-        return [f"{w}>" for w in words], [w[::-1] for w in words]
 
 
 def evaluate_expression(expr: str) -> int | None:
@@ -126,6 +209,7 @@ def evaluate_expression(expr: str) -> int | None:
     return total
 
 
+@register_task("countdown", fields=("numbers", "max_value"), check=_check_countdown)
 @dataclass
 class Countdown(Task):
     """``"3,5,7=22:"`` -> an expression such as ``"3*5+7"`` that uses the given numbers (each at most once).
@@ -163,6 +247,38 @@ class Countdown(Task):
                 return 0.0
             pool.remove(x)
         return 1.0
+
+
+@register_task("reversal", fields=("length", "grader"), check=_check_reversal, graders=REVERSAL_GRADERS)
+@dataclass
+class Reversal(Task):
+    """``"abcd>"`` -> ``"dcba"``: reverse a random lowercase string of ``length`` letters.
+
+    ``grader``: ``exact`` (1 for the whole string, else 0) or ``chars`` (partial credit: the
+    characters in their place, over the longer of answer and completion, so padding a
+    completion out or cutting it short both cost). ``chars`` gives a long answer a reward
+    that moves with every token, which sparse exact match does not.
+    """
+
+    length: int = 5
+    grader: str = "exact"
+    name = "reversal"
+
+    def __post_init__(self) -> None:
+        if self.grader not in REVERSAL_GRADERS:
+            raise ValueError(f"task.grader: unknown value {self.grader!r} for task 'reversal'; "
+                             f"allowed values: {', '.join(REVERSAL_GRADERS)}")
+
+    def reward(self, completion: str, answer: str) -> float:
+        got, want = completion.strip(), answer.strip()
+        if self.grader == "exact":
+            return float(got == want)
+        return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want), 1)
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        words = ["".join(rng.choice(letters, size=self.length)) for _ in range(n)]
+        return [f"{w}>" for w in words], [w[::-1] for w in words]
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -260,6 +376,7 @@ def _parsed_reference(verifier, answer: str, limit: int | None) -> list:
     return verifier.parse(answer, parsing_timeout=limit)
 
 
+@register_task("jsonl", fields=("path", "grader", "prompt_key", "answer_key"), graders=GRADERS, reads_file=True)
 @dataclass
 class JsonlTask(Task):
     """Records from a local data file; prompts are drawn uniformly with replacement.
@@ -464,6 +581,9 @@ class SandboxTask(Task):
                           "(further failures are counted in reward_failures)", RuntimeWarning, stacklevel=3)
 
 
+@register_task("code", fields={"path": "path", "prompt_key": "prompt_key", "tests_key": "tests_key",
+                               "entry_point_key": "entry_point_key", **_SANDBOX_FIELDS},
+               check=_check_sandbox, graders=TEST_GRADERS, reads_file=True, references=False)
 @dataclass
 class CodeTask(SandboxTask):
     """Records ``{prompt, tests, entry_point?}`` from a local JSONL file, graded by running tests in the sandbox.
@@ -524,6 +644,7 @@ _REFERENCE = re.compile(r"(?:(\d)\*)?x(\*x)?(?:\+(\d))?")
 _EXPRESSION_CHARS = set("0123456789x+-*() ")
 
 
+@register_task("synthesis", fields=_SANDBOX_FIELDS, check=_check_sandbox, graders=TEST_GRADERS)
 @dataclass
 class Synthesis(SandboxTask):
     """``"f(0)=3,f(1)=5,f(2)=7:"`` -> an expression in ``x`` such as ``"2*x+3"``: synthesise a hidden function.
@@ -739,31 +860,19 @@ def load_records(path: str, fields: str, parse) -> tuple[list, list[str]]:
     return [p for p, _ in pairs], [a for _, a in pairs]
 
 
-TASKS = ("addition", "countdown", "reversal", "jsonl", "code", "synthesis")
+_BUILTIN.update(TASKS)  # the tasks registered above are the built-in ones: a user's cannot replace them
 
 
 def make_task(name: str, **params) -> Task:
-    """Build a task by name: ``addition`` (digits), ``countdown`` (numbers, max_value),
-    ``reversal`` (length, grader), ``jsonl`` (path, grader, prompt_key, answer_key), ``code`` (path, grader,
-    prompt_key, tests_key, entry_point_key, timeout_s, memory_mb), ``synthesis`` (grader, timeout_s,
-    memory_mb). An empty ``grader`` means the task's default."""
-    classes = {"addition": Addition, "countdown": Countdown, "reversal": Reversal, "jsonl": JsonlTask,
-               "code": CodeTask, "synthesis": Synthesis}
-    if name not in classes:
-        raise ValueError(f"task.name: unknown value {name!r}; allowed values: {', '.join(TASKS)}")
+    """Build the registered task ``name`` from its parameters (the keywords its class takes; see each class).
+    An empty ``grader`` means the task's default."""
+    spec = task_spec(name)
     if params.get("grader") == "":
         params.pop("grader")
-    return classes[name](**params)
+    return spec.build(**params)
 
 
 def make_task_from(cfg: TrainConfig) -> Task:
-    """The task ``cfg.task`` configures (:func:`make_task` with the fields its task reads)."""
-    t = cfg.task
-    sandbox = dict(grader=t.grader, timeout_s=t.sandbox_timeout_s, memory_mb=t.sandbox_memory_mb, sandbox=t.sandbox)
-    params = {"addition": dict(digits=t.digits), "reversal": dict(length=t.length, grader=t.grader),
-              "countdown": dict(numbers=t.numbers, max_value=t.max_value),
-              "jsonl": dict(path=t.path, grader=t.grader, prompt_key=t.prompt_key, answer_key=t.answer_key),
-              "code": dict(path=t.path, prompt_key=t.prompt_key, tests_key=t.tests_key,
-                           entry_point_key=t.entry_point_key, **sandbox),
-              "synthesis": sandbox}
-    return make_task(t.name, **params[t.name])
+    """The task ``cfg.task`` configures (:func:`make_task` with the fields its registry entry reads)."""
+    spec = task_spec(cfg.task.name)
+    return make_task(spec.name, **{keyword: getattr(cfg.task, f) for f, keyword in spec.fields.items()})
