@@ -28,10 +28,14 @@ def _cell(row: Any, key: str, digits: int = 3) -> str:
 
 
 def _lr(x: float) -> str:
-    return f"{x:.2g}" if np.isfinite(x) else "none"
+    """A learning rate as ``2.5e-5``; ``none`` for NaN."""
+    if not np.isfinite(x):
+        return "none"
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def answer(best: Any, comps: Any, task: str, updates: int) -> list[str]:
+def answer(best: Any, comps: Any, movement: Any, task: str, updates: int) -> list[str]:
     """The lead: which arms differ from grpo at their own rates, on held-out accuracy, movement and stability."""
     b = best[(best.task == task) & (best.updates == updates)]
     c = comps[(comps.task == task) & (comps.updates == updates) & (comps.reference == "grpo")]
@@ -61,6 +65,11 @@ def answer(best: Any, comps: Any, task: str, updates: int) -> list[str]:
                      f"{_rates(hard)}.")
         lines.append(f"- **Unstable at twice the chosen rate**: soft arms {_fractions(soft)}; "
                      f"others {_fractions(hard)}.")
+    m = movement[(movement.task == task) & (movement.updates == updates)] if len(movement) else movement
+    if len(m):
+        lines.append(f"- **Movement per unit learning rate** at lr {_lr(float(m.lr.iloc[0]))} (first 5 steps, "
+                     "paired ratio to grpo): " + ", ".join(f"{r.arm} {r.ratio_to_grpo:.2f}x" for r in m.itertuples()
+                                                            if r.arm != "grpo") + ".")
     return lines
 
 
@@ -87,28 +96,44 @@ def main_table(best: Any, task: str, updates: int) -> list[str]:
     return out
 
 
-def comparison_table(comps: Any, task: str, updates: int, keys=("heldout_final", "heldout_auc", "heldout_at_kl",
-                                                                  "unstable", "end_entropy")) -> list[str]:
-    c = comps[(comps.task == task) & (comps.updates == updates)]
-    out = ["| arm | vs | outcome | n pairs | mean difference [95% CI] | p | verdict |", "|" + " --- |" * 7]
-    for r in c[c.outcome.isin(keys)].itertuples():
-        out.append(f"| {r.arm} | {r.reference} | {r.outcome} | {r.n} | {_fmt(r.diff, r.ci_low, r.ci_high)} | "
-                   f"{r.p_value:.3g} | {r.verdict} |")
+def comparison_table(comps: Any, task: str, updates: int) -> list[str]:
+    """One row per arm: its paired difference from grpo and gmpo on the main outcomes (**bold**: significant)."""
+    c = comps[(comps.task == task) & (comps.updates == updates)].set_index(["arm", "reference", "outcome"])
+    cols = [("grpo", "heldout_final"), ("grpo", "heldout_auc"), ("grpo", "heldout_at_kl"), ("grpo", "end_entropy"),
+            ("gmpo", "heldout_final"), ("gmpo", "heldout_auc")]
+    out = ["| arm | " + " | ".join(f"vs {ref}: {SHORT[key]}" for ref, key in cols) + " |", "|" + " --- |" * 7]
+    for arm in dict.fromkeys(a for a, _, _ in c.index):
+        cells = []
+        for ref, key in cols:
+            if (arm, ref, key) not in c.index:
+                cells.append("")
+                continue
+            r = c.loc[(arm, ref, key)]
+            text = f"{_fmt(r['diff'], r.ci_low, r.ci_high)}, p {r.p_value:.2g} (n {r.n})"
+            cells.append(f"**{text}**" if r.verdict != "no significant difference" else text)
+        out.append(f"| {arm} | " + " | ".join(cells) + " |")
     return out
 
 
-def movement_table(best: Any, sweep: Any, task: str) -> list[str]:
-    """Per arm: movement per unit learning rate at 2 updates, tuning and evaluation runs together (it is a
-    property of the objective near the warm start, the same in both roles)."""
-    s = sweep[(sweep.task == task) & (sweep.updates == 2)]
-    grpo = s[s.arm == "grpo"].movement_per_lr.median()
-    out = ["| arm | movement per unit lr (median over runs) | relative to grpo | runs | KL budget reached: held-out "
-           "at equal KL |", "| --- | --- | --- | --- | --- |"]
-    b = best[(best.task == task) & (best.updates == 2)].set_index("arm")
-    for arm, g in s.groupby("arm", sort=False):
-        m = g.movement_per_lr.median()
-        at_kl = _cell(b.loc[arm].to_dict(), "heldout_at_kl") if arm in b.index else "n/a"
-        out.append(f"| {arm} | {m:.1f} | {m / grpo:.2f}x | {len(g)} | {at_kl} |")
+SHORT = {"heldout_final": "held-out at end", "heldout_auc": "held-out AUC", "heldout_at_kl": "held-out at equal KL",
+         "end_entropy": "end entropy"}
+
+
+def movement_table(movement: Any, best: Any, task: str, updates: int) -> list[str]:
+    """Per arm: movement per unit learning rate at the one rate every arm was evaluated at, its paired ratio to
+    grpo's, and the held-out accuracy at equal movement."""
+    m = movement[(movement.task == task) & (movement.updates == updates)] if len(movement) else movement
+    if not len(m):
+        return ["No rate at which every arm was evaluated."]
+    b = best[(best.task == task) & (best.updates == updates)].set_index("arm")
+    out = [f"At lr {_lr(float(m.lr.iloc[0]))}, where every arm has evaluation runs:", "",
+           "| arm | movement per unit lr | ratio to grpo (paired) | pairs | held-out at equal KL (own rate) |",
+           "| --- | --- | --- | --- | --- |"]
+    for r in m.itertuples():
+        d = r._asdict()
+        at_kl = _cell(b.loc[r.arm].to_dict(), "heldout_at_kl") if r.arm in b.index else "n/a"
+        out.append(f"| {r.arm} | {_cell(d, 'movement_per_lr', 1)} | {_cell(d, 'ratio_to_grpo', 2)} | {r.n} | "
+                   f"{at_kl} |")
     return out
 
 
@@ -145,9 +170,9 @@ def entropy_lines(best: Any, sweep: Any, task: str, updates: int) -> list[str]:
     return out
 
 
-def results_markdown(plan: TunedPlan, sweep: Any, best: Any, comps: Any, command: str,
-                     timing: dict[str, Any]) -> str:
-    """The whole ``results.md``."""
+def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timing: dict[str, Any]) -> str:
+    """The whole ``results.md`` from the study's ``tables`` (sweep, best, comparisons, movement)."""
+    sweep, best, comps, movement = (tables[k] for k in ("sweep", "best", "comparisons", "movement"))
     task = plan.tasks[0].label
     updates = plan.eval_updates[0]
     tune_pairs = ", ".join(f"(warm start {w}, seed {s})" for w, s in plan.tune_pairs)
@@ -163,7 +188,7 @@ def results_markdown(plan: TunedPlan, sweep: Any, best: Any, comps: Any, command
         "",
         f"## The answer on this testbed ({updates} updates per rollout batch, each arm at its own chosen rate)",
         "",
-        *answer(best, comps, task, updates),
+        *answer(best, comps, movement, task, updates),
         "",
         f"A difference is called significant only when the paired sign-flip test gives p < {ALPHA} and the 95% "
         "bootstrap interval excludes 0; pairs are (warm start, seed). The conclusions hold for this testbed "
@@ -183,13 +208,17 @@ def results_markdown(plan: TunedPlan, sweep: Any, best: Any, comps: Any, command
         "",
         *comparison_table(comps, task, updates),
         "",
-        "`heldout_at_kl`: held-out accuracy when a run's cumulative KL to the behaviour policy first reaches the "
-        "common budget (the smallest, over arms, of the median cumulative KL at the chosen rate): arms compared "
-        "at equal movement instead of equal steps. Every outcome's comparison is in `comparisons.csv`.",
+        "Each cell: the mean paired difference (arm minus reference) [95% bootstrap CI], the sign-flip p and the "
+        "number of (warm start, seed) pairs; bold where significant. Held-out at equal KL: held-out accuracy when "
+        "a run's cumulative KL to the behaviour policy reaches the common budget (the largest that every "
+        "evaluation run at its arm's chosen rate reaches): arms compared at equal movement instead of equal "
+        "steps. Smaller steps buy more accuracy per nat of KL, so between arms at different chosen rates this "
+        "column compares the rates as much as the objectives; likewise entropy falls with movement, so an arm at "
+        "a smaller rate keeps more of it after 200 steps. Every outcome's comparison is in `comparisons.csv`.",
         "",
         "## Movement: how far a step moves the policy per unit learning rate",
         "",
-        *movement_table(best, sweep, task),
+        *movement_table(movement, best, task, updates),
         "",
         f"Movement per unit lr: {MEANING['movement_per_lr']}, so that it does not depend on the rate for small "
         "steps (KL grows as the square of the step). With Adam the step's size is set by the rate more than by "

@@ -36,7 +36,7 @@ MEANING = {
     "unstable": "fraction of runs unstable (trainer stop, reward collapse or entropy collapse)",
     "end_entropy": "token entropy over the last 20% of steps (nats)",
     "cum_kl": "KL to the behaviour policy summed over the steps (k3, nats)",
-    "heldout_at_kl": "held-out accuracy when the run's cumulative KL reaches the common budget",
+    "heldout_at_kl": "held-out accuracy at equal movement (when the run's cumulative KL reaches the common budget)",
     "movement_per_lr": "sqrt(KL to the behaviour policy per step, first 5 steps) / learning rate",
 }
 
@@ -82,15 +82,14 @@ def stable_window(runs) -> float:
 
 
 def kl_budget(sweep, chosen) -> dict[tuple[str, int], float]:
-    """Per (task, updates): the common movement budget, the smallest over arms of the median cumulative KL of
-    its evaluation runs at its chosen rate (every arm reaches it in most runs)."""
+    """Per (task, updates): the common movement budget, the smallest cumulative KL of any evaluation run at its
+    arm's chosen rate (every such run reaches it, so every pair is compared)."""
     out: dict[tuple[str, int], float] = {}
     for (task, updates, arm), lr in chosen.items():
         g = sweep[(sweep.role == "eval") & (sweep.task == task) & (sweep.updates == updates) & (sweep.arm == arm)
                   & np.isclose(sweep.lr, lr)]
         if len(g):
-            med = float(np.median(g.cum_kl))
-            out[(task, updates)] = min(out.get((task, updates), np.inf), med)
+            out[(task, updates)] = min(out.get((task, updates), np.inf), float(g.cum_kl.min()))
     return out
 
 
@@ -150,6 +149,27 @@ def comparisons(picked: dict[tuple[str, int, str], Any]):
                 test = paired_difference(runs.loc[pairs, key].to_numpy(dtype=float),
                                          other.loc[pairs, key].to_numpy(dtype=float))
                 rows.append({"task": task, "updates": updates, "arm": arm, "reference": ref, "outcome": key, **test})
+    return pd.DataFrame(rows)
+
+
+def movement_at_common_rate(sweep, task: str, updates: int):
+    """Per arm, the movement per unit learning rate of its evaluation runs at the one rate every arm was
+    evaluated at (each arm's chosen rate or twice it), and its ratio to grpo's, paired by (warm start, seed)."""
+    import pandas as pd
+
+    ev = sweep[(sweep.role == "eval") & (sweep.task == task) & (sweep.updates == updates)]
+    rates = set.intersection(*(set(g.lr.round(12)) for _, g in ev.groupby("arm"))) if len(ev) else set()
+    if not rates or "grpo" not in set(ev.arm):
+        return pd.DataFrame()
+    lr = min(rates)
+    at = ev[np.isclose(ev.lr, lr)].set_index(["warm_start", "seed"])
+    ref = at[at.arm == "grpo"].movement_per_lr
+    rows = []
+    for arm, g in at.groupby("arm", sort=False):
+        pairs = g.index.intersection(ref.index)
+        ratio = g.movement_per_lr.loc[pairs] / ref.loc[pairs]
+        rows.append({"task": task, "updates": updates, "arm": arm, "lr": lr, "n": len(pairs),
+                     **_ci("movement_per_lr", g.movement_per_lr), **_ci("ratio_to_grpo", ratio)})
     return pd.DataFrame(rows)
 
 
@@ -218,6 +238,8 @@ def picks_at_chosen(sweep, chosen, task: str, updates: int, arms) -> dict[str, l
 
 def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, Any]) -> list[Path]:
     """``sweep.csv``, ``best.csv``, ``comparisons.csv``, the figures and ``results.md`` from ``runs.jsonl.gz``."""
+    import pandas as pd
+
     from sspo_analysis.io import write_frame, write_text
     from sspo_analysis.study import tuned_figures as figs
     from sspo_analysis.study.tuned_markdown import results_markdown
@@ -226,8 +248,10 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
     if sweep.empty:
         raise ValueError(f"{root}/runs.jsonl.gz: no recorded runs to analyse")
     best, comps = best_table(plan, sweep, records)
+    movement = [movement_at_common_rate(sweep, t.label, u) for t in plan.tasks for u in plan.eval_updates]
+    movement = pd.concat(movement, ignore_index=True)
     paths = [write_frame(sweep, root / "sweep.csv"), write_frame(best, root / "best.csv"),
-             write_frame(comps, root / "comparisons.csv")]
+             write_frame(comps, root / "comparisons.csv"), write_frame(movement, root / "movement.csv")]
     chosen = chosen_rates(plan, sweep)
     arms = [a.label for a in plan.arms if a.label in set(sweep.arm)]
     grid = np.arange(0, plan.steps + 1, plan.eval_every, dtype=float)
@@ -250,6 +274,7 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
                 f"{task.label}, {updates} updates per batch: entropy at each objective's chosen rate", step_grid)
             drawn[f"{tag}_movement"] = figs.plot_movement(records, picks, arms, budget, grid)
     paths += figs.save_all(root / "figures", drawn)
-    text = results_markdown(plan, sweep, best, comps, command, timing)
+    text = results_markdown(plan, {"sweep": sweep, "best": best, "comparisons": comps, "movement": movement},
+                            command, timing)
     paths.append(write_text(root / "results.md", text))
     return paths
