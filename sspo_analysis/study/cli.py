@@ -73,7 +73,7 @@ def run_stability(args: argparse.Namespace) -> int:
     command = "sspo study stability " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "stability"] else ""
     try:
         paths = stability(plan, out, jobs=args.jobs, progress=not args.no_progress, rerun=args.rerun,
-                          command=command.strip(), executor=args.executor)
+                          command=command, executor=args.executor)
     except KeyboardInterrupt:
         print(f"study: interrupted; finished runs are kept and the same command resumes ({out}/)", file=sys.stderr)
         return 130
@@ -92,10 +92,11 @@ def run_tuned(args: argparse.Namespace) -> int:
 
     plan = TUNED_PLANS["quick" if args.quick else "full"]
     out = args.out or f"study_tuned{'_quick' if args.quick else ''}"
-    command = "sspo study tuned " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["study", "tuned"] else ""
+    # the outputs do not depend on --jobs, --executor, --analyse-only or --no-progress: results.md names only OUT
+    command = f"sspo study tuned{' --quick' if args.quick else ''} --out {out}"
     try:
         paths = tuned(plan, out, jobs=args.jobs, progress=not args.no_progress, train=not args.analyse_only,
-                      command=command.strip(), executor=args.executor)
+                      command=command, executor=args.executor)
     except KeyboardInterrupt:
         print(f"study: interrupted; recorded runs are kept and the same command resumes ({out}/)", file=sys.stderr)
         return 130

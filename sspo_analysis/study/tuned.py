@@ -221,7 +221,7 @@ def outcomes(record: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
 
-    from sspo_analysis import analysis
+    from sspo_analysis import analysis, failure
 
     steps = pd.DataFrame(record["steps"])
     held = record["heldout"]
@@ -230,8 +230,8 @@ def outcomes(record: dict[str, Any]) -> dict[str, Any]:
         grid.append(record["planned_steps"])
     curves = {k: _on_grid(held["step"], held[k], grid) for k in held if k != "step"}
     pass_key = next((k for k in held if k.startswith("pass@")), None)
-    verdict = analysis.instability(steps, record["verdict"]) if len(steps) else {"unstable": True,
-                                                                                  "step_unstable": 0, "kind": "trainer"}
+    verdict = failure.instability(steps, record["verdict"]) if len(steps) else {"unstable": True,
+                                                                                 "step_unstable": 0, "kind": "trainer"}
     kl = steps.kl_old_k3.to_numpy(dtype=float) if len(steps) else np.array([np.nan])
     entropy = steps.entropy.to_numpy(dtype=float) if len(steps) else np.array([np.nan])
     sampled = curves.get("sampled", [float("nan")])

@@ -137,12 +137,27 @@ def movement_table(movement: Any, best: Any, task: str, updates: int) -> list[st
     return out
 
 
+def updates_line(sweep: Any, task: str, updates: int = 8) -> list[str]:
+    """The lead's line on ``updates`` per batch: each tuned arm's best rate and first unstable rung (tuning pair)."""
+    t = sweep[(sweep.task == task) & (sweep.role == "tune") & (sweep.updates == updates)]
+    if not len(t):
+        return []
+    parts = []
+    for arm, g in t.groupby("arm", sort=False):
+        bad = g[g.unstable > 0].lr
+        edge = _lr(float(bad.min())) if len(bad) else f"none up to {_lr(float(g.lr.max()))}"
+        parts.append(f"{arm} best at {_lr(float(g.loc[g.heldout_auc.idxmax(), 'lr']))}, broke at {edge}")
+    return [f"- **{updates} updates per batch** (tuning pair only, one run a rung): {'; '.join(parts)}."]
+
+
 def updates_table(best: Any, sweep: Any, task: str) -> list[str]:
     """8 updates against 2, on the tuning pair: each arm's best held-out AUC and chosen rate at each."""
     t = sweep[(sweep.task == task) & (sweep.role == "tune")]
     out = ["| arm | best held-out AUC, 2 updates (lr) | best held-out AUC, 8 updates (lr) | 8 minus 2 | "
            "unstable rungs at 8 updates |", "| --- | --- | --- | --- | --- |"]
     for arm, g in t.groupby("arm", sort=False):
+        if g.updates.nunique() < 2:  # tuned at one update count only
+            continue
         cells = {}
         for u in (2, 8):
             h = g[g.updates == u].groupby("lr").heldout_auc.mean()
@@ -182,13 +197,14 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "# Every objective at its own learning rate: the tuned study",
         "",
         f"Task `{task}` (2-digit addition, exact match), the `tiny` Qwen2 preset, {plan.steps} RL steps a run, "
-        f"16 prompts x 8 samples a step, held-out accuracy on {plan.steps and 256} fixed prompts never trained on. "
+        f"16 prompts x 8 samples a step, held-out accuracy on {tables['prompts']} fixed prompts never trained on. "
         f"{n['tune']} tuning runs and {n['eval']} evaluation runs. Written by `{command}` from `runs.jsonl.gz` "
         "alone; run again, it re-derives every number here without training.",
         "",
         f"## The answer on this testbed ({updates} updates per rollout batch, each arm at its own chosen rate)",
         "",
         *answer(best, comps, movement, task, updates),
+        *updates_line(sweep, task),
         "",
         f"A difference is called significant only when the paired sign-flip test gives p < {ALPHA} and the 95% "
         "bootstrap interval excludes 0; pairs are (warm start, seed). The conclusions hold for this testbed "
@@ -238,8 +254,9 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "",
         *updates_table(best, sweep, task),
         "",
-        "One tuning run per rung: a description of the tuning pair, not a test. Evaluation at 8 updates was "
-        "trimmed to fit the time budget (see below).",
+        "One tuning run per rung: a description of the tuning pair, not a test. An unstable rung at 8 updates "
+        "is the first rate at which that run broke; evaluation at 8 updates, and tuning there for the other "
+        "arms, were trimmed to fit the time budget (see below).",
         "",
         "![ladders](figures/addition_ladders.png)",
         "",
@@ -257,9 +274,10 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "reaches 0.35; they ship with the package, so every machine starts from the same weights.",
         "- **Unstable**: the trainer stopped the run, or its training reward's 3-step mean fell below half its "
         "running peak and stayed there, or its entropy collapsed before the task was solved "
-        "(`sspo_analysis.analysis.instability`).",
-        "- **Trimmed to fit the budget**: one tuning pair per rung; evaluation only at 2 updates per batch; one "
-        "task (a second task with longer answers is not in this study).",
+        "(`sspo_analysis.failure.instability`).",
+        "- **Trimmed to fit the budget**: one tuning pair per rung; 8 updates per batch tuned for grpo, gmpo, sspo "
+        "and sspo-sigmoid-tau2 only and evaluated for none; one task (a second task with longer answers, where "
+        "sequence-level weighting has more to do, is not in this study).",
         "",
         "## The earlier shared-learning-rate study",
         "",

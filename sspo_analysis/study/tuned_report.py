@@ -274,7 +274,8 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
                 f"{task.label}, {updates} updates per batch: entropy at each objective's chosen rate", step_grid)
             drawn[f"{tag}_movement"] = figs.plot_movement(records, picks, arms, budget, grid)
     paths += figs.save_all(root / "figures", drawn)
-    text = results_markdown(plan, {"sweep": sweep, "best": best, "comparisons": comps, "movement": movement},
-                            command, timing)
+    prompts = next(iter(records.values()))["heldout_prompts"]
+    text = results_markdown(plan, {"sweep": sweep, "best": best, "comparisons": comps, "movement": movement,
+                                   "prompts": prompts}, command, timing)
     paths.append(write_text(root / "results.md", text))
     return paths
