@@ -34,7 +34,7 @@ def warm_start(overrides: list[str]) -> str:
     return str(ensure_warm_start(load_config(None, overrides), progress=not sys.stderr.isatty()))
 
 
-def _train(objective: str, seed: int, group: str, overrides: list[str], tag: str, rerun: bool) -> tuple[str, float]:
+def train_job(objective: str, seed: int, group: str, overrides: list[str], tag: str, rerun: bool) -> tuple[str, float]:
     """Job: one run through the trainer's sweep; returns its printed messages and seconds."""
     from sspo_analysis.training import sweep
 
@@ -84,7 +84,7 @@ def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = F
             while queue and len(pending) < jobs:
                 spec = queue.pop(0)
                 group = spec.run_dir(root / "runs").parent
-                pending[pool.submit(_train, spec.arm.objective, spec.seed, str(group),
+                pending[pool.submit(train_job, spec.arm.objective, spec.seed, str(group),
                                     spec.overrides(plan), spec.arm.tag, rerun)] = spec
                 display.running(spec)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -35,7 +35,7 @@ def read_timing(root: Path) -> dict[str, Any]:
     return record
 
 
-def _add_call(root: Path, record: dict[str, Any], seconds: float, trained: int,
+def record_call(root: Path, record: dict[str, Any], seconds: float, trained: int,
               load: tuple[float, ...]) -> dict[str, Any]:
     """``record`` with this call's training time added (when it trained), written to ``timing.json``."""
     if trained:
@@ -106,6 +106,6 @@ def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None
         with display.progress:
             execute(plan, root, jobs, display, rerun, executor)
         trained = sum(display.counts.values())
-        timing = _add_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
+        timing = record_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
         console.print("study: analysing the runs and drawing the figures")
         return write_outputs(plan, root, analyse(plan, root), command or f"sspo study stability --out {out}", timing)

@@ -12,7 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
-from sspo_analysis.study.execute import Display, _train, run_state, warm_start
+from sspo_analysis.study.execute import Display, run_state, train_job, warm_start
 from sspo_analysis.study.pools import open_pool
 from sspo_analysis.study.tuned import (
     TunedPlan,
@@ -118,5 +118,5 @@ def run_dir(root: Path, run: TunedRun) -> Path:
 
 
 def _submit(pool: Any, plan: TunedPlan, root: Path, run: TunedRun) -> Future:
-    return pool.submit(_train, run.arm.objective, run.seed, str(run_dir(root, run).parent), plan.overrides(run),
+    return pool.submit(train_job, run.arm.objective, run.seed, str(run_dir(root, run).parent), plan.overrides(run),
                        "", False)

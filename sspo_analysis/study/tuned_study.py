@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sspo_analysis.study.execute import Display
-from sspo_analysis.study.stability import _add_call, read_timing
+from sspo_analysis.study.stability import read_timing, record_call
 from sspo_analysis.study.tuned import TunedPlan
 from sspo_analysis.study.tuned_execute import execute_tuned
 
@@ -43,6 +43,6 @@ def tuned(plan: TunedPlan, out: str | Path, *, jobs: int = 2, console: Any = Non
             display = Display(console, progress)
             with display.progress:
                 trained = execute_tuned(plan, root, jobs, display, executor)
-        timing = _add_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
+        timing = record_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
         console.print("study: analysing the recorded runs and drawing the figures")
         return tuned_report.write_outputs(plan, root, command or f"sspo study tuned --out {out}", timing)
