@@ -184,6 +184,7 @@ def test_the_committed_study_is_re_derived_from_its_archive_alone(tmp_path):
 
     from sspo_analysis.study.tuned_report import write_outputs
 
+    assert wanted_runs(FULL_TUNED, read_records(COMMITTED / "runs.jsonl.gz")) == []  # nothing left to train
     shutil.copy(COMMITTED / "runs.jsonl.gz", tmp_path / "runs.jsonl.gz")
     timing = json.loads((COMMITTED / "timing.json").read_text())
     write_outputs(FULL_TUNED, tmp_path, "sspo study tuned --out docs/results/tuned", timing)
