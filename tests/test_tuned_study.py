@@ -168,9 +168,10 @@ def test_the_study_and_the_figures_start_from_shipped_warm_starts():
     from sspo_analysis.training import load_config
     from sspo_analysis.training.warm_start import shipped_warm_start
 
-    for ws in FULL_TUNED.warm_starts:
-        run = TunedRun(FULL_TUNED.arms[0], "addition", 1e-4, 2, ws, 0, "eval")
-        assert shipped_warm_start(load_config(None, FULL_TUNED.overrides(run))) is not None
+    for task in FULL_TUNED.tasks:
+        for ws in FULL_TUNED.warm_starts:
+            run = TunedRun(FULL_TUNED.arms[0], task.label, 1e-4, 2, ws, 0, "eval")
+            assert shipped_warm_start(load_config(None, FULL_TUNED.overrides(run))) is not None, (task.label, ws)
     assert shipped_warm_start(load_config(None, [])) is not None  # sspo train's default
     assert shipped_warm_start(load_config(None, ['warm_start.dir="/elsewhere"'])) is None
 
@@ -201,3 +202,16 @@ def test_an_update_count_can_be_tuned_for_some_arms_only():
                    tuned_arms={8: ("sspo",)})
     wanted = wanted_runs(plan, {})
     assert {(r.arm.label, r.updates) for r in wanted} == {("grpo", 2), ("sspo", 2), ("sspo", 8)}
+
+
+def test_a_task_can_be_trimmed_to_some_arms_and_update_counts():
+    from sspo_analysis.study.tuned import TunedTask
+
+    extra = TunedTask("reversal", ('task.name="reversal"',), "reversal", arms=("sspo",), updates=(2,))
+    plan = replace(QUICK_TUNED, tasks=(*QUICK_TUNED.tasks, extra), tune_updates=(2, 8),
+                   start={2: (1e-4, 1e-3), 8: (1e-4, 1e-3)})
+    wanted = wanted_runs(plan, {})
+    assert {(r.task, r.arm.label, r.updates) for r in wanted} == {
+        ("addition", "grpo", 2), ("addition", "sspo", 2), ("addition", "grpo", 8), ("addition", "sspo", 8),
+        ("reversal", "sspo", 2)}
+    assert 'task.name="reversal"' in plan.overrides(next(r for r in wanted if r.task == "reversal"))

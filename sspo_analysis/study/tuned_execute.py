@@ -48,7 +48,7 @@ def wanted_runs(plan: TunedPlan, records: dict[tuple, dict[str, Any]]) -> list[T
     for task in plan.tasks:
         for updates in sorted(set(plan.tune_updates) | set(plan.eval_updates)):
             for role in ("tune", "eval"):
-                for arm in plan.arms_at(updates):
+                for arm in plan.arms_at(updates, task):
                     runs += _arm_runs(plan, records, arm, task.label, updates, role)
     return [r for r in runs if record_key(r.key) not in records]
 

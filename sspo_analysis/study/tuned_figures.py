@@ -101,8 +101,8 @@ def plot_curves(records: dict, picks: dict[str, list[tuple]], arms: Sequence[str
     return fig, data
 
 
-def plot_movement(records: dict, picks: dict[str, list[tuple]], arms: Sequence[str], budget: float,
-                  grid: np.ndarray) -> tuple[Any, Any]:
+def plot_movement(records: dict, picks: dict[str, list[tuple]], arms: Sequence[str], budget: float,  # noqa: PLR0913
+                  grid: np.ndarray, setting: str = "") -> tuple[Any, Any]:
     """Held-out accuracy against cumulative KL to the behaviour policy (mean over runs at each evaluation step),
     every arm in one panel on a log x axis; the dotted line is the common budget of the equal-movement table."""
     import pandas as pd
@@ -122,8 +122,8 @@ def plot_movement(records: dict, picks: dict[str, list[tuple]], arms: Sequence[s
     ax.set_xscale("log")
     ax.set_xlabel("cumulative KL to the behaviour policy (nats, sum over steps; step 0 drawn at 1e-4)")
     ax.set_ylabel("held-out accuracy (sampled)")
-    ax.set_title("Accuracy against movement, each objective at its chosen rate\n"
-                 "(mean over evaluation runs at each evaluation step; dotted: the common KL budget)")
+    ax.set_title(f"{setting + ': ' if setting else ''}accuracy against movement, each objective at its chosen "
+                 "rate\n(mean over evaluation runs at each evaluation step; dotted: the common KL budget)")
     ax.legend(fontsize=6, ncol=2)
     return fig, pd.DataFrame(rows)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from sspo_analysis.study.stats import ALPHA
-from sspo_analysis.study.tuned import TunedPlan
+from sspo_analysis.study.tuned import TunedPlan, TunedTask
 from sspo_analysis.study.tuned_report import MEANING, UNSTABLE_LIMIT
 
 SOFT = ("sspo", "sspo-sigmoid-tau2", "sapo", "vespo")
@@ -185,44 +185,39 @@ def entropy_lines(best: Any, sweep: Any, task: str, updates: int) -> list[str]:
     return out
 
 
-def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timing: dict[str, Any]) -> str:
-    """The whole ``results.md`` from the study's ``tables`` (sweep, best, comparisons, movement)."""
+def task_sections(plan: TunedPlan, tables: dict[str, Any], task: TunedTask, level: str) -> list[str]:
+    """One task's answer, tables and figures under headings of ``level`` (``##`` or ``###``)."""
     sweep, best, comps, movement = (tables[k] for k in ("sweep", "best", "comparisons", "movement"))
-    task = plan.tasks[0].label
-    updates = plan.eval_updates[0]
-    tune_pairs = ", ".join(f"(warm start {w}, seed {s})" for w, s in plan.tune_pairs)
-    minutes = timing["train_seconds"] / 60
-    n = {role: int((sweep.role == role).sum()) for role in ("tune", "eval")}
+    label, updates = task.label, plan.eval_updates[0]
+    tag = f"{label}_u{updates}"
+    runs = sweep[sweep.task == label]
+    n = {role: int((runs.role == role).sum()) for role in ("tune", "eval")}
+    eight = updates_table(best, sweep, label)
     lines = [
-        "# Every objective at its own learning rate: the tuned study",
+        f"{level} The answer on `{label}` ({updates} updates per rollout batch, each arm at its own chosen rate)",
         "",
-        f"Task `{task}` (2-digit addition, exact match), the `tiny` Qwen2 preset, {plan.steps} RL steps a run, "
-        f"16 prompts x 8 samples a step, held-out accuracy on {tables['prompts']} fixed prompts never trained on. "
-        f"{n['tune']} tuning runs and {n['eval']} evaluation runs. Written by `{command}` from `runs.jsonl.gz` "
-        "alone; run again, it re-derives every number here without training.",
+        f"{task.description}; {n['tune']} tuning runs and {n['eval']} evaluation runs.",
         "",
-        f"## The answer on this testbed ({updates} updates per rollout batch, each arm at its own chosen rate)",
-        "",
-        *answer(best, comps, movement, task, updates),
-        *updates_line(sweep, task),
+        *answer(best, comps, movement, label, updates),
+        *updates_line(sweep, label),
         "",
         f"A difference is called significant only when the paired sign-flip test gives p < {ALPHA} and the 95% "
         "bootstrap interval excludes 0; pairs are (warm start, seed). The conclusions hold for this testbed "
         "and these seeds; they will be re-checked on warm starts and seeds the study did not use.",
         "",
-        "## Each arm at its chosen rate and at twice it",
+        f"{level}# Each arm at its chosen rate and at twice it ({label})",
         "",
-        *main_table(best, task, updates),
+        *main_table(best, label, updates),
         "",
         f"Mean [95% bootstrap CI] over the evaluation runs. Stable window: the largest rate at which it and every "
         f"smaller rate tried had at most {UNSTABLE_LIMIT:.0%} of its runs (tuning and evaluation) unstable.",
         "",
-        "![evaluation](figures/addition_u2_evaluation.png)",
-        "![held-out curves](figures/addition_u2_heldout.png)",
+        f"![evaluation](figures/{tag}_evaluation.png)",
+        f"![held-out curves](figures/{tag}_heldout.png)",
         "",
-        "## Paired comparisons (every arm against grpo and gmpo)",
+        f"{level}# Paired comparisons ({label}: every arm against grpo and gmpo)",
         "",
-        *comparison_table(comps, task, updates),
+        *comparison_table(comps, label, updates),
         "",
         "Each cell: the mean paired difference (arm minus reference) [95% bootstrap CI], the sign-flip p and the "
         "number of (warm start, seed) pairs; bold where significant. Held-out at equal KL: held-out accuracy when "
@@ -230,11 +225,12 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "evaluation run at its arm's chosen rate reaches): arms compared at equal movement instead of equal "
         "steps. Smaller steps buy more accuracy per nat of KL, so between arms at different chosen rates this "
         "column compares the rates as much as the objectives; likewise entropy falls with movement, so an arm at "
-        "a smaller rate keeps more of it after 200 steps. Every outcome's comparison is in `comparisons.csv`.",
+        f"a smaller rate keeps more of it after {plan.steps} steps. Every outcome's comparison is in "
+        "`comparisons.csv`.",
         "",
-        "## Movement: how far a step moves the policy per unit learning rate",
+        f"{level}# Movement: how far a step moves the policy per unit learning rate ({label})",
         "",
-        *movement_table(movement, best, task, updates),
+        *movement_table(movement, best, label, updates),
         "",
         f"Movement per unit lr: {MEANING['movement_per_lr']}, so that it does not depend on the rate for small "
         "steps (KL grows as the square of the step). With Adam the step's size is set by the rate more than by "
@@ -242,24 +238,67 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "consistent across the minibatches of a batch, not only when its gradient is larger; the theory "
         "(`sspo theory`) predicts gradient coefficients, not Adam's steps, and is not set beside this column.",
         "",
-        "![movement](figures/addition_u2_movement.png)",
+        f"![movement](figures/{tag}_movement.png)",
         "",
-        "## Entropy over the run",
+        f"{level}# Entropy over the run ({label})",
         "",
-        *entropy_lines(best, sweep, task, updates),
+        *entropy_lines(best, sweep, label, updates),
         "",
-        "![entropy](figures/addition_u2_entropy.png)",
+        f"![entropy](figures/{tag}_entropy.png)",
         "",
-        "## 8 updates per batch against 2 (tuning pair only)",
+    ]
+    if len(eight) > 2:
+        lines += [
+            f"{level}# 8 updates per batch against 2 ({label}, tuning pair only)",
+            "",
+            *eight,
+            "",
+            "One tuning run per rung: a description of the tuning pair, not a test. An unstable rung at 8 updates "
+            "is the first rate at which that run broke; evaluation at 8 updates, and tuning there for the other "
+            "arms, were trimmed to fit the time budget (see below).",
+            "",
+        ]
+    return [*lines, f"![ladders](figures/{label}_ladders.png)", ""]
+
+
+def trimmed(plan: TunedPlan) -> str:
+    """What the plan leaves out to fit its budget, in one sentence."""
+    parts = ["one tuning pair per rung"]
+    eight = (plan.tuned_arms or {}).get(8)
+    if eight:
+        parts.append(f"8 updates per batch tuned for {', '.join(eight)} only (on `{plan.tasks[0].label}`) and "
+                     "evaluated for none")
+    for task in plan.tasks[1:]:
+        arms = ", ".join(task.arms) if task.arms else "every arm"
+        counts = ", ".join(map(str, task.updates or plan.tune_updates))
+        parts.append(f"`{task.label}` run for {arms} at {counts} updates per batch")
+    return "; ".join(parts)
+
+
+def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timing: dict[str, Any]) -> str:
+    """The whole ``results.md`` from the study's ``tables`` (sweep, best, comparisons, movement)."""
+    sweep = tables["sweep"]
+    tune_pairs = ", ".join(f"(warm start {w}, seed {s})" for w, s in plan.tune_pairs)
+    minutes = timing["train_seconds"] / 60
+    n = {role: int((sweep.role == role).sum()) for role in ("tune", "eval")}
+    tasks = "; ".join(f"`{t.label}` ({t.description})" for t in plan.tasks)
+    lines = [
+        "# Every objective at its own learning rate: the tuned study",
         "",
-        *updates_table(best, sweep, task),
+        f"Tasks: {tasks}. The `tiny` Qwen2 preset, {plan.steps} RL steps a run, 16 prompts x 8 samples a step, "
+        f"held-out accuracy on {tables['prompts']} fixed prompts never trained on. {n['tune']} tuning runs and "
+        f"{n['eval']} evaluation runs. Written by `{command}` from `runs.jsonl.gz` alone; run again, it re-derives "
+        "every number here without training.",
         "",
-        "One tuning run per rung: a description of the tuning pair, not a test. An unstable rung at 8 updates "
-        "is the first rate at which that run broke; evaluation at 8 updates, and tuning there for the other "
-        "arms, were trimmed to fit the time budget (see below).",
-        "",
-        "![ladders](figures/addition_ladders.png)",
-        "",
+    ]
+    for i, task in enumerate(plan.tasks):
+        if not (sweep.task == task.label).any():
+            continue
+        if i == 0:
+            lines += task_sections(plan, tables, task, "##")
+        else:
+            lines += [f"## Task {i + 1}: `{task.label}`", "", *task_sections(plan, tables, task, "###")]
+    lines += [
         "## Protocol",
         "",
         f"- **Tuning** ({tune_pairs}): each arm climbs the ladder {', '.join(_lr(x) for x in plan.ladder)} "
@@ -275,9 +314,7 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "- **Unstable**: the trainer stopped the run, or its training reward's 3-step mean fell below half its "
         "running peak and stayed there, or its entropy collapsed before the task was solved "
         "(`sspo_analysis.failure.instability`).",
-        "- **Trimmed to fit the budget**: one tuning pair per rung; 8 updates per batch tuned for grpo, gmpo, sspo "
-        "and sspo-sigmoid-tau2 only and evaluated for none; one task (a second task with longer answers, where "
-        "sequence-level weighting has more to do, is not in this study).",
+        f"- **Trimmed to fit the budget**: {trimmed(plan)}.",
         "",
         "## The earlier shared-learning-rate study",
         "",
@@ -288,10 +325,10 @@ def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timi
         "",
         "## What would change the verdict at scale",
         "",
-        "A 1M-parameter model, 3-token answers and 200 steps: sequence-level weighting has little to do when a "
-        "sequence is three tokens, and entropy collapse over thousands of steps on long reasoning traces is out "
-        "of reach here. Larger models, long answers and long horizons may separate the objectives where this "
-        "testbed cannot.",
+        f"A 1M-parameter model, answers of 2 to 5 characters (one token each) and {plan.steps} steps: "
+        "sequence-level weighting has little to do when a sequence is a few tokens, and entropy collapse over "
+        "thousands of steps on long reasoning traces is out of reach here. Larger models, long answers and long "
+        "horizons may separate the objectives where this testbed cannot.",
         "",
         "## Reproduce",
         "",

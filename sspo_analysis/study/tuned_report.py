@@ -253,11 +253,12 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
     paths = [write_frame(sweep, root / "sweep.csv"), write_frame(best, root / "best.csv"),
              write_frame(comps, root / "comparisons.csv"), write_frame(movement, root / "movement.csv")]
     chosen = chosen_rates(plan, sweep)
-    arms = [a.label for a in plan.arms if a.label in set(sweep.arm)]
     grid = np.arange(0, plan.steps + 1, plan.eval_every, dtype=float)
     step_grid = np.arange(1, plan.steps + 1, dtype=float)
     drawn: dict[str, tuple[Any, Any]] = {}
-    for task in plan.tasks:
+    for task in (t for t in plan.tasks if (sweep.task == t.label).any()):
+        on_task = set(sweep[sweep.task == task.label].arm)
+        arms = [a.label for a in plan.arms if a.label in on_task]
         drawn[f"{task.label}_ladders"] = figs.plot_ladders(sweep, arms, chosen, task.label)
         for updates in plan.eval_updates:
             picks = picks_at_chosen(sweep, chosen, task.label, updates, arms)
@@ -272,7 +273,8 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
             drawn[f"{tag}_entropy"] = figs.plot_curves(
                 records, picks, arms, "entropy", "token entropy (nats)",
                 f"{task.label}, {updates} updates per batch: entropy at each objective's chosen rate", step_grid)
-            drawn[f"{tag}_movement"] = figs.plot_movement(records, picks, arms, budget, grid)
+            drawn[f"{tag}_movement"] = figs.plot_movement(records, picks, arms, budget, grid,
+                                                          f"{task.label}, {updates} updates per batch")
     paths += figs.save_all(root / "figures", drawn)
     prompts = next(iter(records.values()))["heldout_prompts"]
     text = results_markdown(plan, {"sweep": sweep, "best": best, "comparisons": comps, "movement": movement,
