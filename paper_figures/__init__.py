@@ -155,43 +155,6 @@ def stem(out_dir: Path, number: int) -> Path:
     return Path(out_dir) / f"fig{number}_{FIGURES[number].name}"
 
 
-def save(fig: Any, base: Path, data: Any = None) -> list[Path]:
-    """Save ``fig`` as ``base.png`` and ``base.pdf`` and, if given, the DataFrame ``data`` as ``base.csv``
-    (:func:`sspo_analysis.plotting.style.save_figure`: atomic writes, the figure closed). Returns the paths."""
-    from sspo_analysis.plotting import style
-
-    return style.save_figure(fig, base, data)
-
-
-def write_frame(df: Any, path: Path) -> Path:
-    """Write a pandas DataFrame as CSV, atomically (:func:`sspo_analysis.io.write_frame`)."""
-    from sspo_analysis.io import write_frame as write
-
-    return write(df, path)
-
-
-def new_figure(nrows: int, ncols: int, height: float, width: float | None = None, **kw: Any) -> tuple[Any, Any]:
-    """``plt.subplots`` at paper width with the shared style (:func:`sspo_analysis.plotting.style.subplots`)."""
-    from sspo_analysis.plotting import style
-
-    return style.subplots(nrows, ncols, height, width, **kw)
-
-
-def color(name: str) -> str:
-    """The colour of an objective or gate family (:func:`sspo_analysis.plotting.style.color`)."""
-    from sspo_analysis.plotting import style
-
-    return style.color(name)
-
-
-def line_style(name: str, marker: bool = False, every: int | None = None, index: int = 0) -> dict[str, Any]:
-    """Matplotlib keywords for an objective: its colour, dash pattern and optionally its marker
-    (:func:`sspo_analysis.plotting.style.line_kw`; ``every``/``index`` stagger sparse markers)."""
-    from sspo_analysis.plotting import style
-
-    return style.line_kw(name, markers=marker, every=every, index=index)
-
-
 def note(ax: Any, text: str, loc: str = "lower left", **kw: Any) -> None:
     """A small grey note inside ``ax`` (what coincides by construction, what a band is)."""
     x = 0.02 if "left" in loc else 0.98
