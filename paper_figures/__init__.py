@@ -8,8 +8,8 @@ numbers it plots) into ``out_dir``, and returns the paths it wrote.
 
 - :mod:`paper_figures.gates_fig`: figure 1 (gate families);
 - :mod:`paper_figures.theory_figs`: figures 2-4, the bandit half of 7 and figure 9
-  (``sspo_analysis.theory`` and ``sspo_analysis.simulation``; figure 9's drawing is
-  :mod:`sspo_analysis.plotting.staleness`);
+  (``sspo_analysis.theory`` and ``sspo_analysis.simulation``; figure 9's numbers are
+  :func:`sspo_analysis.simulation.staleness_data`, its drawing :mod:`sspo_analysis.plotting.staleness`);
 - :mod:`paper_figures.experiments`: the training runs behind figures 5-8 and the
   results table (``sspo_analysis.training``);
 - :mod:`paper_figures.training_figs`: figures 5-8 and the results table.

@@ -469,9 +469,11 @@ def data_bandit(objectives: Sequence[str], steps: int = 200, seeds: Sequence[int
 @figure(9, "staleness_gradient", "exact-gradient staleness: gradient bias and variance against policy lag")
 def figure_9(out_dir: Path, ctx: Context) -> list[Path]:
     """Each objective's gradient error against the exact gradient as the policy lag k grows
-    (:mod:`sspo_analysis.plotting.staleness`; ``Settings.gradient_batches`` sampled batches per lag)."""
+    (:func:`sspo_analysis.simulation.staleness_data`, drawn by :mod:`sspo_analysis.plotting.staleness`;
+    ``Settings.gradient_batches`` sampled batches per lag)."""
     from sspo_analysis.plotting import style
-    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+    from sspo_analysis.plotting.staleness import plot_staleness
+    from sspo_analysis.simulation import staleness_data
 
     def progress(done: int, total: int, name: str) -> None:
         ctx.advance(done, total, f"theory: exact-gradient staleness study, {name}")
