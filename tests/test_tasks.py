@@ -71,7 +71,7 @@ def test_built_in_tasks_read_their_fields_through_the_registry():
     assert reversal == Reversal(length=7, grader="chars")
     config = load_config(None, ['task.name="synthesis"', "task.sandbox_timeout_s=3", "task.sandbox_memory_mb=300",
                                 'task.sandbox="unsafe-process"'])
-    from sspo_analysis.training import sandbox
+    from sspo_analysis import sandbox
 
     sandbox._warn_unsafe.cache_clear()  # it warns once a process: an earlier test may have had it
     with pytest.warns(RuntimeWarning, match="unsafe-process"):
