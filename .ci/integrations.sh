@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The verl cross-checks, in their own environment, with verl 0.9.1's GPU-extra transformers (5.9.0; verl pins < 5.11),
 # the main environment has 5.24. Builds .venv-verl from scratch (in CI, or when it is
-# missing, or with SSPO_VERL_FRESH=1) and runs tests/test_integrations_verl.py (and _field.py, verl's clip_cov / kl_cov) there.
+# missing, or with SSPO_VERL_FRESH=1) and runs tests/test_integrations_verl.py (verl's clip_cov / kl_cov included) there.
 # The TRL tests run in the main environment with the rest of the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,5 +44,5 @@ print("integrations: verl", md.version("verl"), "transformers", md.version("tran
       "torch", md.version("torch"), "registered", ", ".join(sv.REGISTERED))
 PY
 
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integrations_verl.py tests/test_integrations_verl_field.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integrations_verl.py
 echo "integrations: verl checks done in $((SECONDS - start)) s"

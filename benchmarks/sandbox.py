@@ -17,7 +17,7 @@ import warnings
 
 import machine
 
-from sspo_analysis.training.sandbox import grade_many, run_python
+from sspo_analysis.sandbox import grade_many, run_python
 
 TESTS = "assert f(1) == 3\nassert f(2) == 5\nassert f(4) == 9\n"
 

@@ -8,8 +8,8 @@ numbers it plots) into ``out_dir``, and returns the paths it wrote.
 
 - :mod:`paper_figures.gates_fig`: figure 1 (gate families);
 - :mod:`paper_figures.theory_figs`: figures 2-4, the bandit half of 7 and figure 9
-  (``sspo_analysis.theory`` and ``sspo_analysis.simulation``; figure 9's drawing is
-  :mod:`sspo_analysis.plotting.staleness`);
+  (``sspo_analysis.theory`` and ``sspo_analysis.simulation``; figure 9's numbers are
+  :func:`sspo_analysis.simulation.staleness_data`, its drawing :mod:`sspo_analysis.plotting.staleness`);
 - :mod:`paper_figures.experiments`: the training runs behind figures 5-8 and the
   results table (``sspo_analysis.training``);
 - :mod:`paper_figures.training_figs`: figures 5-8 and the results table.
@@ -153,43 +153,6 @@ def figure(number: int, name: str, title: str, needs_training: bool = False) -> 
 def stem(out_dir: Path, number: int) -> Path:
     """``<out>/fig<N>_<name>``: the common stem of a figure's PNG, PDF and CSV."""
     return Path(out_dir) / f"fig{number}_{FIGURES[number].name}"
-
-
-def save(fig: Any, base: Path, data: Any = None) -> list[Path]:
-    """Save ``fig`` as ``base.png`` and ``base.pdf`` and, if given, the DataFrame ``data`` as ``base.csv``
-    (:func:`sspo_analysis.plotting.style.save_figure`: atomic writes, the figure closed). Returns the paths."""
-    from sspo_analysis.plotting import style
-
-    return style.save_figure(fig, base, data)
-
-
-def write_frame(df: Any, path: Path) -> Path:
-    """Write a pandas DataFrame as CSV, atomically (:func:`sspo_analysis.io.write_frame`)."""
-    from sspo_analysis.io import write_frame as write
-
-    return write(df, path)
-
-
-def new_figure(nrows: int, ncols: int, height: float, width: float | None = None, **kw: Any) -> tuple[Any, Any]:
-    """``plt.subplots`` at paper width with the shared style (:func:`sspo_analysis.plotting.style.subplots`)."""
-    from sspo_analysis.plotting import style
-
-    return style.subplots(nrows, ncols, height, width, **kw)
-
-
-def color(name: str) -> str:
-    """The colour of an objective or gate family (:func:`sspo_analysis.plotting.style.color`)."""
-    from sspo_analysis.plotting import style
-
-    return style.color(name)
-
-
-def line_style(name: str, marker: bool = False, every: int | None = None, index: int = 0) -> dict[str, Any]:
-    """Matplotlib keywords for an objective: its colour, dash pattern and optionally its marker
-    (:func:`sspo_analysis.plotting.style.line_kw`; ``every``/``index`` stagger sparse markers)."""
-    from sspo_analysis.plotting import style
-
-    return style.line_kw(name, markers=marker, every=every, index=index)
 
 
 def note(ax: Any, text: str, loc: str = "lower left", **kw: Any) -> None:

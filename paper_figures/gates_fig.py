@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paper_figures import Context, figure, stem, write_frame
+from paper_figures import Context, figure, stem
+from sspo_analysis.io import write_frame
 
 
 def explore_gate(family: str = "arctan", tau: float = 1.0, eps: float = 0.2, half_width: float = 2.0):
@@ -21,13 +22,12 @@ def explore_gate(family: str = "arctan", tau: float = 1.0, eps: float = 0.2, hal
     """
     import torch
 
-    from paper_figures import new_figure
     from sspo_analysis import gates
     from sspo_analysis.plotting import style
 
     l = torch.linspace(-half_width, half_width, 801, dtype=torch.float64)
     r = l.exp()
-    fig, axes = new_figure(2, 3, 4.0)
+    fig, axes = style.subplots(2, 3, 4.0)
     for row, (space, u, x, xlabel) in enumerate((("ratio", r - 1.0, r, "ratio r"),
                                                   ("log", l, l, "log-ratio l = log r"))):
         for name, ls in ((family, "-"), ("hard-clip", "--")):

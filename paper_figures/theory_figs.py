@@ -16,19 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import (
-    Context,
-    color,
-    figure,
-    legend_below,
-    line_style,
-    new_figure,
-    note,
-    save,
-    stem,
-    write_frame,
-)
+from paper_figures import Context, figure, legend_below, note, stem
 from sspo_analysis.analysis import frontier_summary, lowest_mse
+from sspo_analysis.io import write_frame
 
 TOKEN_OBJECTIVES: tuple[str, ...] = ("is-token", "grpo", "dapo", "cispo", "sapo")
 """Token-level objectives of figure 2 (``pg`` is 1 at every std and is drawn as the reference line)."""
@@ -110,21 +100,23 @@ def plot_token_bias(curves, mc):
     """
     from matplotlib.lines import Line2D
 
-    fig, axes = new_figure(1, 2, 3.0, sharey=True)
+    from sspo_analysis.plotting import style
+
+    fig, axes = style.subplots(1, 2, 3.0, sharey=True)
     names = list(dict.fromkeys(curves.objective))
     for ax, sign in zip(axes[0], (1, -1)):
-        ax.axhline(1.0, color=color("pg"), lw=0.8, ls=":", zorder=0)
+        ax.axhline(1.0, color=style.color("pg"), lw=0.8, ls=":", zorder=0)
         for j, name in enumerate(names):
             g = curves[(curves.advantage_sign == sign) & (curves.objective == name)].sort_values("log_ratio_std")
-            ax.plot(g.log_ratio_std, g.mean_coefficient, lw=1.2, **line_style(name))
+            ax.plot(g.log_ratio_std, g.mean_coefficient, lw=1.2, **style.line_kw(name, markers=False))
             m = mc[(mc.objective == name) & (mc.advantage_sign == sign)]
-            kw = line_style(name, marker=True)
+            kw = style.line_kw(name)
             ax.errorbar(_dodge(m.log_ratio_std, j, len(names)), m.mean_coefficient, yerr=2 * m.mean_coefficient_se,
                         fmt=kw["marker"], ms=3.5, color=kw["color"], mfc="white", mew=0.9, lw=0.8, capsize=0)
         ax.set(xscale="log", xlabel="token log-ratio std s (nats)", title=f"advantage {SIGN_STYLE[sign][0]}")
         note(ax, COINCIDE_NOTES["token"][sign])
     axes[0, 0].set_ylabel("mean coefficient E[c / A]  (1 = unbiased)")
-    handles = [Line2D([], [], color=color("pg"), lw=0.8, ls=":")] + [Line2D([], [], **line_style(n, marker=True))
+    handles = [Line2D([], [], color=style.color("pg"), lw=0.8, ls=":")] + [Line2D([], [], **style.line_kw(n))
                                                                      for n in names]
     fig.legend(handles, ["pg (on-policy) = 1"] + names, loc="outside lower center", ncols=len(names) + 1)
     fig.suptitle("Token-level gating bias. Lines: closed form / quadrature; markers: Monte Carlo ± 2 s.e.\n"
@@ -134,6 +126,8 @@ def plot_token_bias(curves, mc):
 
 @figure(2, "token_bias", "token-level gating bias against log-ratio std")
 def figure_2(out_dir: Path, ctx: Context) -> list[Path]:
+    from sspo_analysis.plotting import style
+
     st = ctx.settings
     ctx.advance(0, 1, "theory: closed form, quadrature and Monte Carlo")
     curves, mc = ctx.cached("fig2", lambda: data_token_bias(
@@ -142,7 +136,7 @@ def figure_2(out_dir: Path, ctx: Context) -> list[Path]:
     import pandas as pd
 
     data = pd.concat([curves.assign(kind="analytic"), mc.assign(kind="monte-carlo")], ignore_index=True)
-    return save(plot_token_bias(curves, mc), stem(out_dir, 2), data)
+    return style.save_figure(plot_token_bias(curves, mc), stem(out_dir, 2), data)
 
 
 # --------------------------------------------------------------------------- figure 3
@@ -193,16 +187,19 @@ def exactly_zero(df, key: str) -> list[str]:
 
 def _sequence_panel(ax, ds, key: str, scale: str, names: list[str], rtol: float) -> None:
     """One panel of figure 3: ``key`` against length for every objective, with what coincides named on it."""
+    from sspo_analysis.plotting import style
+
     every = len(names)  # each curve its own marker positions: no marker hides another
     values = ds[ds.objective != "is-seq"][key] if scale == "log" else ds[key]
     top = 10 ** np.ceil(np.log10(max(float(values.max()), 1e-12)) + 3) if scale == "log" else None
     for i, name in enumerate(names):
         g = ds[ds.objective == name].sort_values("length")
         y = g[key].clip(lower=1e-12) if scale == "log" else g[key]
-        ax.plot(g.length, y, label=name, lw=1.1, **line_style(name, marker=True, every=every, index=i))
+        ax.plot(g.length, y, label=name, lw=1.1, **style.line_kw(name, every=every, index=i))
         if top is not None and g[key].iloc[-1] > top:
             ax.annotate(f"{name}: {g[key].iloc[-1]:.1e}\nat L = {int(g.length.iloc[-1])} (off the panel)",
-                        xy=(0.02, 0.97), xycoords="axes fraction", ha="left", va="top", fontsize=6, color=color(name))
+                        xy=(0.02, 0.97), xycoords="axes fraction", ha="left", va="top", fontsize=6,
+                        color=style.color(name))
     text = []
     if key == "dead_fraction":
         zero = exactly_zero(ds, key)
@@ -231,8 +228,10 @@ def plot_sequence_weights(df, sign: int = 1, rtol: float = 0.01):
     staggered so that each stays visible; ``is-seq``'s variance ``exp(L s^2) - 1``
     leaves the panel at large ``L`` and its last value is written beside the cut.
     """
+    from sspo_analysis.plotting import style
+
     stds = sorted(df.log_ratio_std.unique())
-    fig, axes = new_figure(len(SEQUENCE_ROWS), len(stds), 6.2, sharex=True)
+    fig, axes = style.subplots(len(SEQUENCE_ROWS), len(stds), 6.2, sharex=True)
     d = df[df.advantage_sign == sign]
     names = list(dict.fromkeys(d.objective))
     for j, s in enumerate(stds):
@@ -254,9 +253,11 @@ def plot_sequence_weights(df, sign: int = 1, rtol: float = 0.01):
 @figure(3, "sequence_weights", "sequence objectives: coefficient mean, variance and dead fraction "
         "against length")
 def figure_3(out_dir: Path, ctx: Context) -> list[Path]:
+    from sspo_analysis.plotting import style
+
     ctx.advance(0, 1, "theory: sequence weights")
     df = ctx.cached("fig3", lambda: data_sequence_weights(lengths=ctx.settings.lengths))
-    return save(plot_sequence_weights(df), stem(out_dir, 3), df)
+    return style.save_figure(plot_sequence_weights(df), stem(out_dir, 3), df)
 
 
 # --------------------------------------------------------------------------- figure 4
@@ -340,6 +341,8 @@ STAR_SHIFT = 0.3
 def _stars(ax, best: dict) -> None:
     """Each objective's lowest-MSE star (hollow at the edge of its swept range); stars on one point drawn side by
     side around it (a black dot marks the point) and named there, ties as ties."""
+    from sspo_analysis.plotting import style
+
     tied = best["overall"]["tied"]
     for group in star_groups(best):
         b0 = best[group[0]]
@@ -347,8 +350,9 @@ def _stars(ax, best: dict) -> None:
         for j, name in enumerate(group):
             b = best[name]
             x = max(b["var_coefficient"], 1e-8) * np.exp((j - (len(group) - 1) / 2) * STAR_SHIFT)
-            edge = {"mfc": "white", "mec": color(name), "mew": 1.0} if b["at_edge"] else {"mec": "black", "mew": 0.4}
-            ax.plot(x, b["mse"], "*", color=color(name), ms=9, zorder=3, **edge)
+            edge = ({"mfc": "white", "mec": style.color(name), "mew": 1.0} if b["at_edge"]
+                    else {"mec": "black", "mew": 0.4})
+            ax.plot(x, b["mse"], "*", color=style.color(name), ms=9, zorder=3, **edge)
         if len(group) > 1:
             ax.plot(x0, y0, "o", color="black", ms=1.8, zorder=4)
             ties = [n for n in group if n in tied] if len(tied) > 1 else []
@@ -376,7 +380,9 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
     """
     from matplotlib.lines import Line2D
 
-    fig, axes = new_figure(1, len(dfs), 3.6)
+    from sspo_analysis.plotting import style
+
+    fig, axes = style.subplots(1, len(dfs), 3.6)
     for ax, (std, df) in zip(axes[0], dfs.items()):
         shown = df[df.mse <= mse_cap]
         lo = max(shown.var_coefficient.min(), 1e-8) / 2
@@ -388,9 +394,9 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
             g = g[~g.is_default].sort_values("value")
             x, y = g.var_coefficient.clip(lower=1e-8).to_numpy(), g.mse.to_numpy()
             ax.plot(x, y, lw=1.0, label=f"{name}: {g.param.iloc[0]} {g.value.min():.3g} → {g.value.max():.3g}",
-                    **line_style(name, marker=True, every=4, index=j))
-            _sweep_arrow(ax, x, y, color(name))
-            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=color(name), ms=5, mfc="none", mew=1.0)
+                    **style.line_kw(name, every=4, index=j))
+            _sweep_arrow(ax, x, y, style.color(name))
+            ax.plot(d.var_coefficient.clip(lower=1e-8), d.mse, "s", color=style.color(name), ms=5, mfc="none", mew=1.0)
         _stars(ax, best)
         ax.set(xscale="log", yscale="log", ylim=(max(shown.mse.min() / 2, 1e-8), hi),
                xlim=(lo, shown.var_coefficient.max() * 2), xlabel="coefficient variance Var[c/A]",
@@ -413,6 +419,8 @@ def plot_frontier(dfs: dict[float, object], mse_cap: float = 3.0):
 def figure_4(out_dir: Path, ctx: Context) -> list[Path]:
     import pandas as pd
 
+    from sspo_analysis.plotting import style
+
     stds = (0.1, 0.3)
     ctx.advance(0, 1, "theory: frontier sweeps")
     dfs = ctx.cached("fig4", lambda: {s: data_frontier(std=s, points=ctx.settings.frontier_points) for s in stds})
@@ -434,7 +442,7 @@ def figure_4(out_dir: Path, ctx: Context) -> list[Path]:
                      f"At default parameters the lowest MSE is {d.objective}'s, {d.default_mse:.3g}.")
     ctx.cache.setdefault("notes", {})[4] = notes
     base = stem(out_dir, 4)
-    paths = save(plot_frontier(dfs), base, data)
+    paths = style.save_figure(plot_frontier(dfs), base, data)
     paths.append(write_frame(summary, base.with_name(base.name + "_best.csv")))
     return paths
 
@@ -461,12 +469,15 @@ def data_bandit(objectives: Sequence[str], steps: int = 200, seeds: Sequence[int
 @figure(9, "staleness_gradient", "exact-gradient staleness: gradient bias and variance against policy lag")
 def figure_9(out_dir: Path, ctx: Context) -> list[Path]:
     """Each objective's gradient error against the exact gradient as the policy lag k grows
-    (:mod:`sspo_analysis.plotting.staleness`; ``Settings.gradient_batches`` sampled batches per lag)."""
-    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+    (:func:`sspo_analysis.simulation.staleness_data`, drawn by :mod:`sspo_analysis.plotting.staleness`;
+    ``Settings.gradient_batches`` sampled batches per lag)."""
+    from sspo_analysis.plotting import style
+    from sspo_analysis.plotting.staleness import plot_staleness
+    from sspo_analysis.simulation import staleness_data
 
     def progress(done: int, total: int, name: str) -> None:
         ctx.advance(done, total, f"theory: exact-gradient staleness study, {name}")
 
     df = ctx.cached("fig9", lambda: staleness_data(n_batches=ctx.settings.gradient_batches, progress=progress))
     ctx.advance(1, 1, "plotting")
-    return save(plot_staleness(df), stem(out_dir, 9), df)
+    return style.save_figure(plot_staleness(df), stem(out_dir, 9), df)

@@ -15,19 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures import (
-    TRAINED_OBJECTIVES,
-    Context,
-    color,
-    figure,
-    legend_below,
-    line_style,
-    new_figure,
-    note,
-    save,
-    stem,
-    write_frame,
-)
+from paper_figures import TRAINED_OBJECTIVES, Context, figure, legend_below, note, stem
 from sspo_analysis.analysis import (
     PREDICTION_KINDS,
     SPIKE_FACTOR,
@@ -38,6 +26,7 @@ from sspo_analysis.analysis import (
     results_frame,
     summarise_runs,
 )
+from sspo_analysis.io import write_frame
 
 # --------------------------------------------------------------------------- shared drawing
 
@@ -47,15 +36,16 @@ def _band(ax, g, key: str, name: str, label: str | None = None, log: bool = Fals
 
     Returns the number of seeds (for the band's description on the figure).
     """
+    from sspo_analysis.plotting import style
     from sspo_analysis.plotting.bands import mean_ci
 
     piv = g.pivot_table(index="step", columns="seed", values=key, aggfunc="mean")
     x = piv.index.to_numpy()
     mean, lo, hi = mean_ci(piv.to_numpy(dtype=float), log=log)
     every = max(1, len(x) // 6)
-    ax.plot(x, mean, label=label or name, lw=1.2, **line_style(name, marker=True, every=every, index=index))
+    ax.plot(x, mean, label=label or name, lw=1.2, **style.line_kw(name, every=every, index=index))
     if piv.shape[1] > 1:
-        ax.fill_between(x, lo, hi, color=color(name), alpha=0.15, lw=0)
+        ax.fill_between(x, lo, hi, color=style.color(name), alpha=0.15, lw=0)
     return int(piv.shape[1])
 
 
@@ -107,11 +97,13 @@ def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=N
     """Figure 5, one column per objective: top, entropy against step (mean over seeds, band: 95 % t CI of the mean;
     grey: the other objectives' means); bottom, reward against entropy (points: every seed and step, coloured by
     step) with the law ``R = -a exp(H) + b`` fitted on all of them, ``a`` with its standard error."""
+    from sspo_analysis.plotting import style
+
     main = metrics[metrics.staleness == 0]
     names = [o for o in objectives if o in set(main.objective)]
     fits = (fit_entropy_reward(main, names) if fits is None else fits).set_index("objective")
     windows = fit_windows(main, names) if windows is None else windows
-    fig, axes = new_figure(2, len(names), 4.4, sharey="row")
+    fig, axes = style.subplots(2, len(names), 4.4, sharey="row")
     n_seeds = main.groupby("objective").seed.nunique()
     steps = (float(main.step.min()), float(main.step.max()))
     for j, name in enumerate(names):
@@ -121,7 +113,7 @@ def plot_entropy(metrics, objectives: Sequence[str] = TRAINED_OBJECTIVES, fits=N
                 mean = main[main.objective == other].groupby("step").entropy.mean()
                 axes[0, j].plot(mean.index, mean, color="#cccccc", lw=0.6, zorder=0)
         _band(axes[0, j], g, "entropy", name, index=j)
-        axes[0, j].set_title(name, color=color(name))
+        axes[0, j].set_title(name, color=style.color(name))
         points = axes[1, j].scatter(g.entropy, g.reward_mean, s=5, c=g.step, cmap="viridis", vmin=steps[0],
                                     vmax=steps[1], alpha=0.7, lw=0)
         f = fits.loc[name] if name in fits.index else None
@@ -148,6 +140,7 @@ def figure_5(out_dir: Path, ctx: Context) -> list[Path]:
     import pandas as pd
 
     from paper_figures.experiments import training_data
+    from sspo_analysis.plotting import style
 
     metrics, _ = training_data(ctx)
     cols = ["objective", "seed", "staleness", "step", "entropy", "reward_mean"]
@@ -156,7 +149,8 @@ def figure_5(out_dir: Path, ctx: Context) -> list[Path]:
     windows = fit_windows(metrics, names)
     base = stem(out_dir, 5)
     ctx.advance(0, 1, "plotting")
-    paths = save(plot_entropy(metrics, fits=fits, windows=windows), base, metrics[metrics.staleness == 0][cols])
+    paths = style.save_figure(plot_entropy(metrics, fits=fits, windows=windows), base,
+                              metrics[metrics.staleness == 0][cols])
     table = pd.concat([fits.assign(window="all steps"), windows.assign(window="steps")], ignore_index=True)
     paths.append(write_frame(table, base.with_name(base.name + "_fit.csv")))
     return paths
@@ -172,6 +166,8 @@ STEP_PANELS = (("reward_mean", "reward\n(batch mean)", False), ("seq_weight_var"
 
 def _step_grid(sub, main, names: list[str]) -> None:
     """Figure 6, top: one row per metric of :data:`STEP_PANELS`, one column per objective (grey: the others)."""
+    from sspo_analysis.plotting import style
+
     axes = sub.subplots(len(STEP_PANELS), len(names), sharex=True, sharey="row", squeeze=False)
     for row, (key, label, log) in enumerate(STEP_PANELS):
         for j, name in enumerate(names):
@@ -184,7 +180,7 @@ def _step_grid(sub, main, names: list[str]) -> None:
             if log:
                 ax.set_yscale("log")
             if row == 0:
-                ax.set_title(f"{name}, k = 0", color=color(name), fontsize=7)
+                ax.set_title(f"{name}, k = 0", color=style.color(name), fontsize=7)
         axes[row, 0].set_ylabel(label, fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("RL step")
@@ -266,6 +262,7 @@ def plot_stability(metrics, summary, objectives: Sequence[str] = TRAINED_OBJECTI
 @figure(6, "stability", "reward, weight variance and grad norm; staleness study", needs_training=True)
 def figure_6(out_dir: Path, ctx: Context) -> list[Path]:
     from paper_figures.experiments import training_data
+    from sspo_analysis.plotting import style
 
     metrics, runs = training_data(ctx)
     summary = summarise_runs(metrics, runs)
@@ -273,7 +270,7 @@ def figure_6(out_dir: Path, ctx: Context) -> list[Path]:
     base = stem(out_dir, 6)
     cols = ["objective", "seed", "staleness", "step", "reward_mean", "seq_weight_var", "grad_norm"]
     ctx.advance(0, 1, "plotting")
-    paths = save(plot_stability(metrics, summary, tests=tests), base, metrics[cols])
+    paths = style.save_figure(plot_stability(metrics, summary, tests=tests), base, metrics[cols])
     paths.append(write_frame(summary, base.with_name(base.name + "_runs.csv")))
     paths.append(write_frame(tests, base.with_name(base.name + "_tests.csv")))
     return paths
@@ -289,6 +286,7 @@ COUNT_KEYS = ("spikes",)
 
 def _stale_points(ax, g, key: str, name: str, j: int, n: int) -> None:
     """One objective's seed mean (and CI) against staleness k, shifted sideways by its index ``j`` of ``n``."""
+    from sspo_analysis.plotting import style
     from sspo_analysis.plotting.bands import mean_ci, poisson_mean_ci
 
     piv = g.pivot_table(index="staleness", columns="seed", values=key, aggfunc="mean")
@@ -298,7 +296,7 @@ def _stale_points(ax, g, key: str, name: str, j: int, n: int) -> None:
     else:
         mean, lo, hi = mean_ci(values, log=key == "weight_var")
     x = piv.index.to_numpy(dtype=float) + (j - (n - 1) / 2) * 0.15
-    kw = line_style(name, marker=True)
+    kw = style.line_kw(name)
     ax.plot(x, mean, lw=1.0, label=name, **kw)
     if piv.shape[1] > 1:
         ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor=kw["color"], lw=0.8, capsize=0)
@@ -350,7 +348,7 @@ def _scatter_pred_real(ax, df, pred: str, title: str, xlabel: str, diagonal: boo
             scale = 10.0 ** np.floor(np.log10(top))
             xlabel = f"{xlabel}, x {scale:.0e}"
     for name, g in df.groupby("objective", sort=False):
-        ax.scatter(g[pred] / scale, g.entropy_change_real, s=7, color=color(name), alpha=0.6, lw=0, label=name,
+        ax.scatter(g[pred] / scale, g.entropy_change_real, s=7, color=style.color(name), alpha=0.6, lw=0, label=name,
                    marker=style.marker(name))
     ax.axhline(0, color="#dddddd", lw=0.5, zorder=0)
     ax.axvline(0, color="#dddddd", lw=0.5, zorder=0)
@@ -377,8 +375,10 @@ def plot_entropy_mechanism(bandit, llm):
     network's own first-order prediction ``grad H . d theta``, in the units of the
     measurement (grey line: equality). Per-objective correlations: ``results.md``.
     """
+    from sspo_analysis.plotting import style
+
     has_taylor = llm is not None and "entropy_change_taylor" in llm and llm.entropy_change_taylor.notna().any()
-    fig, axes = new_figure(1, 3 if has_taylor else 2, 3.1)
+    fig, axes = style.subplots(1, 3 if has_taylor else 2, 3.1)
     # The bandit has one action per step, so its entropy is in nats (not per token).
     _scatter_pred_real(axes[0, 0], bandit, "entropy_change_pred", "softmax bandit",
                        "predicted -Cov(log pi, dz) (nats)", diagonal=True, ylabel="measured entropy change (nats)")
@@ -418,6 +418,7 @@ def figure_7(out_dir: Path, ctx: Context) -> list[Path]:
 
     from paper_figures.experiments import training_data
     from paper_figures.theory_figs import data_bandit
+    from sspo_analysis.plotting import style
 
     st = ctx.settings
     ctx.advance(0, 1, "theory: bandit simulator")
@@ -435,7 +436,7 @@ def figure_7(out_dir: Path, ctx: Context) -> list[Path]:
     ctx.cache.setdefault("notes", {})[7] = agreement_markdown(agree)
     base = stem(out_dir, 7)
     ctx.advance(0, 1, "plotting")
-    paths = save(plot_entropy_mechanism(bandit, llm), base, data)
+    paths = style.save_figure(plot_entropy_mechanism(bandit, llm), base, data)
     paths.append(write_frame(agree, base.with_name(base.name + "_agreement.csv")))
     return paths
 
@@ -460,12 +461,13 @@ def _theory_panel(ax, df, key: str, meas: str, log: bool) -> list[str]:
         if name in zero:  # every point at (0, 0): one marker each, side by side there (an offset in points)
             shift = offset_copy(ax.transData, fig=ax.figure, x=7 * (zero.index(name) - (len(zero) - 1) / 2),
                                 units="points")
-            ax.scatter([0.0], [0.0], s=16, color=color(name), label=name, lw=0, marker=mk, transform=shift,
+            ax.scatter([0.0], [0.0], s=16, color=style.color(name), label=name, lw=0, marker=mk, transform=shift,
                        zorder=3)
             continue
-        ax.scatter(g[f"empirical_{key}"], g[meas], s=12, color=color(name), label=name, alpha=0.8, lw=0, marker=mk)
-        ax.scatter(g[f"lognormal_{key}"], g[meas], s=16, marker=mk, facecolor="none", edgecolor=color(name), lw=0.7,
-                   alpha=0.8)
+        ax.scatter(g[f"empirical_{key}"], g[meas], s=12, color=style.color(name), label=name, alpha=0.8, lw=0,
+                   marker=mk)
+        ax.scatter(g[f"lognormal_{key}"], g[meas], s=16, marker=mk, facecolor="none", edgecolor=style.color(name),
+                   lw=0.7, alpha=0.8)
     finite = df[cols].to_numpy(dtype=float)
     finite = finite[np.isfinite(finite)]
     if log:
@@ -491,7 +493,9 @@ def plot_theory_vs_measured(df):
     dead-fraction axes are symmetric-log, and the objectives whose dead fraction is
     exactly 0 throughout (soft gates) are named on the panel.
     """
-    fig, axes = new_figure(1, 2, 3.2)
+    from sspo_analysis.plotting import style
+
+    fig, axes = style.subplots(1, 2, 3.2)
     for ax, (key, meas, label, log) in zip(axes[0], (
             ("var_coefficient", "coef_norm_var", "variance of normalised coefficient", True),
             ("dead_fraction", "dead_frac", "dead-gradient fraction", False))):
@@ -519,6 +523,7 @@ def plot_theory_vs_measured(df):
         needs_training=True)
 def figure_8(out_dir: Path, ctx: Context) -> list[Path]:
     from paper_figures.experiments import theory_on_logged_ratios
+    from sspo_analysis.plotting import style
 
     df = ctx.cached("fig8", lambda: theory_on_logged_ratios(ctx))
     base = stem(out_dir, 8)
@@ -535,7 +540,7 @@ def figure_8(out_dir: Path, ctx: Context) -> list[Path]:
                      f"{dead['empirical']:.4f} | {dead['lognormal']:.4f} |")
     ctx.cache.setdefault("notes", {})[8] = notes
     ctx.advance(0, 1, "plotting")
-    return save(plot_theory_vs_measured(df), base, df)
+    return style.save_figure(plot_theory_vs_measured(df), base, df)
 
 
 # --------------------------------------------------------------------------- results table

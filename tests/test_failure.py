@@ -1,15 +1,21 @@
 """The one definition of failure (sspo_analysis.failure): the trainer's stop, the results table's "diverged" and the
-study's "unstable" on hand-built metric curves, each verdict worked out by hand from the constants below."""
+study's "unstable" on hand-built metric curves, each verdict worked out by hand from the constants below; each
+criterion applied at the step it first holds, and a run whose updates are all skipped marked diverged."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pandas as pd
+import pytest
+from test_runs import FAST, _sets
 
 from sspo_analysis import analysis, failure
-from sspo_analysis.failure import Monitor, assess, diverged, instability
+from sspo_analysis.cli import main
+from sspo_analysis.failure import ENTROPY_COLLAPSE_NATS, ENTROPY_COLLAPSE_STEPS, Monitor, assess, diverged, instability
+from sspo_analysis.training import read_metrics, train
 
 
 def test_the_constants_the_cases_below_were_worked_out_with():
@@ -102,3 +108,50 @@ def test_the_analysis_and_the_study_read_the_same_definition():
     # summarise_run's diverged column and the study's instability are this module's, not copies
     assert analysis.diverged is diverged and analysis.instability is instability
     assert analysis.final_mean is failure.final_mean and analysis.smoothed_reward is failure.smoothed_reward
+
+
+def test_assess_applies_each_criterion_at_the_step_it_first_holds():
+    ok = {"reward_mean": 0.5, "entropy": 1.0, "skipped_updates": 0}
+    rows = [dict(ok, step=s) for s in range(1, 6)]
+    assert not assess(rows, 2).diverged
+    nan = [*rows[:2], dict(ok, step=3, entropy=None), *rows[3:]]
+    assert (assess(nan, 2).kind, assess(nan, 2).step) == ("nonfinite", 3)
+    low = [dict(ok, step=s, entropy=ENTROPY_COLLAPSE_NATS / 2 if s > 1 else 1.0) for s in range(1, 8)]
+    assert (assess(low, 2).kind, assess(low, 2).step) == ("entropy_collapse", 1 + ENTROPY_COLLAPSE_STEPS)
+    blip = [dict(ok, step=s, entropy=ENTROPY_COLLAPSE_NATS / 2 if s % 2 else 1.0) for s in range(1, 8)]
+    assert not assess(blip, 2).diverged  # never the required consecutive steps
+    # 2 updates a step; every update of steps 1-4 skipped: 8 of 8 > half once 8 were tried (step 4)
+    skipped = [dict(ok, step=s, skipped_updates=2) for s in range(1, 6)]
+    assert (assess(skipped, 2).kind, assess(skipped, 2).step) == ("skipped", 4)
+    one = [dict(ok, step=1, skipped_updates=1), *rows[1:]]
+    assert not assess(one, 2).diverged
+
+
+def test_a_run_whose_updates_are_all_skipped_is_marked_diverged(tmp_path, monkeypatch, capsys):
+    import sspo_analysis.objectives as objectives
+
+    original = objectives.Objective.loss
+
+    def poisoned(self, *args, **kwargs):
+        return original(self, *args, **kwargs) * math.nan
+
+    monkeypatch.setattr(objectives.Objective, "loss", poisoned)
+    out = tmp_path / "dead"
+    args = ["train", "--no-progress", "--out", str(out), *_sets(FAST + ["steps=10"])]
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "diverged at step 4" in err and "8 of 8 updates skipped" in err
+    assert not (out / "DONE").exists()
+    marker = json.loads((out / "DIVERGED").read_text())
+    assert marker["step"] == 4 and marker["kind"] == "skipped"
+    assert len(read_metrics(out)) == 4  # the run stopped there
+    with pytest.raises(ValueError, match="diverged"):
+        train(None, out, resume=True)
+    import pandas as pd
+
+    from sspo_analysis.failure import diverged
+
+    healthy = pd.DataFrame({"step": [1, 2, 3, 4], "reward_mean": [0.5] * 4, "entropy": [1.0] * 4,
+                            "loss": [0.1] * 4, "skipped_updates": [0] * 4})
+    assert not diverged({"done": True, "run_dir": tmp_path / "elsewhere"}, healthy)
+    assert diverged({"done": True, "run_dir": out}, healthy)  # the marker alone decides

@@ -14,6 +14,7 @@ from test_analysis import synthetic_metrics
 import paper_figures
 from paper_figures import training_figs as tf
 from sspo_analysis.analysis import frontier_summary, results_frame, summarise_runs
+from sspo_analysis.plotting import style
 
 
 def test_every_figure_is_registered_with_a_unique_stem():
@@ -53,12 +54,12 @@ def test_results_markdown_shows_mean_and_std_and_the_notes():
 def test_training_plots_draw_every_objective(tmp_path):
     metrics, runs = synthetic_metrics(staleness=(0, 2, 8), seeds=(0, 1))
     summary = summarise_runs(metrics, runs)
-    paths = paper_figures.save(tf.plot_entropy(metrics, ("grpo", "sspo")), tmp_path / "f5")
+    paths = style.save_figure(tf.plot_entropy(metrics, ("grpo", "sspo")), tmp_path / "f5")
     fig = tf.plot_stability(metrics, summary, ("grpo", "sspo"))
     # reward, weight variance and grad norm: one line per objective each; staleness panels: one per objective
     assert [len(ax.get_lines()) >= 2 for ax in fig.axes[:6]] == [True] * 6
-    paths += paper_figures.save(fig, tmp_path / "f6")
-    paths += paper_figures.save(tf.plot_entropy_mechanism(metrics, metrics), tmp_path / "f7")
+    paths += style.save_figure(fig, tmp_path / "f6")
+    paths += style.save_figure(tf.plot_entropy_mechanism(metrics, metrics), tmp_path / "f7")
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
 
 

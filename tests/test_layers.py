@@ -10,9 +10,9 @@ import pathlib
 import sspo_analysis
 
 RANK = {
-    "primitives": 0, "io": 0, "lazy": 0, "gates": 1, "objectives": 2, "failure": 3, "testing": 3, "theory": 3,
-    "simulation": 4, "analysis": 4, "training": 5, "integrations": 6, "plotting": 6, "study": 7, "cli_common": 7,
-    "check_cli": 7, "cli": 8,
+    "primitives": 0, "io": 0, "lazy": 0, "sandbox": 0, "gates": 1, "objectives": 2, "failure": 3, "testing": 3,
+    "theory": 3, "simulation": 4, "analysis": 4, "training": 5, "integrations": 6, "plotting": 6, "study": 7,
+    "cli_common": 7, "check_cli": 7, "cli": 8,
 }
 ROOT = pathlib.Path(sspo_analysis.__file__).parent
 

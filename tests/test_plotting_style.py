@@ -1,5 +1,6 @@
 """The shared plotting helpers: the palette (distinct colours and markers), the seed bands and the
-exact-gradient staleness figure (sspo_analysis/plotting/staleness.py)."""
+exact-gradient staleness figure (sspo_analysis/plotting/staleness.py, its numbers from
+sspo_analysis.simulation.staleness_data)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def test_mean_ci_is_a_t_interval_of_the_mean_over_seeds():
 
 
 def test_staleness_on_policy_is_unbiased_and_the_figure_draws_every_objective():
-    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+    from sspo_analysis.plotting.staleness import plot_staleness
+    from sspo_analysis.simulation import staleness_data
 
     df = staleness_data(("grpo", "sspo", "sspo-sigmoid", ("sspo@tau=2", "sspo", {"tau": 2.0})), lags=(0, 4),
                         n_batches=200)
@@ -92,7 +94,8 @@ def test_staleness_on_policy_is_unbiased_and_the_figure_draws_every_objective():
 
 
 def test_staleness_figure_shows_the_divisor_of_its_relative_panels_and_the_variance_not_divided():
-    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+    from sspo_analysis.plotting.staleness import plot_staleness
+    from sspo_analysis.simulation import staleness_data
 
     df = staleness_data(("grpo", "sspo"), lags=(0, 2, 8), n_batches=100)
     norm = df.groupby("staleness").target_norm2.agg(["min", "max"])

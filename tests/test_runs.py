@@ -1,11 +1,15 @@
-"""A trainer that touches only its own files (issue 22, items 4-6): temporary files removed by exact name, an
-atomic lock (export included), damaged run files reported in one line with nothing changed, bounds checked up
-front, non-finite sampling as DIVERGED, Ctrl-C as one line."""
+"""A run directory's lifecycle (``sspo_analysis.training.runs``): a trainer that touches only its own files
+(temporary files removed by exact name, an atomic lock, export included), damaged run files reported in one line
+with nothing changed, bounds checked up front, non-finite sampling as DIVERGED, Ctrl-C as one line; who owns a run
+(a second writer refused, a stale lock taken over, kill -9 then resume reproducing the run), honest resumes (changes
+of meaning refused, more steps extending a finished run as a straight run would), output paths checked before any
+model loads, and a failed checkpoint write leaving no temporary file."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -14,11 +18,37 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_reliability import FAST, ROOT, _env, _hold_lock, _sets
 
 from sspo_analysis.cli import main
-from sspo_analysis.training import load_config, train
+from sspo_analysis.training import load_config, read_metrics, sweep, train
+from sspo_analysis.training.runs import LOCK_NAME, RunBusyError, run_lock
+from sspo_analysis.training.trainer import TIMING_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["model.preset=\"micro\"", "model.warm_start=false", "rollout.prompts=4", "rollout.group_size=4",
+        "rollout.max_new_tokens=4", "log.progress=false", "log.log_ratios_every=0", "log.checkpoint_every=2",
+        "threads=1", "optim.lr=1e-3"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    """``--set`` flags for each override."""
+    return [flag for o in overrides for flag in ("--set", o)]
+
+
+def _same_metrics(a, b) -> None:
+    """Two runs' metrics are identical, timings aside."""
+    assert list(a.step) == list(b.step)
+    for key in a.columns:
+        if key in TIMING_KEYS or key in ("run", "generation_time", "step_time"):
+            continue
+        x, y = a[key].to_numpy(), b[key].to_numpy()
+        assert (np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f" else (x == y).all()), key
 
 
 def _one_line(capsys) -> str:
@@ -311,3 +341,180 @@ def test_a_device_this_machine_lacks_is_refused_before_any_folder_is_made(tmp_pa
     assert main(["train", "--no-progress", "--out", out, *_sets(FAST + ['device="cuda"'])]) == 2
     assert "device: 'cuda' requested" in _one_line(capsys)
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- run ownership
+
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    """Another process that owns ``run`` until killed."""
+    code = ("import sys, time\nfrom sspo_analysis.training.runs import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, env=_env())
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_fails_at_once_naming_the_owner(tmp_path, capsys):
+    run = tmp_path / "run"
+    owner = _hold_lock(run)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RunBusyError, match=rf"{run.name}.*process {owner.pid}"):
+            train(None, run, overrides=FAST + ["steps=1"])
+        assert time.perf_counter() - t0 < 5  # before any model is built
+        assert main(["train", "--set", "steps=1", *_sets(FAST), "--out", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(owner.pid) in err and str(run) in err
+        assert not (run / "metrics.jsonl").exists() and not (run / "config.toml").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    # the owner died without releasing: its lock is stale and taken over with a warning
+    assert (run / LOCK_NAME).exists()
+    with pytest.warns(UserWarning, match="stale lock"):
+        train(None, run, overrides=FAST + ["steps=1"])
+    assert (run / "DONE").exists() and not (run / LOCK_NAME).exists()
+
+
+def test_lock_is_released_on_error_and_reentry_is_refused(tmp_path):
+    with run_lock(tmp_path / "r") as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunBusyError):  # the same process, a second writer: also refused
+            with run_lock(tmp_path / "r"):
+                pass
+    assert not lock.exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="already holds a run"):  # raised while the lock is held
+        train(None, tmp_path / "bad", overrides=FAST + ["steps=1"])
+    assert not (tmp_path / "bad" / LOCK_NAME).exists()
+
+
+def test_pretrain_and_sweep_respect_an_owned_directory(tmp_path, capsys):
+    from sspo_analysis.training import pretrain
+
+    with run_lock(tmp_path / "ws"):
+        with pytest.raises(RunBusyError, match=f"process {os.getpid()}"):
+            pretrain(None, tmp_path / "ws", overrides=["model.preset=\"micro\"", "log.progress=false"])
+    (tmp_path / "sw" / "grpo_seed0").mkdir(parents=True)
+    with run_lock(tmp_path / "sw" / "grpo_seed0"):
+        assert sweep(["grpo"], [0], None, tmp_path / "sw", FAST + ["steps=1"]) == []
+    assert "skipped" in capsys.readouterr().out
+    assert not (tmp_path / "sw" / "grpo_seed0" / "FAILED").exists()  # not ours to mark
+
+
+def _cli_train(run: Path, over: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sspo_analysis.cli", "train", "--no-progress", "--out", str(run),
+            *_sets(over)]
+
+
+def test_kill_9_at_a_random_moment_then_resume_reproduces_the_run(tmp_path):
+    over = FAST + ["steps=30", "log.checkpoint_every=1"]
+    straight = read_metrics(train(None, tmp_path / "straight", overrides=over))
+    interrupted = 0
+    for seed in range(3):
+        run = tmp_path / f"killed{seed}"
+        proc = subprocess.Popen(_cli_train(run, over), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(random.Random(seed).uniform(0.0, 0.6))  # somewhere in the 30 steps (~1 s on one thread)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        interrupted += not (run / "DONE").exists()
+        with pytest.warns(UserWarning, match="stale lock"):
+            train(None, run, resume=True, progress=False)
+        assert (run / "DONE").exists() and not list(run.glob("**/.*.tmp"))
+        _same_metrics(straight, read_metrics(run))
+    assert interrupted >= 1  # at least one kill landed mid-run, so a resume was tested
+
+
+# --------------------------------------------------------------------------- honest resumes
+
+
+def test_resume_refuses_changes_of_meaning_and_names_each_field(tmp_path):
+    run = train(None, tmp_path / "r", overrides=FAST + ["steps=2"])
+    with pytest.raises(ValueError, match=r"objective\.name.*seed|seed.*objective\.name") as err:
+        train(None, run, overrides=["objective.name=\"sspo\"", "seed=7"], resume=True)
+    assert "optim.lr" not in str(err.value)
+    with pytest.raises(ValueError, match="optim.lr"):
+        train(None, run, overrides=["optim.lr=0.1"], resume=True)
+    assert load_config(run / "config.toml").objective.name == "grpo"
+    train(None, run, overrides=["threads=1", "log.progress=false"], resume=True)  # honoured: no meaning
+    # a run made on a bigger machine: its threads are refused here unless the resume sets them
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("threads = 1", "threads = 99999"))
+    with pytest.raises(ValueError, match="threads"):
+        train(None, run, resume=True)
+    train(None, run, overrides=["threads=1"], resume=True)
+
+
+def test_more_steps_extend_a_finished_run_as_a_straight_run_would(tmp_path):
+    straight = read_metrics(train(None, tmp_path / "straight", overrides=FAST + ["steps=4"]))
+    run = train(None, tmp_path / "short", overrides=FAST + ["steps=2"])
+    assert main(["train", "--no-progress", "--resume", str(run), "--set", "steps=4"]) == 0
+    assert (run / "DONE").read_text().startswith("finished 4 steps")
+    assert load_config(run / "config.toml").steps == 4
+    _same_metrics(straight, read_metrics(run))
+    with pytest.raises(ValueError, match="steps.*already done"):
+        train(None, run, overrides=["steps=3"], resume=True)
+    (run / "checkpoint" / "state.pt").unlink()
+    with pytest.raises(ValueError, match="no checkpoint to extend from"):
+        train(None, run, overrides=["steps=6"], resume=True)
+    assert len(read_metrics(run)) == 4 and (run / "DONE").exists()  # nothing lost
+
+
+def test_more_steps_under_a_decaying_schedule_are_refused(tmp_path):
+    run = train(None, tmp_path / "cos", overrides=FAST + ["steps=2", "optim.schedule=\"cosine\""])
+    with pytest.raises(ValueError, match="steps.*cosine"):
+        train(None, run, overrides=["steps=4"], resume=True)
+
+
+def test_a_run_recorded_before_model_kernels_existed_resumes_with_the_exact_kernels(tmp_path):
+    # records made before the field existed were computed with what is now "exact"; the default is "fast"
+    straight = read_metrics(train(None, tmp_path / "straight", overrides=FAST + ["steps=4", 'model.kernels="exact"']))
+    run = train(None, tmp_path / "old", overrides=FAST + ["steps=2", 'model.kernels="exact"'])
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace('kernels = "exact"\n', ""))
+    assert load_config(config).model.kernels == "fast"  # what a plain read would wrongly say
+    train(None, run, overrides=["steps=4"], resume=True)
+    _same_metrics(straight, read_metrics(run))
+    assert load_config(config).model.kernels == "exact"
+
+
+# --------------------------------------------------------------------------- output paths and checkpoint writes
+
+
+def test_output_paths_are_checked_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import sspo_analysis.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "build_policy", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "file").write_text("x")
+    cases = {str(tmp_path / "file"): "is a file", str(tmp_path / "file" / "run"): "is a file",
+             "/proc/sspo_run": "pseudo file system"}
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        cases[str(ro / "run")] = "not writable"
+    for out, why in cases.items():
+        with pytest.raises(ValueError, match=why):
+            train(None, out, overrides=FAST + ["steps=1"])
+        assert main(["pretrain", "--out", out, "--set", "model.preset=\"micro\""]) == 2
+        assert why in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    import torch
+
+    def full_disk(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 123 vs 456")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "r"
+    assert main(["train", "--no-progress", "--out", str(out), *_sets(FAST + ["steps=2"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint" in err and "disk full" in err
+    assert not list(out.glob("**/*.tmp")) and not (out / "checkpoint" / "state.pt").exists()

@@ -1,4 +1,4 @@
-"""The sandbox (training/sandbox.py), the code and synthesis tasks, and the engine reward functions.
+"""The sandbox (sspo_analysis/sandbox/), the code and synthesis tasks, and the engine reward functions.
 
 Oracles are independent of the code under test: expected test counts are worked
 out by hand or with plain Python on our own (trusted) functions, process
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sspo_analysis.training import sandbox
-from sspo_analysis.training.sandbox import SandboxResult, extract_code, grade_many, parse_tests, run_python
+from sspo_analysis import sandbox
+from sspo_analysis.sandbox import SandboxResult, extract_code, grade_many, parse_tests, run_python
 from sspo_analysis.training.tasks import CodeTask, Synthesis, make_task
 
 TESTS = "assert f(1) == 2\nassert f(2) == 4\nassert f(3) == 6\n"

@@ -1,4 +1,4 @@
-"""Hostile programs against the sandbox (training/sandbox.py): none earns reward it did not compute, none
+"""Hostile programs against the sandbox (sspo_analysis/sandbox/): none earns reward it did not compute, none
 changes anything outside, none outlives grading, and grading time stays bounded.
 
 Every program here is *wrong* (its ``f`` does not compute what the tests ask), so any reward is a
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sspo_analysis.training.sandbox import bwrap_problem, run_python
+from sspo_analysis.sandbox import bwrap_problem, run_python
 from sspo_analysis.training.tasks import CodeTask
 
 pytestmark = [pytest.mark.skipif(bwrap_problem() is not None, reason=f"bubblewrap cannot run: {bwrap_problem()}"),

@@ -1,14 +1,18 @@
 """The task registry: a task is one class and one decorator, in any file. The ``copy`` task below is
-registered from this test file alone, no package file touched, and trains like a built-in one."""
+registered from this test file alone, no package file touched, and trains like a built-in one. JSONL files:
+errors that name the file and the line, a byte-order mark skipped."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from test_runs import _sets
 
+from sspo_analysis.cli import main
 from sspo_analysis.training import Task, load_config, read_metrics, register_task, train
 from sspo_analysis.training.tasks import TASKS, Reversal, Synthesis, make_task_from, unregister_task
 
@@ -71,7 +75,7 @@ def test_built_in_tasks_read_their_fields_through_the_registry():
     assert reversal == Reversal(length=7, grader="chars")
     config = load_config(None, ['task.name="synthesis"', "task.sandbox_timeout_s=3", "task.sandbox_memory_mb=300",
                                 'task.sandbox="unsafe-process"'])
-    from sspo_analysis.training import sandbox
+    from sspo_analysis import sandbox
 
     sandbox._warn_unsafe.cache_clear()  # it warns once a process: an earlier test may have had it
     with pytest.warns(RuntimeWarning, match="unsafe-process"):
@@ -90,3 +94,28 @@ def test_registry_refusals():
     assert "copy" not in TASKS
     with pytest.raises(ValueError, match=r"^task.name: unknown value 'copy'; allowed values: addition, "):
         load_config(None, ['task.name="copy"'])
+
+
+# --------------------------------------------------------------------------- JSONL files
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": bad}\n', r"bad\.jsonl:2: not JSON"),
+    (b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "\xff"}\n', r"bad\.jsonl:2: not UTF-8"),
+    (b'{"prompt": "1+1=", "answer": "2"}\n\n[1, 2]\n', r"bad\.jsonl:3: expected a JSON object, got a JSON list"),
+])
+def test_jsonl_task_errors_name_the_file_and_the_line(tmp_path, content, message, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    over = FAST + ["task.name=\"jsonl\"", f"task.path=\"{path}\"", "steps=1"]
+    assert main(["train", "--no-progress", "--out", str(tmp_path / "r"), *_sets(over)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    from sspo_analysis.training.tasks import make_task
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n')
+    assert make_task("jsonl", path=str(path)).prompts == ["1+1="]

@@ -1,4 +1,4 @@
-"""``sspo theory`` and ``sspo simulate`` through the real ``sspo`` entry point."""
+"""``sspo theory`` and ``sspo simulate`` through the real ``sspo`` entry point; a corrupt log-ratio file is one line."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sspo_analysis import cli
+from sspo_analysis.cli import main
 from sspo_analysis.theory import RESULT_KEYS, LogNormalRatios, all_objective_names, analyse
 
 
@@ -121,3 +122,11 @@ def test_theory_on_a_run(capsys, tmp_path):
     assert d["method"] == "monte-carlo" and d["length"] == pytest.approx(3.5) and d["advantage_sign"] == -1
     code, _, err = run(capsys, "theory", "--objective", "gmpo", "--run", str(tmp_path / "none"))
     assert code == 2 and "run_dir: no log-ratio files" in err
+
+
+def test_a_corrupt_log_ratio_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "log_ratios").mkdir()
+    (tmp_path / "log_ratios" / "step_000001.npz").write_bytes(b"PK\x03\x04 cut off")
+    assert main(["theory", "--objective", "grpo", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step_000001.npz" in err

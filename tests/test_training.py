@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -201,6 +202,39 @@ def test_cli_config_error_fails_before_work(tmp_path, capsys):
     assert main(["train", "--set", "objective.name=nope", "--out", str(out)]) == 2
     assert "objective: unknown name 'nope'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_config_files_with_a_bom_or_bad_bytes(tmp_path):
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbfseed = 3\n")
+    assert load_config(tmp_path / "bom.toml").seed == 3
+    (tmp_path / "bad.toml").write_bytes(b"seed = 3\n# \xff\n")
+    with pytest.raises(ValueError, match=r"config: .*bad\.toml: 'utf-8' codec"):
+        load_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("objective.one_sided=\"no\"", "one_sided"), ("objective.one_sided=1", "one_sided"),
+    ("objective.tau=true", "tau"), ("objective.eps=[1,2,3]", "eps"), ("objective.gate=[1]", "gate"),
+    ("log.progress=\"no\"", "log.progress"), ("model.warm_start=1", "model.warm_start"),
+    ("steps=[5]", "steps"), ("optim.lr=true", "optim.lr"), ("task.name=[\"addition\"]", "task.name"),
+    ("seed=123456789012345678901", "seed"), ("seed=-1", "seed"), ("warm_start.seed=18446744073709551616", "seed"),
+])
+def test_a_field_of_the_wrong_type_or_range_is_one_error_naming_it(override, field):
+    with pytest.raises(ValueError, match=field):
+        load_config(None, ["objective.name=\"sspo\"", override])
+
+
+def test_eps_true_is_refused_not_one():
+    with pytest.raises(ValueError, match="eps must be a number"):
+        load_config(None, ["objective.eps=true"])
+    assert load_config(None, ["objective.eps=[0.1,0.3]"]).build_objective().params["eps_hi"] == 0.3
+
+
+def test_threads_are_bounded_by_the_machine():
+    n = os.cpu_count() or 1
+    assert load_config(None, [f"threads={n}"]).threads == n
+    with pytest.raises(ValueError, match=f"threads: .*<= {n}"):
+        load_config(None, [f"threads={n + 1}"])
 
 
 # --------------------------------------------------------------------------- the loop

@@ -13,7 +13,7 @@
       custom_reward_function.name=compute_score
 
 Both take the program from the completion's last fenced code block (or the
-whole completion), run it in :mod:`sspo_analysis.training.sandbox`, and return
+whole completion), run it in :mod:`sspo_analysis.sandbox`, and return
 the fraction of tests passed (``grader="tests-all"``: 1 only when all pass). A
 grading error gives 0 and a warning, never an exception in the engine's loop; a
 sandbox that cannot run here (bubblewrap missing, ``sandbox.SandboxUnavailable``)
@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sspo_analysis.training.sandbox import SandboxUnavailable, extract_code, grade_many, run_python
+from sspo_analysis.sandbox import SandboxUnavailable, extract_code, grade_many, run_python
 from sspo_analysis.training.tasks import TEST_GRADERS, parse_tests_answer
 
 

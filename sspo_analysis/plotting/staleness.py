@@ -1,69 +1,15 @@
 """The exact-gradient staleness figure: each objective's gradient error as the policy lag grows.
 
-The numbers are :func:`sspo_analysis.simulation.staleness_study`'s (a tabular
-sequence policy whose sequences can be enumerated, so the target gradient is
-exact); this module only gathers them for several objectives
-(:func:`staleness_data`) and draws them (:func:`plot_staleness`). Paper figure 9
-and the stability study both call it.
+The numbers are :func:`sspo_analysis.simulation.staleness_data`'s (one
+:func:`~sspo_analysis.simulation.staleness_study` per objective: a tabular sequence
+policy whose sequences can be enumerated, so the target gradient is exact); this
+module only draws them (:func:`plot_staleness`). Paper figure 9 and the stability
+study both call it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
 import numpy as np
-
-STALENESS_OBJECTIVES: tuple[str, ...] = ("grpo", "dapo", "cispo", "gspo", "gmpo", "sapo", "sspo", "sspo-sigmoid",
-                                         "vespo")
-"""The objectives of the figure (default)."""
-STALENESS_LAGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
-"""The policy lags k (updates between the behaviour and the current policy)."""
-
-Entry = str | tuple[str, str, Mapping[str, Any]]
-
-
-def staleness_data(
-    objectives: Sequence[Entry] = STALENESS_OBJECTIVES,
-    lags: Sequence[int] = STALENESS_LAGS,
-    n_batches: int = 1000,
-    seed: int = 0,
-    progress: Callable[[int, int, str], None] | None = None,
-    **study: Any,
-):
-    """One :func:`~sspo_analysis.simulation.staleness_study` per objective, stacked in one table.
-
-    ``objectives`` holds registered names or ``(label, name, params)`` triples
-    (a variant, e.g. ``("sspo-sigmoid@tau=2", "sspo-sigmoid", {"tau": 2.0})``);
-    the ``objective`` column holds the name or the label. Every objective sees
-    the same policy path and the same samples (the same ``seed``), so the
-    differences between them are the objectives', not the sampling's.
-    ``progress(done, total, name)`` is called before each objective; ``study``
-    goes to ``staleness_study`` (``length``, ``vocab``, ``group_size``, ...).
-    Runs on one torch thread (restored afterwards).
-    """
-    import pandas as pd
-    import torch
-
-    from sspo_analysis.simulation import staleness_study
-
-    frames = []
-    threads = torch.get_num_threads()
-    # The tensors are tiny: one thread is fastest, and several slow to a crawl on a busy machine.
-    torch.set_num_threads(1)
-    try:
-        for i, entry in enumerate(objectives):
-            label, name, params = (entry, entry, {}) if isinstance(entry, str) else entry
-            if progress is not None:
-                progress(i, len(objectives), label)
-            df = staleness_study(name, lags, n_batches=n_batches, seed=seed, **study, **dict(params))
-            frames.append(df.assign(objective=label))
-    finally:
-        torch.set_num_threads(threads)
-    if progress is not None:
-        progress(len(objectives), len(objectives), "done")
-    return pd.concat(frames, ignore_index=True)
-
 
 PANELS = (
     ("bias", "relative bias\n|E ĝ − g*| / |g*|", "linear"),
@@ -112,7 +58,7 @@ def _notes(df, names: list[str]) -> str:
 def plot_staleness(df):
     """Bias, variance, MSE and direction of each objective's gradient estimate against the policy lag k.
 
-    ``df`` is :func:`staleness_data`'s table (several objectives, one row per
+    ``df`` is :func:`sspo_analysis.simulation.staleness_data`'s table (several objectives, one row per
     objective and lag). Returns the matplotlib figure (not saved).
     """
     import matplotlib.pyplot as plt

@@ -4,7 +4,8 @@
   entropy, the reward and the entropy change, predicted to first order and realised.
 - :func:`staleness_study`: a tabular autoregressive policy; the bias and
   variance of each objective's gradient estimate against the exact on-policy
-  gradient (by enumeration) as the policy lag grows.
+  gradient (by enumeration) as the policy lag grows; :func:`staleness_data`: that
+  study for several objectives on the same samples, stacked in one table.
 
 Objective names resolve through :func:`sspo_analysis.objectives.resolve_objective`
 (the reference estimators ``is-token`` and ``is-seq`` included); the advantages
@@ -17,7 +18,7 @@ from sspo_analysis.lazy import lazy_exports
 
 _MODULES = {
     "sspo_analysis.simulation.bandit": ("entropy_change_first_order", "run_bandit"),
-    "sspo_analysis.simulation.sequence": ("TabularPolicy", "staleness_study"),
+    "sspo_analysis.simulation.sequence": ("TabularPolicy", "staleness_data", "staleness_study"),
 }
 __all__ = sorted(n for names in _MODULES.values() for n in names)
 __getattr__, __dir__ = lazy_exports(__name__, {n: m for m, names in _MODULES.items() for n in names})

@@ -10,14 +10,16 @@ only the whole sequence decides.
 :func:`staleness_study` measures, as the policy lag ``k`` grows, the bias and
 variance of each objective's gradient estimate (``-grad loss`` of the real
 objective, by autograd) computed on groups sampled from a policy ``k`` updates
-old, against the exact gradient of the expected reward at the current policy.
+old, against the exact gradient of the expected reward at the current policy;
+:func:`staleness_data` runs it for several objectives on the same samples (paper
+figure 9 and the stability study draw it with :mod:`sspo_analysis.plotting.staleness`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,7 @@ from sspo_analysis.simulation.bandit import check_int
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["TabularPolicy", "staleness_study"]
+__all__ = ["STALENESS_LAGS", "STALENESS_OBJECTIVES", "TabularPolicy", "staleness_data", "staleness_study"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,55 @@ def staleness_study(  # noqa: PLR0913 - keyword knobs of one experiment, each a 
                 "path_lr": float(path_lr), "seed": seed}
     rows = [{"objective": obj.name, "staleness": k, **_lag_row(obj, study, path[k], gen), **settings} for k in lags]
     return pd.DataFrame(rows)
+
+
+STALENESS_OBJECTIVES: tuple[str, ...] = ("grpo", "dapo", "cispo", "gspo", "gmpo", "sapo", "sspo", "sspo-sigmoid",
+                                         "vespo")
+"""The objectives of :func:`staleness_data` (default; paper figure 9)."""
+STALENESS_LAGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
+"""The policy lags k of :func:`staleness_data` (updates between the behaviour and the current policy)."""
+
+Entry = str | tuple[str, str, Mapping[str, Any]]
+
+
+def staleness_data(
+    objectives: Sequence[Entry] = STALENESS_OBJECTIVES,
+    lags: Sequence[int] = STALENESS_LAGS,
+    n_batches: int = 1000,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+    **study: Any,
+) -> pd.DataFrame:
+    """One :func:`staleness_study` per objective, stacked in one table (what
+    :func:`sspo_analysis.plotting.staleness.plot_staleness` draws).
+
+    ``objectives`` holds registered names or ``(label, name, params)`` triples
+    (a variant, e.g. ``("sspo-sigmoid@tau=2", "sspo-sigmoid", {"tau": 2.0})``);
+    the ``objective`` column holds the name or the label. Every objective sees
+    the same policy path and the same samples (the same ``seed``), so the
+    differences between them are the objectives', not the sampling's.
+    ``progress(done, total, name)`` is called before each objective; ``study``
+    goes to ``staleness_study`` (``length``, ``vocab``, ``group_size``, ...).
+    Runs on one torch thread (restored afterwards).
+    """
+    import pandas as pd
+
+    frames = []
+    threads = torch.get_num_threads()
+    # The tensors are tiny: one thread is fastest, and several slow to a crawl on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        for i, entry in enumerate(objectives):
+            label, name, params = (entry, entry, {}) if isinstance(entry, str) else entry
+            if progress is not None:
+                progress(i, len(objectives), label)
+            df = staleness_study(name, lags, n_batches=n_batches, seed=seed, **study, **dict(params))
+            frames.append(df.assign(objective=label))
+    finally:
+        torch.set_num_threads(threads)
+    if progress is not None:
+        progress(len(objectives), len(objectives), "done")
+    return pd.concat(frames, ignore_index=True)
 
 
 @dataclass(frozen=True)

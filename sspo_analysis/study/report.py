@@ -143,8 +143,10 @@ def plot_theory(per_arm: Any, corr: Any, arms: Sequence[str]) -> Any:
 
 def staleness_figure(fig_dir: Path, arms: Sequence[Any], n_batches: int) -> list[Path]:
     """The exact-gradient companion of the map: each arm's gradient bias and variance as the policy lag grows
-    (:mod:`sspo_analysis.plotting.staleness`, a tabular policy whose exact gradient is known)."""
-    from sspo_analysis.plotting.staleness import plot_staleness, staleness_data
+    (:func:`sspo_analysis.simulation.staleness_data`, a tabular policy whose exact gradient is known, drawn by
+    :mod:`sspo_analysis.plotting.staleness`)."""
+    from sspo_analysis.plotting.staleness import plot_staleness
+    from sspo_analysis.simulation import staleness_data
 
     entries = [(a.label, a.objective, dict(a.params)) for a in arms]
     df = staleness_data(entries, n_batches=n_batches)

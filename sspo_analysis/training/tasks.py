@@ -9,7 +9,7 @@ TRL's conversational ``prompt`` (a list of ``{role, content}``) or verl's RL lay
 by the final number of the completion, or by ``math-verify`` (the ``math`` extra;
 the final number when it is not installed); ``code``: local ``{prompt, tests,
 entry_point?}`` records graded by running the completion's code against the
-tests in :mod:`sspo_analysis.training.sandbox`; ``synthesis``: write an
+tests in :mod:`sspo_analysis.sandbox`; ``synthesis``: write an
 expression in ``x`` for a hidden function shown by input/output pairs, graded in
 the sandbox on held-out inputs.
 
@@ -170,7 +170,7 @@ def _check_reversal(t: TaskConfig) -> None:
 
 
 def _check_sandbox(t: TaskConfig) -> None:
-    from sspo_analysis.training.sandbox import SANDBOXES
+    from sspo_analysis.sandbox import SANDBOXES
 
     _number("task.sandbox_timeout_s", t.sandbox_timeout_s, 0.0, 3600.0, lo_open=True)
     _number("task.sandbox_memory_mb", t.sandbox_memory_mb, 32, integer=True)
@@ -499,7 +499,7 @@ def parse_tests_answer(answer) -> tuple[str, str | None]:
 
 @dataclass
 class SandboxTask(Task):
-    """A task graded by running code in :mod:`~sspo_analysis.training.sandbox`.
+    """A task graded by running code in :mod:`~sspo_analysis.sandbox`.
 
     ``reward`` never raises: a grader error (an unreadable reference, a failed
     start) gives reward 0 and is counted in ``reward_failures`` (the first one is
@@ -517,7 +517,7 @@ class SandboxTask(Task):
     cache_size = 65536
 
     def __post_init__(self) -> None:
-        from sspo_analysis.training.sandbox import SandboxUnavailable, require_sandbox
+        from sspo_analysis.sandbox import SandboxUnavailable, require_sandbox
 
         if self.grader not in TEST_GRADERS:
             raise ValueError(f"task.grader: unknown value {self.grader!r} for task {self.name!r}; "
@@ -537,7 +537,7 @@ class SandboxTask(Task):
 
     def rewards(self, completions: list[str], answers: list[str], workers: int | None = None) -> list[float]:
         """Rewards of many completions, graded in parallel; failures count as 0 (see the class docstring)."""
-        from sspo_analysis.training import sandbox
+        from sspo_analysis import sandbox
 
         jobs, out = {}, [0.0] * len(completions)
         for i, (completion, answer) in enumerate(zip(completions, answers)):
@@ -590,7 +590,7 @@ class CodeTask(SandboxTask):
 
     ``tests`` is Python source: top-level ``assert`` lines, ``test_*``
     functions, or HumanEval's ``check(candidate)`` with ``entry_point``, in the
-    forms :func:`~sspo_analysis.training.checks.parse_tests` reads (a record whose
+    forms :func:`~sspo_analysis.sandbox.checks.parse_tests` reads (a record whose
     tests it cannot read is refused with its file and line). The
     program is the completion's last fenced code block, or the whole completion
     when it has none. ``grader``: ``tests-fraction`` (fraction of tests passed)
@@ -609,7 +609,7 @@ class CodeTask(SandboxTask):
         self.prompts, self.answers = load_records(self.path, "{prompt, tests}", self._record)
 
     def _record(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
-        from sspo_analysis.training.sandbox import parse_tests
+        from sspo_analysis.sandbox import parse_tests
 
         prompt, tests, entry = (rec.get(k) for k in (self.prompt_key, self.tests_key, self.entry_point_key))
         if not isinstance(prompt, str) or not isinstance(tests, str):
@@ -627,7 +627,7 @@ class CodeTask(SandboxTask):
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
 
     def program(self, completion: str, answer: str) -> tuple[str, str, str | None]:
-        from sspo_analysis.training.sandbox import extract_code
+        from sspo_analysis.sandbox import extract_code
 
         tests, entry = parse_tests_answer(answer)
         return extract_code(completion), tests, entry
@@ -635,7 +635,7 @@ class CodeTask(SandboxTask):
     def written(self, answer: str) -> str:
         """A definition of each function the tests call (``def name(): return``): the names are what the
         model must be able to write; the tests themselves are never written."""
-        from sspo_analysis.training.sandbox import parse_tests
+        from sspo_analysis.sandbox import parse_tests
 
         return " ".join(f"def {name}(): return" for name in parse_tests(*parse_tests_answer(answer)).functions)
 

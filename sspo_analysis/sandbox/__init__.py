@@ -6,7 +6,7 @@ bounded thread pool, each thread driving one sandbox, so a slow or hostile progr
 its own timeout.
 
 **The verdict.** The tests never run next to the program. They are read in this process
-(:mod:`~sspo_analysis.training.checks`) into the calls they make of the program's functions and the
+(:mod:`~sspo_analysis.sandbox.checks`) into the calls they make of the program's functions and the
 checks on the values; the sandbox receives only the program and the calls (literal arguments), and
 sends back each call's value as plain data (a Python literal of builtin types: no objects with
 their own ``__eq__``). The checks run here, on those values. Overriding builtins, walking frames,
@@ -71,8 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sspo_analysis.training.checks import Plan, TestsError, parse_tests, verdict
-from sspo_analysis.training.harness import MAX_VALUE_CHARS, decode
+from sspo_analysis.sandbox.checks import Plan, TestsError, parse_tests, verdict
+from sspo_analysis.sandbox.harness import MAX_VALUE_CHARS, decode
 
 __all__ = ["SANDBOXES", "STATUSES", "SandboxResult", "SandboxUnavailable", "TestsError", "extract_code",
            "grade_many", "parse_tests", "require_sandbox", "run_python"]
@@ -123,7 +123,7 @@ def run_python(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb: i
 
     Args:
         program: the untrusted source; never executed in this process.
-        tests: trusted test source (see :func:`~sspo_analysis.training.checks.parse_tests`).
+        tests: trusted test source (see :func:`~sspo_analysis.sandbox.checks.parse_tests`).
         timeout_s: wall-clock limit of the program and all its calls (the CPU limit is the same
             number of seconds, rounded up).
         memory_mb: address-space limit of each process.

@@ -1,7 +1,7 @@
 """The sandbox's harness: run as ``python -I -S harness.py`` inside the sandbox, where it only computes.
 
-``sspo_analysis.training.sandbox`` starts it with a JSON spec on stdin: the program, the calls to
-make (a function name and the literal text of its arguments, see ``training/checks.py``) and the
+``sspo_analysis.sandbox`` starts it with a JSON spec on stdin: the program, the calls to
+make (a function name and the literal text of its arguments, see ``sandbox/checks.py``) and the
 limits. This process is a small *reaper* (a Linux child subreaper): it forks a *worker* that
 starts a new session, applies the limits, runs the program, calls each function in turn and writes
 one line per event on the result channel (this process's original stdout; the program's own stdout
