@@ -118,3 +118,20 @@ def test_poisson_interval_of_a_mean_count_is_exact_and_never_negative():
     assert lo[1] == pytest.approx(0.0253, abs=1e-4) and hi[1] == pytest.approx(5.5716, abs=1e-4)
     assert mean[2] == pytest.approx(1 / 3) and (lo >= 0).all() and (lo <= mean).all() and (mean <= hi).all()
     assert np.isnan(poisson_mean_ci([[np.nan, np.nan]])[0]).all()
+
+
+def test_a_saved_figure_gives_the_same_bytes_every_time(tmp_path):
+    import time
+
+    def draw():
+        fig, axes = style.subplots(1, 1, 2.0)
+        axes[0, 0].plot([0, 1], [1, 0], **style.line_kw("sspo"))
+        return fig
+
+    first = style.save_figure(draw(), tmp_path / "a" / "fig")
+    time.sleep(1.1)  # a creation date in seconds would differ
+    second = style.save_figure(draw(), tmp_path / "b" / "fig")
+    assert [p.suffix for p in first] == [".png", ".pdf"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert b"CreationDate" not in first[1].read_bytes()

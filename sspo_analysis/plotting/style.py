@@ -195,7 +195,7 @@ def save(fig, path_stem) -> list:
     paths = []
     for ext in ("png", "pdf"):
         target = stem.with_suffix(f".{ext}")
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=ext)
+        with atomic_path(target) as tmp:  # no creation date in the PDF: the same figure gives the same bytes
+            fig.savefig(tmp, format=ext, metadata={"CreationDate": None} if ext == "pdf" else None)
         paths.append(target)
     return paths
