@@ -35,7 +35,7 @@ WORKERS = 2
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class FigureRun:
     objective: str
     seed: int
     staleness: int
@@ -73,14 +73,14 @@ def overrides(settings: Settings, staleness: int) -> list[str]:
     ]
 
 
-def plan(ctx: Context) -> list[RunSpec]:
+def plan(ctx: Context) -> list[FigureRun]:
     """Every run the figures need, main grid first."""
     st, root = ctx.settings, runs_root(ctx)
-    specs = [RunSpec(o, s, 0, root / "k0") for o in TRAINED_OBJECTIVES for s in st.seeds]
+    specs = [FigureRun(o, s, 0, root / "k0") for o in TRAINED_OBJECTIVES for s in st.seeds]
     for k in st.staleness:
         if k == 0:
             continue
-        specs += [RunSpec(o, s, k, root / f"k{k}") for o in st.staleness_objectives for s in st.staleness_seeds]
+        specs += [FigureRun(o, s, k, root / f"k{k}") for o in st.staleness_objectives for s in st.staleness_seeds]
     return specs
 
 
@@ -215,7 +215,7 @@ def _follow(ctx: Context, futures: dict) -> None:
         ctx.advance(done, len(futures), training_status(done, len(futures), started, now))
 
 
-def _check_reusable(spec: RunSpec, settings: Settings) -> None:
+def _check_reusable(spec: FigureRun, settings: Settings) -> None:
     """A finished run is reused only if it was made with this mode's settings."""
     from sspo_analysis.training.config import tomllib
 

@@ -550,7 +550,7 @@ TABLE_COLUMNS = (("final_reward", "final reward"), ("end_entropy", "entropy at e
                  ("auc_reward", "reward AUC / step"), ("weight_var", "weight variance"), ("spikes", "grad spikes"))
 
 
-def results_markdown(table, notes: dict | None = None, settings_line: str = "") -> str:
+def figures_results_markdown(table, notes: dict | None = None, settings_line: str = "") -> str:
     """The results table as Markdown (mean ± std over seeds) with the figures' notes below it."""
     head = "| objective | runs | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | diverged |"
     lines = ["# Results", "", settings_line, "", SHARED_SETTINGS_NOTE, "", head,
@@ -583,5 +583,5 @@ def results_table(out_dir: Path, ctx: Context) -> list[Path]:
     metrics, runs = training_data(ctx)
     table = results_frame(summarise_runs(metrics, runs), TRAINED_OBJECTIVES)
     csv_path = write_frame(table, Path(out_dir) / "results.csv")
-    md = results_markdown(table, ctx.cache.get("notes"), describe_settings(ctx))
+    md = figures_results_markdown(table, ctx.cache.get("notes"), describe_settings(ctx))
     return [csv_path, write_text(Path(out_dir) / "results.md", md)]

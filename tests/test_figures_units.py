@@ -43,11 +43,11 @@ def test_parse_only_rejects_bad_input_naming_the_allowed_values(text, fragment):
     assert fragment in str(err.value) and "table" in str(err.value)
 
 
-def test_results_markdown_shows_mean_and_std_and_the_notes():
+def test_figures_results_markdown_shows_mean_and_std_and_the_notes():
     metrics, runs = synthetic_metrics()
     table = results_frame(summarise_runs(metrics, runs), paper_figures.TRAINED_OBJECTIVES)
     assert list(table.objective) == ["grpo", "sspo"]  # paper order
-    md = tf.results_markdown(table, {4: ["- a note"]}, "settings line")
+    md = tf.figures_results_markdown(table, {4: ["- a note"]}, "settings line")
     assert "| grpo | 3 | 0.510 ± 0.000" in md and "- a note" in md and "settings line" in md
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from sspo_analysis import analysis
-from sspo_analysis.study import ARMS, PLANS, Plan, Regime, RunSpec, collect, design
+from sspo_analysis.study import ARMS, PLANS, Plan, Regime, StudyRun, collect, design
 from sspo_analysis.study.stats import mean_ci, paired_difference, sign_flip_p
 from sspo_analysis.training import load_config
 from sspo_analysis.training.tasks import Reversal
@@ -194,7 +194,7 @@ def test_two_arms_of_one_objective_get_their_own_run_directories(tmp_path):
     assert shared, "the study has objectives with two arms (sspo, sspo-sigmoid)"
     regime = PLANS["full"].headline
     for arms in shared:
-        dirs = {RunSpec(a, regime, 0).run_dir(tmp_path) for a in arms}
+        dirs = {StudyRun(a, regime, 0).run_dir(tmp_path) for a in arms}
         assert len(dirs) == len(arms)
 
 

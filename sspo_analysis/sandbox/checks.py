@@ -96,8 +96,8 @@ class _Reader:
         for arg in node.args + [k.value for k in node.keywords]:
             self.expression(arg, scope, aliases)
         try:
-            args = tuple(evaluate(a, scope, None) for a in node.args)
-            kwargs = {k.arg: evaluate(k.value, scope, None) for k in node.keywords}
+            args = tuple(evaluate_node(a, scope, None) for a in node.args)
+            kwargs = {k.arg: evaluate_node(k.value, scope, None) for k in node.keywords}
         except Unanswered:
             raise TestsError(f"the arguments of {name}() use the program's values; only literals can be sent") from None
         except Exception as err:  # noqa: BLE001 - any failure of a literal is a test we cannot read
@@ -203,7 +203,7 @@ def _constant_truth(stmt: ast.Assert, scope: dict) -> None:
         raise TestsError("calls only builtins the grader applies itself, so it tests nothing of the program "
                          "(a program function named like a builtin is not supported)")
     try:
-        value = bool(evaluate(stmt.test, scope, None))
+        value = bool(evaluate_node(stmt.test, scope, None))
     except Exception as err:  # noqa: BLE001
         raise TestsError(f"cannot be evaluated without the program ({err})") from None
     if not value:
@@ -286,7 +286,7 @@ def _test(reader: _Reader, node: ast.stmt, body: list[ast.stmt], scope: dict, al
     return Test(label.splitlines()[0][:120], tuple(checks), tuple(used))
 
 
-def evaluate(node: ast.expr, scope: dict, values: dict[int, Any] | None) -> Any:
+def evaluate_node(node: ast.expr, scope: dict, values: dict[int, Any] | None) -> Any:
     """The value of an understood expression; ``values`` holds each answered call's value (None: no calls yet).
 
     Raises :class:`Unanswered` for a call without a value; any other exception means the check failed.
@@ -300,7 +300,7 @@ def evaluate(node: ast.expr, scope: dict, values: dict[int, Any] | None) -> Any:
 def _name(node: ast.Name, scope: dict, values: dict | None) -> Any:
     if node.id in scope:
         bound, where = scope[node.id]
-        return evaluate(bound, where, values)
+        return evaluate_node(bound, where, values)
     return SAFE_FUNCTIONS[node.id]
 
 
@@ -310,14 +310,14 @@ def _call(node: ast.Call, scope: dict, values: dict | None) -> Any:
         if values is None or index not in values:
             raise Unanswered(index)
         return values[index]
-    args = [evaluate(a, scope, values) for a in node.args]
-    kwargs = {k.arg: evaluate(k.value, scope, values) for k in node.keywords}
+    args = [evaluate_node(a, scope, values) for a in node.args]
+    kwargs = {k.arg: evaluate_node(k.value, scope, values) for k in node.keywords}
     return _function(node.func)(*args, **kwargs)
 
 
 def _arithmetic(node: ast.BinOp, scope: dict, values: dict | None) -> Any:
     """Arithmetic on numbers; ``+`` also joins two sequences of one type and ``-`` subtracts sets."""
-    a, b = evaluate(node.left, scope, values), evaluate(node.right, scope, values)
+    a, b = evaluate_node(node.left, scope, values), evaluate_node(node.right, scope, values)
     op = type(node.op)
     if isinstance(a, _NUMBER) and isinstance(b, _NUMBER) and op in _ARITHMETIC:
         if op is ast.Pow and isinstance(a, int) and isinstance(b, int) and abs(b) * max(1, abs(a).bit_length()) > \
@@ -332,7 +332,7 @@ def _arithmetic(node: ast.BinOp, scope: dict, values: dict | None) -> Any:
 
 
 def _unary(node: ast.UnaryOp, scope: dict, values: dict | None) -> Any:
-    value = evaluate(node.operand, scope, values)
+    value = evaluate_node(node.operand, scope, values)
     if isinstance(node.op, ast.Not):
         return not value
     if not isinstance(value, _NUMBER) or isinstance(node.op, ast.Invert) and not isinstance(value, int):
@@ -341,9 +341,9 @@ def _unary(node: ast.UnaryOp, scope: dict, values: dict | None) -> Any:
 
 
 def _compare(node: ast.Compare, scope: dict, values: dict | None) -> bool:
-    left = evaluate(node.left, scope, values)
+    left = evaluate_node(node.left, scope, values)
     for op, right_node in zip(node.ops, node.comparators):
-        right = evaluate(right_node, scope, values)
+        right = evaluate_node(right_node, scope, values)
         if isinstance(op, (ast.Is, ast.IsNot)) and not any(v is None or isinstance(v, bool) for v in (left, right)):
             raise TypeError("`is` is evaluated only with None, True or False")
         if not _COMPARE[type(op)](left, right):
@@ -355,7 +355,7 @@ def _compare(node: ast.Compare, scope: dict, values: dict | None) -> bool:
 def _bool(node: ast.BoolOp, scope: dict, values: dict | None) -> Any:
     value = None
     for item in node.values:
-        value = evaluate(item, scope, values)
+        value = evaluate_node(item, scope, values)
         if bool(value) != isinstance(node.op, ast.And):
             return value
     return value
@@ -369,20 +369,20 @@ def _attribute(node: ast.Attribute, scope: dict, values: dict | None) -> Any:
 
 
 def _subscript(node: ast.Subscript, scope: dict, values: dict | None) -> Any:
-    container = evaluate(node.value, scope, values)
+    container = evaluate_node(node.value, scope, values)
     if not isinstance(container, (*_SEQUENCE, dict)):
         raise TypeError(f"indexing a {type(container).__name__} is not evaluated")
-    return container[evaluate(node.slice, scope, values)]
+    return container[evaluate_node(node.slice, scope, values)]
 
 
 _EVALUATORS = {
     ast.Constant: lambda node, scope, values: node.value,
-    ast.List: lambda node, scope, values: [evaluate(e, scope, values) for e in node.elts],
-    ast.Tuple: lambda node, scope, values: tuple(evaluate(e, scope, values) for e in node.elts),
-    ast.Set: lambda node, scope, values: {evaluate(e, scope, values) for e in node.elts},
-    ast.Dict: lambda node, scope, values: {evaluate(k, scope, values): evaluate(v, scope, values)
+    ast.List: lambda node, scope, values: [evaluate_node(e, scope, values) for e in node.elts],
+    ast.Tuple: lambda node, scope, values: tuple(evaluate_node(e, scope, values) for e in node.elts),
+    ast.Set: lambda node, scope, values: {evaluate_node(e, scope, values) for e in node.elts},
+    ast.Dict: lambda node, scope, values: {evaluate_node(k, scope, values): evaluate_node(v, scope, values)
                                            for k, v in zip(node.keys, node.values)},
-    ast.Slice: lambda node, scope, values: slice(*(None if p is None else evaluate(p, scope, values)
+    ast.Slice: lambda node, scope, values: slice(*(None if p is None else evaluate_node(p, scope, values)
                                                    for p in (node.lower, node.upper, node.step))),
     ast.Name: _name, ast.Call: _call, ast.BinOp: _arithmetic, ast.UnaryOp: _unary, ast.Compare: _compare,
     ast.BoolOp: _bool, ast.Attribute: _attribute, ast.Subscript: _subscript,
@@ -396,7 +396,7 @@ def verdict(test: Test, values: dict[int, Any], reasons: dict[int, str]) -> str 
     """
     for expression, scope in test.checks:
         try:
-            if not evaluate(expression, scope, values):
+            if not evaluate_node(expression, scope, values):
                 return "false" + _shown(test, values)
         except Unanswered as missing:
             return reasons.get(missing.args[0], "no value came back")

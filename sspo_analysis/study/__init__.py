@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sspo_analysis.study.design import ARMS, PLANS, Arm, Plan, Regime, RunSpec
+from sspo_analysis.study.design import ARMS, PLANS, Arm, Plan, Regime, StudyRun
 
-__all__ = ["ARMS", "PLANS", "Arm", "Plan", "Regime", "RunSpec", "load_results"]
+__all__ = ["ARMS", "PLANS", "Arm", "Plan", "Regime", "StudyRun", "load_results"]
 
 RESULT_FILES = ("stability", "summary", "comparisons", "theory", "theory_correlations")
 """The CSV tables a study writes, by stem."""

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sspo_analysis import analysis
-from sspo_analysis.study.design import Plan, RunSpec
+from sspo_analysis.study.design import Plan, StudyRun
 from sspo_analysis.study.stats import fraction_ci, mean_ci, paired_difference, spearman_permutation
 
 OUTCOMES: dict[str, str] = {
@@ -53,7 +53,7 @@ def _verdict(run: Path) -> dict[str, Any] | None:
         return {"step": None, "kind": "trainer", "reason": "unreadable DIVERGED"}
 
 
-def read_runs(plan: Plan, root: Path) -> dict[RunSpec, Any]:
+def read_runs(plan: Plan, root: Path) -> dict[StudyRun, Any]:
     """Every run's per-step metrics (:func:`sspo_analysis.training.read_metrics`), or ``None`` for a run without."""
     from sspo_analysis.training import read_metrics
 
@@ -64,7 +64,7 @@ def read_runs(plan: Plan, root: Path) -> dict[RunSpec, Any]:
     return runs
 
 
-def run_row(spec: RunSpec, run: Path, df: Any, steps_planned: int) -> dict[str, Any]:
+def run_row(spec: StudyRun, run: Path, df: Any, steps_planned: int) -> dict[str, Any]:
     """The tidy row of one run from its metrics ``df`` (NaN outcomes for a run with no metrics)."""
     row = {"arm": spec.arm.label, "objective": spec.arm.objective, **spec.regime.as_columns(), "seed": spec.seed,
            "run": spec.name}
@@ -97,7 +97,7 @@ def _peak_step(df: Any) -> int:
     return int(df.step.iloc[int(np.nanargmax(smooth))]) if np.isfinite(smooth).any() else -1
 
 
-def tidy(plan: Plan, root: Path, runs: dict[RunSpec, Any]) -> Any:
+def tidy(plan: Plan, root: Path, runs: dict[StudyRun, Any]) -> Any:
     """One row per run of ``plan`` under ``root/runs`` (``stability.csv``) from their metrics ``runs``
     (:func:`read_runs`), with ``headline`` marking the headline regime's runs."""
     import pandas as pd

@@ -83,10 +83,10 @@ class Plan:
     gradient_batches: int = 1000
     """Sampled batches per lag of the exact-gradient staleness figure."""
 
-    def runs(self) -> list[RunSpec]:
+    def runs(self) -> list[StudyRun]:
         """Every run of the plan, headline runs first (they carry the statistical comparison), without repeats."""
-        specs = [RunSpec(a, self.headline, s) for s in self.headline_seeds for a in self.arms]
-        specs += [RunSpec(a, r, s) for r in self.regimes for s in self.seeds for a in self.arms]
+        specs = [StudyRun(a, self.headline, s) for s in self.headline_seeds for a in self.arms]
+        specs += [StudyRun(a, r, s) for r in self.regimes for s in self.seeds for a in self.arms]
         return list(dict.fromkeys(specs))
 
     def regime_labels(self) -> list[str]:
@@ -104,7 +104,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class StudyRun:
     """One run: an arm in a regime with a seed."""
 
     arm: Arm

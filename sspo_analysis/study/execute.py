@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
-from sspo_analysis.study.design import Plan, RunSpec
+from sspo_analysis.study.design import Plan, StudyRun
 from sspo_analysis.study.pools import open_pool
 
 Report = Callable[[str], None]
@@ -78,7 +78,7 @@ def execute(plan: Plan, root: Path, jobs: int, display: Display, rerun: bool = F
         for fut in [pool.submit(warm_start, s.overrides(plan)) for s in lengths.values()]:
             display.note(f"warm start ready: {fut.result()}")
         display.phase(f"training ({jobs} jobs)")
-        pending: dict[Future, RunSpec] = {}
+        pending: dict[Future, StudyRun] = {}
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < jobs:
@@ -135,7 +135,7 @@ class Display:
         self.console.print(f"study: {text} ({time.perf_counter() - self.t0:.0f} s)")
 
     def running(self, spec: Any) -> None:
-        """A run started (a :class:`RunSpec` or any run with ``name`` and ``text()``)."""
+        """A run started (a :class:`StudyRun` or any run with ``name`` and ``text()``)."""
         self.active[spec.name] = self.progress.add_task(f"  {_describe(spec)}", total=None)
 
     def finished(self, spec: Any, state: str, seconds: float, messages: str) -> None:
@@ -148,6 +148,6 @@ class Display:
 
 
 def _describe(spec: Any) -> str:
-    if isinstance(spec, RunSpec):
+    if isinstance(spec, StudyRun):
         return f"{spec.arm.label} | {spec.regime.label} | seed {spec.seed}"
     return spec.text()

@@ -299,7 +299,7 @@ def _batch_text(plan: Any) -> str:
             f"temperature {r.temperature:g}, gradient norm clipped at {cfg.optim.grad_clip:g}")
 
 
-def results_markdown(data: dict[str, Any], plan: Any, command: str, seconds: float, load: str) -> str:
+def stability_markdown(data: dict[str, Any], plan: Any, command: str, seconds: float, load: str) -> str:
     """``results.md``: how it was made, the definitions, the headline, the comparisons, the map and the theory."""
     arms = [a.label for a in plan.arms]
     regimes = plan.regime_labels()

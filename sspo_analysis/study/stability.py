@@ -46,7 +46,7 @@ def record_call(root: Path, record: dict[str, Any], seconds: float, trained: int
     return record
 
 
-def analyse(plan: Plan, root: Path) -> dict[str, Any]:
+def analyse_stability(plan: Plan, root: Path) -> dict[str, Any]:
     """Every table of the study from its runs (no training)."""
     import pandas as pd
 
@@ -75,7 +75,7 @@ def write_outputs(plan: Plan, root: Path, data: dict[str, Any], command: str, ti
     load = (f"{calls[-1]['cpus']} CPUs, 1-minute load average {min(loads):.1f} to {max(loads):.1f} at the start "
             "and end of training") if calls else "all runs reused"
     data = {**data, "peak_note": report.peak_note(data["tidy"])}
-    text = report.results_markdown(data, plan, command, timing["train_seconds"], load)
+    text = report.stability_markdown(data, plan, command, timing["train_seconds"], load)
     paths.append(write_text(root / "results.md", text))
     return paths
 
@@ -108,4 +108,5 @@ def stability(plan: Plan, out: str | Path, *, jobs: int = 2, console: Any = None
         trained = sum(display.counts.values())
         timing = record_call(root, record, time.perf_counter() - t0, trained, (load0, os.getloadavg()[0]))
         console.print("study: analysing the runs and drawing the figures")
-        return write_outputs(plan, root, analyse(plan, root), command or f"sspo study stability --out {out}", timing)
+        data = analyse_stability(plan, root)
+        return write_outputs(plan, root, data, command or f"sspo study stability --out {out}", timing)

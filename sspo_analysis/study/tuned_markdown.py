@@ -275,7 +275,7 @@ def trimmed(plan: TunedPlan) -> str:
     return "; ".join(parts)
 
 
-def results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timing: dict[str, Any]) -> str:
+def tuned_results_markdown(plan: TunedPlan, tables: dict[str, Any], command: str, timing: dict[str, Any]) -> str:
     """The whole ``results.md`` from the study's ``tables`` (sweep, best, comparisons, movement)."""
     sweep = tables["sweep"]
     tune_pairs = ", ".join(f"(warm start {w}, seed {s})" for w, s in plan.tune_pairs)

@@ -242,7 +242,7 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
 
     from sspo_analysis.io import write_frame, write_text
     from sspo_analysis.study import tuned_figures as figs
-    from sspo_analysis.study.tuned_markdown import results_markdown
+    from sspo_analysis.study.tuned_markdown import tuned_results_markdown
 
     records, sweep = load(root)
     if sweep.empty:
@@ -277,7 +277,7 @@ def write_outputs(plan: TunedPlan, root: Path, command: str, timing: dict[str, A
                                                           f"{task.label}, {updates} updates per batch")
     paths += figs.save_all(root / "figures", drawn)
     prompts = next(iter(records.values()))["heldout_prompts"]
-    text = results_markdown(plan, {"sweep": sweep, "best": best, "comparisons": comps, "movement": movement,
-                                   "prompts": prompts}, command, timing)
+    text = tuned_results_markdown(plan, {"sweep": sweep, "best": best, "comparisons": comps, "movement": movement,
+                                         "prompts": prompts}, command, timing)
     paths.append(write_text(root / "results.md", text))
     return paths

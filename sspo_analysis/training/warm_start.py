@@ -30,8 +30,8 @@ from sspo_analysis.training.runs import check_output_dir, is_file_error, pid_ali
 from sspo_analysis.training.state import autocast, run_device
 from sspo_analysis.training.tasks import Task, make_task_from
 
-__all__ = ["SHIPPED_WARM_STARTS", "WarmStartProgress", "cache_root", "ensure_warm_start", "evaluate", "pretrain",
-           "ready_warm_start", "shipped_warm_start", "warm_start_dir", "warm_start_key"]
+__all__ = ["SHIPPED_WARM_STARTS", "WarmStartProgress", "cache_root", "ensure_warm_start", "pretrain",
+           "ready_warm_start", "sampled_success", "shipped_warm_start", "warm_start_dir", "warm_start_key"]
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -209,7 +209,7 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
             batch = _sft_batch(tok, format_prompts(tok, prompts, cfg.task.chat_template), answers, device)
             loss = _sft_step(model, opt, batch, cfg, device)
             if step % w.eval_every == 0 or step == w.max_steps:
-                success = evaluate(model, tok, task, cfg, n=w.eval_prompts, seed=w.seed + 10_000, generator=gen)
+                success = sampled_success(model, tok, task, cfg, n=w.eval_prompts, seed=w.seed + 10_000, generator=gen)
                 history.append({"step": step, "loss": loss, "success": success})
                 bar.update(step, f"loss {loss:.3f} success {success:.2f} (target {w.target_success:g})")
                 if success >= w.target_success:
@@ -225,8 +225,8 @@ def _pretrain_locked(cfg: TrainConfig, out: Path, progress: bool | None) -> None
                temp_path(out / "warm_start.json"))
 
 
-def evaluate(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: int = 0,
-             generator: torch.Generator | None = None) -> float:
+def sampled_success(model, tok, task: Task, cfg: TrainConfig, *, n: int = 256, seed: int = 0,
+                    generator: torch.Generator | None = None) -> float:
     """Mean reward of one completion sampled at the rollout settings on ``n`` fresh prompts."""
     prompts, answers = task.sample(np.random.default_rng(seed), n)
     return float(score(model, tok, task, cfg, HeldOut(tuple(prompts), tuple(answers)),
