@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from paper_figures import TRAINED_OBJECTIVES, Context, Settings
-from sspo_analysis.study.execute import warm_start
+from sspo_analysis.study.execute import run_state, train_job, warm_start
 from sspo_analysis.study.pools import open_pool
 
 WORKERS = 2
@@ -95,19 +95,6 @@ def describe_settings(ctx: Context) -> str:
             f"(seeds {', '.join(map(str, st.staleness_seeds))}). Mean ± std over seeds.")
 
 
-def _train_one(objective: str, seed: int, group: str, over: list[str]) -> tuple[str, float, bool]:
-    """Worker: one run through the trainer's sweep (which skips, resumes or records a crash)."""
-    import contextlib
-    import io
-
-    from sspo_analysis.training import sweep
-
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # the sweep prints crashes; we report them ourselves
-        done = sweep([objective], [seed], None, group, over, progress=False)
-    return str(Path(group) / f"{objective}_seed{seed}"), time.perf_counter() - t0, bool(done)
-
-
 def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
     """Train whatever the plan lacks; returns one dict per run (``name, objective, seed, staleness, run_dir, done``)."""
     from sspo_analysis.training import load_config
@@ -131,8 +118,8 @@ def ensure_runs(ctx: Context) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             warm = pool.submit(warm_start, over).result()
             ctx.report(f"warm start {Path(warm).name} ready ({time.perf_counter() - t0:.0f} s)")
-            futures = {pool.submit(_train_one, s.objective, s.seed, str(s.group),
-                                   overrides(ctx.settings, s.staleness)): s for s in todo}
+            futures = {pool.submit(train_job, s.objective, s.seed, str(s.group),
+                                   overrides(ctx.settings, s.staleness), "", False): s for s in todo}
             _follow(ctx, futures)
     else:
         ctx.report(f"all {len(specs)} runs reused from {root}")
@@ -202,9 +189,10 @@ def _follow(ctx: Context, futures: dict) -> None:
         now = time.perf_counter()
         for fut in finished:
             spec = futures[fut]
-            _, seconds, ok = fut.result()
+            _, seconds = fut.result()
             done += 1
             started.pop(spec.name, None)
+            ok = run_state(spec.run_dir) in ("done", "diverged")  # what the sweep returns as finished
             status = "done" if ok else f"FAILED (see {spec.run_dir / 'FAILED'})"
             ctx.report(f"run {spec.name}: {status} in {seconds:.0f} s")
             if not ctx.keep_checkpoints:  # at once, so that the disk never holds every run's checkpoint
