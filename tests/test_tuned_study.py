@@ -199,7 +199,7 @@ def test_the_committed_study_is_re_derived_from_its_archive_alone(tmp_path):
 
 def test_an_update_count_can_be_tuned_for_some_arms_only():
     plan = replace(QUICK_TUNED, tune_updates=(2, 8), start={2: (1e-4, 1e-3), 8: (1e-4, 1e-3)},
-                   tuned_arms={8: ("sspo",)})
+                   tasks=(replace(QUICK_TUNED.tasks[0], arms={8: ("sspo",)}),))
     wanted = wanted_runs(plan, {})
     assert {(r.arm.label, r.updates) for r in wanted} == {("grpo", 2), ("sspo", 2), ("sspo", 8)}
 
@@ -207,7 +207,7 @@ def test_an_update_count_can_be_tuned_for_some_arms_only():
 def test_a_task_can_be_trimmed_to_some_arms_and_update_counts():
     from sspo_analysis.study.tuned import TunedTask
 
-    extra = TunedTask("reversal", ('task.name="reversal"',), "reversal", arms=("sspo",), updates=(2,))
+    extra = TunedTask("reversal", ('task.name="reversal"',), "reversal", arms={2: ("sspo",), 8: ()})
     plan = replace(QUICK_TUNED, tasks=(*QUICK_TUNED.tasks, extra), tune_updates=(2, 8),
                    start={2: (1e-4, 1e-3), 8: (1e-4, 1e-3)})
     wanted = wanted_runs(plan, {})

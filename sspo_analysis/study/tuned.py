@@ -64,14 +64,14 @@ class TunedRun:
 
 @dataclass(frozen=True)
 class TunedTask:
-    """A task of the study: its ``label``, trainer settings (task, answer length) and a one-line ``description``;
-    ``arms`` and ``updates`` trim it to some of the plan's arms and update counts (None: all of them)."""
+    """A task of the study: its ``label``, trainer settings (task, answer length) and a one-line ``description``."""
 
     label: str
     settings: tuple[str, ...]
     description: str = ""
-    arms: tuple[str, ...] | None = None
-    updates: tuple[int, ...] | None = None
+    arms: dict[int, tuple[str, ...]] | None = None
+    """Per update count, the arms tuned (and evaluated) on this task; a count missing: every arm of the plan, an
+    empty tuple: none (the trimming to a time budget)."""
 
 
 @dataclass(frozen=True)
@@ -94,16 +94,11 @@ class TunedPlan:
     settings: tuple[str, ...]
     eval_every: int = 25
     min_lrs: int = 4
-    tuned_arms: dict[int, tuple[str, ...]] | None = None
-    """Per update count, the arms tuned at it (None or a missing count: every arm)."""
 
     def arms_at(self, updates: int, task: TunedTask) -> tuple[Arm, ...]:
         """The arms tuned (and evaluated) on ``task`` at ``updates`` updates per batch."""
-        if task.updates is not None and updates not in task.updates:
-            return ()
-        labels = (self.tuned_arms or {}).get(updates)
-        return tuple(a for a in self.arms if (labels is None or a.label in labels)
-                     and (task.arms is None or a.label in task.arms))
+        labels = (task.arms or {}).get(updates)
+        return self.arms if labels is None else tuple(a for a in self.arms if a.label in labels)
 
     @property
     def eval_pairs(self) -> tuple[tuple[int, int], ...]:
@@ -288,12 +283,13 @@ TUNED_SETTINGS: tuple[str, ...] = (
 LADDER: tuple[float, ...] = (1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3)
 """Learning rates a factor 2 apart: twice a rung is the next rung."""
 
-ADDITION = TunedTask("addition", ('task.name="addition"', "task.digits=2"), "2-digit addition, exact match")
+ADDITION = TunedTask("addition", ('task.name="addition"', "task.digits=2"), "2-digit addition, exact match",
+                     arms={8: ("grpo", "gmpo", "sspo", "sspo-sigmoid-tau2")})
 
 COUNTDOWN = TunedTask(
     "countdown", ('task.name="countdown"', "task.numbers=3", "rollout.max_new_tokens=7"),
     "3 numbers and a target to an expression of 5 characters that makes it, any correct one scoring 1",
-    arms=("grpo", "gmpo", "gspo", "sspo", "sspo-sigmoid-tau2"), updates=(2,))
+    arms={2: ("grpo", "gmpo", "gspo", "sspo", "sspo-sigmoid-tau2"), 8: ()})
 """The second task: longer answers than addition's, and more than one correct answer, so RL can find answers the
 supervised phase never showed; trimmed to grpo, the sequence-level rivals and both SSPO readings at 2 updates."""
 
@@ -301,7 +297,7 @@ FULL_TUNED = TunedPlan(
     name="full", tasks=(ADDITION, COUNTDOWN), arms=TUNED_ARMS, ladder=LADDER,
     start={2: (1e-4, 2e-4, 4e-4), 8: (2.5e-5, 5e-5, 1e-4)},
     tune_updates=(2, 8), eval_updates=(2,), tune_pairs=((0, 1000),), warm_starts=(0, 1, 2), eval_seeds=(0, 1, 2),
-    steps=200, settings=TUNED_SETTINGS, tuned_arms={8: ("grpo", "gmpo", "sspo", "sspo-sigmoid-tau2")},
+    steps=200, settings=TUNED_SETTINGS,
 )
 """The committed study (``docs/results/tuned``): every arm tuned at 2 updates per batch on one tuning pair and
 evaluated over 3 warm starts x 3 seeds at its chosen rate and twice it; grpo, gmpo and both SSPO readings also tuned

@@ -153,8 +153,7 @@ def updates_line(sweep: Any, task: str, updates: int = 8) -> list[str]:
 def updates_table(best: Any, sweep: Any, task: str) -> list[str]:
     """8 updates against 2, on the tuning pair: each arm's best held-out AUC and chosen rate at each."""
     t = sweep[(sweep.task == task) & (sweep.role == "tune")]
-    out = ["| arm | best held-out AUC, 2 updates (lr) | best held-out AUC, 8 updates (lr) | 8 minus 2 | "
-           "unstable rungs at 8 updates |", "| --- | --- | --- | --- | --- |"]
+    out = []
     for arm, g in t.groupby("arm", sort=False):
         if g.updates.nunique() < 2:  # tuned at one update count only
             continue
@@ -166,7 +165,10 @@ def updates_table(best: Any, sweep: Any, task: str) -> list[str]:
         diff = cells[8][0] - cells[2][0]
         out.append(f"| {arm} | {cells[2][0]:.3f} ({_lr(cells[2][1])}) | {cells[8][0]:.3f} ({_lr(cells[8][1])}) | "
                    f"{diff:+.3f} | {' '.join(_lr(x) for x in sorted(bad)) or 'none'} |")
-    return out
+    if not out:  # no arm tuned at both counts on this task
+        return []
+    return ["| arm | best held-out AUC, 2 updates (lr) | best held-out AUC, 8 updates (lr) | 8 minus 2 | "
+            "unstable rungs at 8 updates |", "| --- | --- | --- | --- | --- |", *out]
 
 
 def entropy_lines(best: Any, sweep: Any, task: str, updates: int) -> list[str]:
@@ -247,7 +249,7 @@ def task_sections(plan: TunedPlan, tables: dict[str, Any], task: TunedTask, leve
         f"![entropy](figures/{tag}_entropy.png)",
         "",
     ]
-    if len(eight) > 2:
+    if eight:
         lines += [
             f"{level}# 8 updates per batch against 2 ({label}, tuning pair only)",
             "",
@@ -264,14 +266,13 @@ def task_sections(plan: TunedPlan, tables: dict[str, Any], task: TunedTask, leve
 def trimmed(plan: TunedPlan) -> str:
     """What the plan leaves out to fit its budget, in one sentence."""
     parts = ["one tuning pair per rung"]
-    eight = (plan.tuned_arms or {}).get(8)
-    if eight:
-        parts.append(f"8 updates per batch tuned for {', '.join(eight)} only (on `{plan.tasks[0].label}`) and "
-                     "evaluated for none")
-    for task in plan.tasks[1:]:
-        arms = ", ".join(task.arms) if task.arms else "every arm"
-        counts = ", ".join(map(str, task.updates or plan.tune_updates))
-        parts.append(f"`{task.label}` run for {arms} at {counts} updates per batch")
+    for task in plan.tasks:
+        for updates, labels in (task.arms or {}).items():
+            if updates not in plan.tune_updates:
+                continue
+            tuned = ", ".join(labels) + " only" if labels else "none"
+            evaluated = "" if not labels or updates in plan.eval_updates else " (tuned, not evaluated)"
+            parts.append(f"`{task.label}` at {updates} updates per batch: {tuned}{evaluated}")
     return "; ".join(parts)
 
 
