@@ -142,6 +142,18 @@ def test_objects_that_equal_everything_earn_nothing_also_through_check():
     assert (result.passed, result.total) == (0, 1)
 
 
+@pytest.mark.parametrize("returned", ["str(x * x)", "str(x * x).encode()", "(x * x,)", "[x * x]", "Squared(x * x)"])
+def test_the_right_value_in_another_type_earns_nothing(returned):
+    # Values cross the channel as data: a string, bytes, a container or an object whose repr or __index__ reads
+    # like the answer is not the answer (a grader comparing reprs or int() would pay these).
+    program = ("class Squared:\n    def __init__(self, v): self.v = v\n    def __index__(self): return self.v\n"
+               f"    def __repr__(self): return repr(self.v)\ndef f(x):\n    return {returned}\n")
+    result, _ = graded(program, "assert f(2) == 4\nassert f(3) == 9\nassert f(0) == 0\n")
+    assert (result.passed, result.total) == (0, 3) and result.status != "ok", result
+    right, _ = graded("def f(x):\n    return x * x\n", "assert f(2) == 4\nassert f(3) == 9\nassert f(0) == 0\n")
+    assert (right.passed, right.status) == (3, "ok")  # the same tests do pay the right program
+
+
 def test_expected_values_never_enter_the_programs_process():
     # search() looks through every frame above it and every live object for a number made at run time;
     # f looks for the expected value x + 1, g (the control) for its argument x, which the sandbox does receive
